@@ -1,0 +1,41 @@
+// kv_rollback, CPU kernel: framework-free (raw pointers, sizes). The torch binding is in
+// kv_rollback.cpp. Layout: cache[L, 2, B, H, S, D] contiguous; see ps_kernels/ops/kv_rollback.py.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace ps_kernels::cpu {
+
+struct KvRollbackArgs {
+  char* cache;                  // base of [L, 2, B, H, S, D]
+  int64_t planes;               // L * 2
+  int64_t batch, heads, seq, row_bytes;  // row_bytes = D * itemsize
+  const int64_t* cache_lens;    // [B]
+  const int64_t* accept_index;  // [B, A] (int64)
+  int64_t accept_stride;        // A
+  const int64_t* accept_lens;   // [B]
+};
+
+// Work item w in [0, planes * B * H) is one (plane, b, h) slab of S rows. Rows move in
+// increasing i; since accept_index is strictly increasing, src >= dst, so a forward walk
+// never overwrites a row that a later i still reads (the memmove argument).
+inline void kv_rollback_items(const KvRollbackArgs& a, int64_t begin, int64_t end) {
+  for (int64_t w = begin; w < end; ++w) {
+    const int64_t b = (w / a.heads) % a.batch;
+    const int64_t n = a.accept_lens[b];
+    if (n <= 0) continue;
+    const int64_t base = a.cache_lens[b];
+    char* slab = a.cache + w * a.seq * a.row_bytes;
+    const int64_t* idx = a.accept_index + b * a.accept_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t src = base + idx[i], dst = base + i;
+      if (src != dst) std::memcpy(slab + dst * a.row_bytes, slab + src * a.row_bytes, a.row_bytes);
+    }
+  }
+}
+
+inline void kv_rollback_advance_lens(int64_t* cache_lens, const int64_t* accept_lens, int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b) cache_lens[b] += accept_lens[b];
+}
+
+}  // namespace ps_kernels::cpu

@@ -1,0 +1,136 @@
+"""Backend discovery and selection for every ps_kernels op.
+
+Backends, in the order `auto` tries them:
+  - CUDA tensors: ``cuda`` (native library built from csrc/cuda) -> ``triton`` -> ``reference``
+  - CPU tensors:  ``cpu`` (native library built from csrc/cpu)   -> ``reference``
+
+``triton`` also runs on CPU tensors when ``TRITON_INTERPRET=1`` is set, but only when asked
+for by name (it is a test vehicle there, not a fast path).
+
+A backend chosen automatically falls back quietly; a backend asked for by name (the
+``backend=`` argument or ``PS_KERNELS_BACKEND``) that cannot run raises ``BackendUnavailable``
+with the reason.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+NATIVE_NAMESPACE = "ps_kernels_C"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run this call."""
+
+
+@lru_cache(maxsize=None)
+def native_library() -> tuple[bool, str]:
+    """Load the native library (ps_kernels/_C*.so) once. Returns (loaded, reason)."""
+    here = Path(__file__).resolve().parent
+    candidates = sorted(here.glob("_C*.so")) + sorted(here.glob("_C*.pyd"))
+    extra = os.environ.get("PS_KERNELS_LIBRARY")
+    if extra:
+        candidates.insert(0, Path(extra))
+    if not candidates:
+        return False, (f"native library not built: no _C*.so in {here} "
+                       "(install with `pip install --no-build-isolation .`)")
+    errors = []
+    for path in candidates:
+        try:
+            torch.ops.load_library(str(path))
+            return True, f"loaded {path.name}"
+        except OSError as exc:  # wrong torch ABI, missing symbols, ...
+            errors.append(f"{path.name}: {exc}")
+    return False, "native library failed to load: " + "; ".join(errors)
+
+
+def native_has(op: str, dispatch_key: str) -> bool:
+    """True when the native library registered `ps_kernels_C::op` for dispatch_key (CPU/CUDA)."""
+    loaded, _ = native_library()
+    if not loaded:
+        return False
+    name = f"{NATIVE_NAMESPACE}::{op}"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    except RuntimeError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"triton is not importable: {exc}"
+    return True, f"triton {triton.__version__}"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run `op` on `device`, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+        if not native_has(op, "CPU"):
+            return f"native CPU kernel for {op} unavailable ({native_library()[1]})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        if not native_has(op, "CUDA"):
+            return (f"native CUDA kernel for {op} unavailable: the library was built without "
+                    f"CUDA or failed to load ({native_library()[1]})")
+        return None
+    if backend == "triton":
+        ok, reason = triton_status()
+        if not ok:
+            return reason
+        if device.type == "cpu" and not interpreting():
+            return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"backend 'triton' needs CUDA tensors, got {device}"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def select(op: str, device: torch.device, backend: str | None) -> str:
+    """Pick the backend for one call of `op` on tensors living on `device`."""
+    requested = backend if backend is not None else os.environ.get("PS_KERNELS_BACKEND") or None
+    if requested is not None and requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {requested!r}")
+        reason = why_unavailable(op, requested, device)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {requested!r} is unavailable: {reason}")
+        return requested
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if why_unavailable(op, name, device) is None:
+            return name
+    return "reference"
+
+
+def backends() -> dict[str, str]:
+    """What this install can run, each backend with a one-line status."""
+    loaded, why = native_library()
+    cuda_built = loaded and any(
+        native_has(op, "CUDA") for op in ("kv_rollback", "tree_attention", "draft_attention", "tree_accept"))
+    t_ok, t_why = triton_status()
+    return {
+        "reference": "available (PyTorch)",
+        "cpu": ("available (" + why + ")") if loaded else "unavailable: " + why,
+        "cuda": ("available" + ("" if torch.cuda.is_available() else " (built, but no GPU visible)"))
+        if cuda_built else "unavailable: native library built without CUDA kernels",
+        "triton": (("available (" + t_why + ")") if torch.cuda.is_available()
+                   else ("interpreter only (" + t_why + "; TRITON_INTERPRET=1, no GPU)"))
+        if t_ok else "unavailable: " + t_why,
+    }
