@@ -1,0 +1,50 @@
+import math
+
+import torch
+
+
+def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int,
+                    scale: float | None = None, return_lse: bool = False):
+    """Fused mask-token attention of the parallel drafter (the specification).
+
+    q:           [B, Hq, T, D]   T = R + M: rows [0, new_lens[b]) are new real tokens, rows
+                                 [new_lens[b], R) padding (output 0, lse -inf), rows [R, R + M)
+                                 the M = num_masks mask slots
+    k_new/v_new: [B, Hkv, T, D]  same row layout
+    k_cache/v_cache: [B, Hkv, S, D] the drafter's cache for this layer
+    cache_lens:  [B] int64       committed rows (unchanged; the caller adds new_lens after)
+    new_lens:    [B] int64       0..R real tokens per sequence
+
+    Writes the real rows k_new[b, :, :new_lens[b]] to cache rows cache_lens[b]..; mask K/V are
+    never written. Real token t attends the cache prefix and real tokens 0..t; mask slot j
+    attends the prefix, every new real token and mask slots 0..j.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k_new.shape[1]
+    group = Hq // Hkv
+    M = num_masks
+    R = T - M
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros_like(q)
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        P, r = int(cache_lens[b]), int(new_lens[b])
+        k_cache[b, :, P:P + r] = k_new[b, :, :r]
+        v_cache[b, :, P:P + r] = v_new[b, :, :r]
+        rows = list(range(r)) + list(range(R, T))
+        keys = torch.cat([k_cache[b, :, :P + r], k_new[b, :, R:]], dim=1).float().repeat_interleave(group, 0)
+        vals = torch.cat([v_cache[b, :, :P + r], v_new[b, :, R:]], dim=1).float().repeat_interleave(group, 0)
+        n_q = len(rows)
+        # key columns: prefix P, real r, masks M
+        allowed = torch.zeros(n_q, P + r + M, dtype=torch.bool, device=q.device)
+        allowed[:, :P] = True
+        allowed[:r, P:P + r] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
+        allowed[r:, P:P + r] = True
+        allowed[r:, P + r:] = torch.ones(M, M, dtype=torch.bool, device=q.device).tril()
+        qb = q[b, :, rows].float()
+        scores = torch.einsum("hnd,hsd->hns", qb, keys) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse[b, :, rows] = torch.logsumexp(scores, dim=-1)
+        out[b, :, rows] = torch.einsum("hns,hsd->hnd", torch.softmax(scores, dim=-1), vals).to(q.dtype)
+    return (out, lse) if return_lse else out

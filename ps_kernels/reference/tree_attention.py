@@ -1,0 +1,77 @@
+import math
+
+import torch
+
+
+def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, cache_lens: torch.Tensor, tree_mask: torch.Tensor | None,
+                   scale: float | None = None, return_lse: bool = False):
+    """Tree-verification attention (the specification).
+
+    q:          [B, Hq, N, D]   queries of the N tree nodes (rotary already applied)
+    k_new/v_new:[B, Hkv, N, D]  the nodes' keys/values; written to the cache at rows
+                                cache_lens[b] .. cache_lens[b] + N - 1 (cache_lens unchanged)
+    k_cache/v_cache: [B, Hkv, S, D] one layer's cache (a view of the [L, 2, B, H, S, D] tensor)
+    cache_lens: [B] int64       committed prefix length per sequence (0 allowed)
+    tree_mask:  [N, W] or [B, N, W] int64 packed bits, W = ceil(N / 64): bit j % 64 of word
+                j // 64 of row i set <=> node i attends node j. None = causal over the nodes.
+    Node i attends every prefix row and the nodes its mask allows. Hq % Hkv == 0 (GQA: query
+    head h uses KV head h // (Hq // Hkv)). Returns out [B, Hq, N, D] in q's dtype and, with
+    return_lse, lse [B, Hq, N] fp32 (natural log of the softmax denominator, scaled scores).
+    """
+    B, Hq, N, D = q.shape
+    Hkv = k_new.shape[1]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    allowed_tree = unpack_tree_mask(tree_mask, N, B, q.device)  # [B, N, N] bool
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        P = int(cache_lens[b])
+        k_cache[b, :, P:P + N] = k_new[b]
+        v_cache[b, :, P:P + N] = v_new[b]
+        keys = k_cache[b, :, :P + N].float().repeat_interleave(group, dim=0)    # [Hq, P+N, D]
+        vals = v_cache[b, :, :P + N].float().repeat_interleave(group, dim=0)
+        scores = torch.einsum("hnd,hsd->hns", q[b].float(), keys) * scale       # [Hq, N, P+N]
+        allowed = torch.cat([torch.ones(N, P, dtype=torch.bool, device=q.device), allowed_tree[b]], dim=1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = torch.einsum("hns,hsd->hnd", torch.softmax(scores, dim=-1), vals).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def unpack_tree_mask(tree_mask: torch.Tensor | None, n: int, batch: int, device) -> torch.Tensor:
+    """[N, W] / [B, N, W] packed int64 bits (or None = causal) -> [B, N, N] bool."""
+    if tree_mask is None:
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
+    words = tree_mask if tree_mask.dim() == 3 else tree_mask.unsqueeze(0).expand(batch, -1, -1)
+    j = torch.arange(n, device=device)
+    bits = (words[..., j // 64] >> (j % 64)) & 1     # [B, N, N]
+    return bits.bool()
+
+
+def pack_tree_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """[..., N, N] bool -> [..., N, ceil(N/64)] int64 packed bits (bit j%64 of word j//64)."""
+    n = allowed.shape[-1]
+    w = (n + 63) // 64
+    padded = torch.zeros(*allowed.shape[:-1], w * 64, dtype=torch.int64, device=allowed.device)
+    padded[..., :n] = allowed.to(torch.int64)
+    shifts = torch.arange(64, dtype=torch.int64, device=allowed.device)
+    # bit 63 lands on the sign bit: int64 wrap-around is what we want for a bit pattern
+    return (padded.view(*allowed.shape[:-1], w, 64) << shifts).sum(-1)
+
+
+def tree_mask_from_parents(parents: torch.Tensor) -> torch.Tensor:
+    """parents [N] or [B, N] (parents[..., 0] = -1, parents[i] < i) -> packed ancestor-or-self
+    mask [.., N, W]."""
+    squeeze = parents.dim() == 1
+    p = parents.unsqueeze(0) if squeeze else parents
+    B, N = p.shape
+    allowed = torch.zeros(B, N, N, dtype=torch.bool, device=p.device)
+    idx = torch.arange(N, device=p.device)
+    allowed[:, idx, idx] = True
+    for i in range(1, N):  # topological order: a parent's row is complete before its children
+        par = p[:, i]
+        allowed[:, i] |= allowed[torch.arange(B, device=p.device), par.clamp(min=0)] & (par >= 0).unsqueeze(1)
+    packed = pack_tree_mask(allowed)
+    return packed[0] if squeeze else packed
