@@ -1,0 +1,3 @@
+from .base import DraftCandidates, Drafter
+
+__all__ = ["DraftCandidates", "Drafter"]

@@ -1,0 +1,44 @@
+"""The one small interface every drafter implements (see docs/DESIGN.md, "Drafter interface")."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftCandidates:
+    """Per-depth candidates for the tokens after the current root.
+
+    tokens:   [B, k, m] int64   top-m candidate tokens at depths 1..k
+    logprobs: [B, k, m] float32 their draft log-probabilities (-inf marks an empty slot)
+    """
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def depth(self) -> int:
+        return self.tokens.shape[1]
+
+
+class Drafter:
+    """Base class. Subclasses keep per-sequence state (a KV cache, a token history...)."""
+
+    #: True when step() needs the target's features (last hidden states)
+    needs_features: bool = False
+
+    def reset(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, features: torch.Tensor | None, lens: torch.Tensor) -> DraftCandidates:
+        """Take the newly committed (token, feature) pairs and propose candidates.
+
+        tokens:   [B, R] int64, the first lens[b] entries of row b are new
+        features: [B, R, d] or None, the target's features paired with those tokens
+                  (feature of position t with token t+1, EAGLE-style)
+        lens:     [B] int64
+        """
+        raise NotImplementedError
+
+    def check_target(self, model) -> None:
+        """Raise ValueError when this drafter was not built for `model` (hidden size, vocab)."""
