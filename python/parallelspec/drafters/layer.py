@@ -242,6 +242,15 @@ class DraftNetwork(nn.Module):
             x = layer.finish(x, attend(i, q, k, v))
         return x
 
+    def forward(self, tokens, features, anchors):
+        """The training forward of this network's drafter (parallel_train_forward or
+        eagle_train_forward): (real logits, real output features, slot logits)."""
+        if self.cfg.parallel:
+            from .parallel import parallel_train_forward as train_forward
+        else:
+            from .eagle import eagle_train_forward as train_forward
+        return train_forward(self, tokens, features, anchors)
+
     def features_out(self, h):
         """The drafter's estimate of the target's next feature (input of the LM head)."""
         return self.norm(h)
