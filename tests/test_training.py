@@ -11,7 +11,7 @@ from drafter_helpers import target_features, tiny_target
 
 from parallelspec.drafters import ParallelDrafter
 from parallelspec.training import data as D
-from parallelspec.training.extract import extract_shard
+from parallelspec.training.extract import extract_shard, generate_and_extract
 from parallelspec.training.train import TrainConfig, build_draft_vocab, ShardData, train
 
 V = 96
@@ -58,31 +58,43 @@ def test_messages_and_prompt():
     assert D.first_prompt(Tok(), {"conversations": [{"from": "gpt", "value": "x"}]}) is None
 
 
-def test_greedy_continuations_batched_equals_single():
-    model = tiny_target()
-    prompts = [[1, 5, 7], [3, 4, 9, 10, 11, 2, 8], [6]]
-    batched = D.greedy_continuations(model, prompts, 6, eos_id=0, pad_id=0, batch_size=3, autocast_dtype=None)
-    single = [D.greedy_continuations(model, [p], 6, eos_id=0, pad_id=0, autocast_dtype=None)[0] for p in prompts]
-    assert batched == single
-    for p, g in zip(prompts, single):
-        ids = torch.tensor([p])
-        for t in g:       # every continuation token is the argmax after what came before
-            assert int(model(ids).logits[0, -1].argmax()) == t
-            ids = torch.cat([ids, torch.tensor([[t]])], 1)
-
-
 def test_extract_shard_matches_target():
     model = tiny_target()
-    gen = {"conv": ["a", "b"], "ids": [[1, 2, 3], [4, 5]], "gen": [[6, 7, 8, 9], [10]]}
-    out = extract_shard(model, gen, top_k=5, autocast_dtype=None)
+    seqs = [[1, 2, 3, 6, 7, 8, 9], [4, 5, 10]]
+    out = extract_shard(model, seqs, [3, 2], top_k=5, autocast_dtype=None)
     assert out["start"] == [3, 2]
-    for i, (p, g) in enumerate(zip(gen["ids"], gen["gen"])):
-        feats, probs = target_features(model, torch.tensor([p + g]))
-        assert out["ids"][i].tolist() == p + g
+    for i, seq in enumerate(seqs):
+        feats, probs = target_features(model, torch.tensor([seq]))
+        assert out["ids"][i].tolist() == seq
         torch.testing.assert_close(out["feat"][i].float(), feats[0], atol=2e-2, rtol=1e-2)
         want_p, want_i = probs[0].topk(5)
         assert torch.equal(out["topk_ids"][i].long(), want_i)
         torch.testing.assert_close(out["topk_p"][i].float(), want_p, atol=1e-3, rtol=1e-3)
+
+
+def test_generate_and_extract_is_greedy_and_matches_the_target_pass():
+    """Batched (ragged, rows finishing early at EOS) equals one prompt at a time; every token is
+    the target's argmax; features and top-K equal a plain target pass over the result."""
+    model = tiny_target()
+    prompts = [[1, 5, 7], [3, 4, 9, 10, 11, 2, 8], [6], [12, 13]]
+    probe = generate_and_extract(model, prompts, 7, -1, top_k=1, autocast_dtype=None)
+    eos = int(probe["ids"][1][len(prompts[1]) + 2])          # a token some row makes early
+    batched = generate_and_extract(model, prompts, 7, eos, top_k=4, batch_size=3, autocast_dtype=None)
+    early = 0
+    for i, p in enumerate(prompts):
+        single = generate_and_extract(model, [p], 7, eos, top_k=4, autocast_dtype=None)
+        seq = batched["ids"][i].tolist()
+        assert seq == single["ids"][0].tolist() and seq[:len(p)] == p and batched["start"][i] == len(p)
+        assert len(seq) == len(p) + 7 or seq[-1] == eos
+        early += len(seq) < len(p) + 7
+        ref = extract_shard(model, [seq], [len(p)], top_k=4, autocast_dtype=None)
+        n = len(seq) - 1            # the last token's own feature/top-K are never needed
+        torch.testing.assert_close(batched["feat"][i][:n].float(), ref["feat"][0][:n].float(), atol=1e-2, rtol=1e-2)
+        assert torch.equal(batched["topk_ids"][i][len(p) - 1:n], ref["topk_ids"][0][len(p) - 1:n])
+        assert torch.equal(batched["topk_ids"][i][len(p) - 1:n, 0].long(), torch.tensor(seq[len(p):]))
+        torch.testing.assert_close(batched["topk_p"][i][len(p) - 1:n].float(),
+                                   ref["topk_p"][0][len(p) - 1:n].float(), atol=1e-3, rtol=1e-3)
+    assert early, "no row finished early: pick another eos"
 
 
 def tiny_shards(tmp_path, n_train=12, n_held=4, seed=0):
@@ -95,7 +107,7 @@ def tiny_shards(tmp_path, n_train=12, n_held=4, seed=0):
                    for _ in range(n)]
         gens = [torch.randint(1, V, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist()
                 for _ in range(n)]
-        return extract_shard(model, {"conv": list(range(n)), "ids": prompts, "gen": gens}, top_k=8,
+        return extract_shard(model, [p + g for p, g in zip(prompts, gens)], [len(p) for p in prompts], top_k=8,
                              autocast_dtype=None)
 
     torch.save(shard(n_train), tmp_path / "train-ext-00000.pt")

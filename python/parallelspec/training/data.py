@@ -6,18 +6,17 @@
 * The held-out split is by conversation (ShareGPT cuts long chats into ``<id>_0``, ``<id>_1``...;
   all parts of one chat fall on the same side), deterministic from a hash of the id.
 * Self-distillation (method.md: the first lever): the prompt is a conversation's first user
-  turn in the target's chat template; the target continues it greedily, batched. The
+  turn in the target's chat template; the target continues it greedily (extract.py). The
   continuation, not ShareGPT's answer, is what the drafter learns to predict.
 
-Generated data lives in shards ``gen-00000.pt`` ... (one per ``shard_size`` prompts, in a fixed
-order), written atomically, so an interrupted run resumes where it stopped.
+Shards (``<split>-ext-NNNNN.pt``, one per ``shard_size`` prompts in a fixed order) are written
+atomically, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -99,9 +98,9 @@ def first_prompt(tokenizer, record: dict) -> list[int] | None:
 
 
 def load_prompts(tokenizer, split: str, held_out: float = 0.02, max_prompt_tokens: int = 256,
-                 limit: int | None = None, path=None) -> list[tuple[str, list[int]]]:
-    """[(conversation id, prompt ids)] of one split ("train" / "heldout"), in file order,
-    prompts longer than max_prompt_tokens skipped."""
+                 limit: int | None = None, path=None, conversations: bool = False):
+    """[(conversation id, first-prompt ids, whole conversation ids or None)] of one split
+    ("train" / "heldout"), in file order; prompts longer than max_prompt_tokens skipped."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
     out = []
@@ -112,32 +111,10 @@ def load_prompts(tokenizer, split: str, held_out: float = 0.02, max_prompt_token
         ids = first_prompt(tokenizer, record)
         if ids is None or len(ids) > max_prompt_tokens:
             continue
-        out.append((cid, ids))
+        out.append((cid, ids, encode_chat(tokenizer, conversation_messages(record)) if conversations else None))
         if limit is not None and len(out) >= limit:
             break
     return out
-
-
-@contextlib.contextmanager
-def fp32_lm_head(model, enabled: bool = True):
-    """Run the LM head in fp32 with autocast off: under bf16, 2-3% of positions had tied top
-    logits, so the stored argmax disagreed with the generated token (method.md)."""
-    head = model.get_output_embeddings()
-    if not enabled:
-        yield
-        return
-    orig = head.forward
-
-    def forward(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.linear(x.float(), head.weight.float(),
-                                              None if head.bias is None else head.bias.float())
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        head.forward = orig
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype | None):
@@ -147,46 +124,11 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-@torch.no_grad()
-def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-                         batch_size: int = 32, autocast_dtype: torch.dtype | None = torch.bfloat16) -> list[list[int]]:
-    """The target's greedy continuation of every prompt (up to and including EOS), batched with
-    left padding; prompts are grouped by length to waste little on padding."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        with autocast_for(device, autocast_dtype), fp32_lm_head(model, autocast_dtype is not None):
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
-        for r, i in enumerate(idx):
-            row = gen[r, width:].tolist()
-            out[i] = row[:row.index(eos_id) + 1] if eos_id in row else row
-    return out
-
-
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
 
 
-def generate_shard(model, tokenizer, chunk: list[tuple[str, list[int]]], path: Path, max_new_tokens: int = 384,
-                   batch_size: int = 32, autocast_dtype: torch.dtype | None = torch.bfloat16) -> int:
-    """One self-distillation shard {"conv": [ids], "ids": [prompt ids], "gen": [continuations]},
-    written atomically; returns the number of generated tokens."""
-    gen = greedy_continuations(model, [p for _, p in chunk], max_new_tokens, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, batch_size, autocast_dtype)
-    save_atomic({"conv": [c for c, _ in chunk], "ids": [p for _, p in chunk], "gen": gen}, path)
-    return sum(map(len, gen))
-
-
-def shard_path(out_dir, split: str, stage: str, index: int) -> Path:
-    return Path(out_dir) / f"{split}-{stage}-{index:05d}.pt"
+def shard_path(out_dir, split: str, index: int) -> Path:
+    return Path(out_dir) / f"{split}-ext-{index:05d}.pt"
