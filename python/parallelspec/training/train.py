@@ -122,16 +122,17 @@ def gather_labels(batch: dict, pos: torch.Tensor):
 
 
 def soft_ce(logits, topk_ids, topk_p, valid, t2d):
-    """Per-position soft CE over the draft vocabulary and top-1 agreement; the mask excludes
-    positions whose target top-1 lies outside the draft vocabulary."""
+    """Per-position soft CE over the draft vocabulary and top-1 agreement. Returns (ce, agree,
+    trainable): trainable drops the positions whose target top-1 lies outside the draft
+    vocabulary (no target to learn; for agreement they count as misses)."""
     d = t2d[topk_ids]                                  # [..., K] draft ids or -1
-    valid = valid & (d[..., 0] >= 0)
+    trainable = valid & (d[..., 0] >= 0)
     q = topk_p * (d >= 0)
     q = q / q.sum(-1, keepdim=True).clamp(min=1e-9)
     logp = torch.log_softmax(logits.float(), dim=-1)
     ce = -(q * logp.gather(-1, d.clamp(min=0))).sum(-1)
     agree = logits.argmax(-1) == d[..., 0]
-    return ce, agree, valid
+    return ce, agree, trainable
 
 
 @dataclass
@@ -217,7 +218,9 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
         real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
         depth_logits = torch.cat([real_logits[:, anchors, None], slot_logits], dim=2)    # [B, A, k, V]
         pos = torch.cat([real_pos[anchors, None], slot_pos], dim=1)                      # [A, k]
-        _, agree, valid = soft_ce(depth_logits, *gather_labels(batch, pos), t2d)
+        topk_ids, _, valid = gather_labels(batch, pos)
+        # a target top-1 outside the draft vocabulary (t2d = -1) is a miss
+        agree = depth_logits.argmax(-1) == t2d[topk_ids[..., 0]]
         agree_sum += (agree & valid).sum((0, 1)).double().cpu()
         count += valid.sum((0, 1)).double().cpu()
         full = valid.all(-1)
