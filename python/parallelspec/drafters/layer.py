@@ -244,7 +244,7 @@ class DraftNetwork(nn.Module):
 
     def forward(self, tokens, features, anchors):
         """The training forward of this network's drafter (parallel_train_forward or
-        eagle_train_forward): (real logits, real output features, slot logits)."""
+        eagle_train_forward): output features (real [B, n, d], slots [B, A, k-1, d])."""
         if self.cfg.parallel:
             from .parallel import parallel_train_forward as train_forward
         else:
