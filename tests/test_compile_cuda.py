@@ -23,3 +23,20 @@ def test_nvcc_compiles(source, arch, tmp_path):
            "-I", str(ROOT / "csrc" / "cuda"), str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+
+
+HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
+CUDA_INCLUDE = Path(NVCC).resolve().parent.parent / "include" if NVCC else None
+CXX = shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.mark.skipif(NVCC is None or CXX is None, reason="needs nvcc's headers and a host C++ compiler")
+@pytest.mark.parametrize("header", HEADERS, ids=[h.name for h in HEADERS])
+def test_headers_compile_as_host_cpp(header, tmp_path):
+    """The torch bindings are host C++ (g++): every header they include must compile there."""
+    src = tmp_path / "inc.cpp"
+    src.write_text(f'#include "{header.name}"\nint main() {{ return 0; }}\n')
+    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-I", str(CUDA_INCLUDE), "-I",
+           str(ROOT / "csrc" / "cuda"), str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
