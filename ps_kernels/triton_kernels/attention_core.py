@@ -241,10 +241,10 @@ def attention_forward(q, k_new, v_new, k_cache, v_cache, cache_lens, aux, mask_k
             D=D, BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(num_splits))
 
 
-def _fwd_signature(dtype: str, aux: str) -> dict:
+def _fwd_signature(dtype: str) -> dict:
     ptr = "*" + dtype
     sig = {"q_ptr": ptr, "kn_ptr": ptr, "vn_ptr": ptr, "kc_ptr": ptr, "vc_ptr": ptr, "cache_lens_ptr": "*i64",
-           "aux_ptr": aux, "out_ptr": ptr, "lse_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+           "aux_ptr": "*i64", "out_ptr": ptr, "lse_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
            "qk_scale": "fp32"}
     for name in ("n_rows", "num_masks", "n_kv_heads", "group", "split_rows", "sq_b", "sq_h", "sq_n",
                  "skn_b", "skn_h", "skn_n", "svn_b", "svn_h", "svn_n", "skc_b", "skc_h", "skc_s",
@@ -258,12 +258,11 @@ def _fwd_signature(dtype: str, aux: str) -> dict:
 def aot_specs(mask_kind: int) -> list:
     """AOT compile specs for one mask kind: the dtypes, head dims (incl. a padded odd one),
     tile shapes and both the split and the direct epilogue."""
-    aux = "*i64"
     specs = []
     for dtype, D, block_m, split in (("fp16", 128, 64, False), ("bf16", 64, 16, True), ("fp32", 80, 32, True),
                                      ("fp16", 96, 64, True), ("bf16", 200, 16, False)):
         block_d = max(16, triton.next_power_of_2(D))
-        specs.append((_attention_fwd_kernel, _fwd_signature(dtype, aux),
+        specs.append((_attention_fwd_kernel, _fwd_signature(dtype),
                       {"D": D, "MASK": mask_kind, "SPLIT": split, "BLOCK_M": block_m,
                        "BLOCK_N": 64 if block_d <= 128 else 32, "BLOCK_D": block_d}))
     for dtype, D in (("fp16", 128), ("fp32", 80)):
