@@ -20,11 +20,25 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PS_ATTENTION_AVX512 1
 #include <immintrin.h>
+#if defined(__AVX512BF16__)
+#define PS_ATTENTION_BF16_DOT 1  // vdpbf16ps: bf16 scores at twice the fp32 FMA rate, exactly
+#endif
+#endif
+
+// The register-tile kernels must be inlined and their fixed-size loops fully unrolled, or GCC
+// keeps the accumulator arrays on the stack (seen: a store per FMA, 2x slower).
+#if defined(__GNUC__)
+#define PS_ATTENTION_INLINE inline __attribute__((always_inline))
+#define PS_ATTENTION_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PS_ATTENTION_INLINE inline
+#define PS_ATTENTION_UNROLL
 #endif
 
 namespace ps_kernels::cpu::attention {
@@ -72,6 +86,7 @@ inline void store(Half* dst, float x) {
 constexpr int kKeyBlock = 32;  // keys per block: two 16-float vectors of scores per query row
 constexpr int kRowTile = 8;    // query rows per score tile (16 accumulators + 2 K vectors)
 constexpr int kPvRows = 4;     // query rows per PV tile (4 rows x 4 vectors = 16 accumulators)
+constexpr int kSumLanes = 16;  // softmax denominators are kept as 16 partial sums per row
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -119,11 +134,14 @@ struct TreeBitsPolicy {
 // Scratch of one thread, reused across its work items.
 struct Workspace {
   std::vector<float> q, o, m, l, kt, v, s, p, alpha;
+  std::vector<uint32_t> q_pairs, kt_pairs;  // the bf16 score path's operands (pairs of bf16)
   void reserve(int64_t rows, int64_t d, int64_t dp) {
     q.resize(rows * d);
+    q_pairs.resize(rows * (d + 1) / 2);
+    kt_pairs.resize((dp / 2) * kKeyBlock);
     o.resize(rows * dp);
     m.resize(rows);
-    l.resize(rows);
+    l.resize(rows * kSumLanes);
     kt.resize(dp * kKeyBlock);
     v.resize(kKeyBlock * dp);
     s.resize(kRowTile * kKeyBlock);
@@ -137,7 +155,8 @@ struct Workspace {
 //   build_kt:  kt[d * 32 + c] = key c's element d (fp32), zero for c >= kb
 //   stage_v:   vrow[c] -> a row of D fp32 values (the cache row itself for fp32 input)
 //   qk:        s[r * 32 + c] = q_r . k_c for r < mr (q rows already scaled)
-//   softmax:   online update of m, l per row with the allowed bits; p = exp2(s - m_new),
+//   softmax:   online update of m and l (kSumLanes partial sums) per row with the allowed
+//              bits; p = exp2(s - m_new),
 //              alpha[r] = exp2(m_old - m_new) (1 for a row with nothing allowed, p = 0)
 //   pv:        o_r = o_r * alpha[r] + sum_c p[r][c] v_c over the D (padded to dp) columns
 // ---------------------------------------------------------------------------------------
@@ -155,7 +174,7 @@ inline __mmask16 tail_mask(int64_t remaining) {
 }
 
 // In-register 16x16 transpose: r[a] holds row a; afterwards r[c] holds column c.
-inline void transpose16(__m512 r[16]) {
+PS_ATTENTION_INLINE void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -207,17 +226,20 @@ inline void stage_v(const T* const* vsrc, int kb, int64_t d, int64_t dp, float* 
 }
 
 template <int MR>
-inline void qk_kernel(const float* q, int64_t d, const float* kt, float* s) {
+PS_ATTENTION_INLINE void qk_kernel(const float* q, int64_t d, const float* kt, float* s) {
   __m512 acc[MR][2];
+  PS_ATTENTION_UNROLL
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t e = 0; e < d; ++e) {
     const __m512 k0 = _mm512_loadu_ps(kt + e * kKeyBlock), k1 = _mm512_loadu_ps(kt + e * kKeyBlock + 16);
+    PS_ATTENTION_UNROLL
     for (int r = 0; r < MR; ++r) {
       const __m512 qb = _mm512_set1_ps(q[r * d + e]);
       acc[r][0] = _mm512_fmadd_ps(qb, k0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(qb, k1, acc[r][1]);
     }
   }
+  PS_ATTENTION_UNROLL
   for (int r = 0; r < MR; ++r) {
     _mm512_storeu_ps(s + r * kKeyBlock, acc[r][0]);
     _mm512_storeu_ps(s + r * kKeyBlock + 16, acc[r][1]);
@@ -237,8 +259,67 @@ inline void qk(const float* q, int mr, int64_t d, const float* kt, float* s) {
   }
 }
 
+#if defined(PS_ATTENTION_BF16_DOT)
+// bf16 scores: K and q stay bf16, as 32-bit pairs (elements 2e, 2e + 1); vdpbf16ps multiplies
+// pairs exactly and accumulates in fp32, so the scores are as exact as the fp32 path's.
+// kt_pairs[e * 32 + c] = key c's pair e (zero past D or kb).
+inline void build_kt_pairs(const BFloat16* const* krow, int kb, int64_t d, uint32_t* kt) {
+  const int64_t pairs = (d + 1) / 2;
+  for (int half = 0; half < 2; ++half) {
+    for (int64_t e0 = 0; e0 < pairs; e0 += 16) {
+      const int64_t left = d - 2 * e0;  // bf16 elements left in the row
+      const __mmask32 cols = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1u);
+      __m512 r[16];
+      for (int c = 0; c < 16; ++c) {
+        const int key = half * 16 + c;
+        r[c] = key < kb ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(cols, krow[key] + 2 * e0)) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      const int64_t n = std::min<int64_t>(16, pairs - e0);
+      for (int64_t c = 0; c < n; ++c) _mm512_storeu_ps(reinterpret_cast<float*>(kt + (e0 + c) * kKeyBlock + half * 16), r[c]);
+    }
+  }
+}
+
+template <int MR>
+PS_ATTENTION_INLINE void qk_pairs_kernel(const uint32_t* q, int64_t pairs, const uint32_t* kt, float scale, float* s) {
+  __m512 acc[MR][2];
+  PS_ATTENTION_UNROLL
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < pairs; ++e) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + e * kKeyBlock);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt + e * kKeyBlock + 16);
+    PS_ATTENTION_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(q[r * pairs + e]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qb, k0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qb, k1);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  PS_ATTENTION_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(s + r * kKeyBlock, _mm512_mul_ps(acc[r][0], sc));
+    _mm512_storeu_ps(s + r * kKeyBlock + 16, _mm512_mul_ps(acc[r][1], sc));
+  }
+}
+
+inline void qk_pairs(const uint32_t* q, int mr, int64_t pairs, const uint32_t* kt, float scale, float* s) {
+  switch (mr) {
+    case 1: qk_pairs_kernel<1>(q, pairs, kt, scale, s); break;
+    case 2: qk_pairs_kernel<2>(q, pairs, kt, scale, s); break;
+    case 3: qk_pairs_kernel<3>(q, pairs, kt, scale, s); break;
+    case 4: qk_pairs_kernel<4>(q, pairs, kt, scale, s); break;
+    case 5: qk_pairs_kernel<5>(q, pairs, kt, scale, s); break;
+    case 6: qk_pairs_kernel<6>(q, pairs, kt, scale, s); break;
+    case 7: qk_pairs_kernel<7>(q, pairs, kt, scale, s); break;
+    default: qk_pairs_kernel<8>(q, pairs, kt, scale, s); break;
+  }
+}
+#endif  // PS_ATTENTION_BF16_DOT
+
 // 2^x for x <= 0 (scores minus the running max); -inf (masked) gives exactly 0.
-inline __m512 exp2_nonpositive(__m512 x) {
+PS_ATTENTION_INLINE __m512 exp2_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));  // 2^-200 underflows to 0 in scalef
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
@@ -269,8 +350,10 @@ inline void softmax(const float* s, const uint32_t* bits, int mr, float* m, floa
     const float m_new = std::max(m[r], block_max);
     const __m512 mv = _mm512_set1_ps(m_new);
     const __m512 p0 = exp2_nonpositive(_mm512_sub_ps(s0, mv)), p1 = exp2_nonpositive(_mm512_sub_ps(s1, mv));
-    alpha[r] = std::exp2(m[r] - m_new);
-    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+    alpha[r] = m_new == m[r] ? 1.0f : std::exp2(m[r] - m_new);  // the max settles after a few blocks
+    // partial sums stay in lanes: no horizontal add per block
+    const __m512 lr = _mm512_loadu_ps(l + r * kSumLanes);
+    _mm512_storeu_ps(l + r * kSumLanes, _mm512_fmadd_ps(lr, _mm512_set1_ps(alpha[r]), _mm512_add_ps(p0, p1)));
     m[r] = m_new;
     _mm512_storeu_ps(p + r * kKeyBlock, p0);
     _mm512_storeu_ps(p + r * kKeyBlock + 16, p1);
@@ -278,23 +361,31 @@ inline void softmax(const float* s, const uint32_t* bits, int mr, float* m, floa
 }
 
 template <int MR, int NV>
-inline void pv_kernel(float* o, int64_t dp, const float* p, const float* alpha, const float* const* vrow, int kb,
-                      int64_t col0, __mmask16 last) {
+PS_ATTENTION_INLINE void pv_kernel(float* o, int64_t dp, const float* p, const float* alpha, const float* const* vrow,
+                                   int kb, int64_t col0, __mmask16 last) {
   __m512 acc[MR][NV];
+  PS_ATTENTION_UNROLL
   for (int r = 0; r < MR; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
+    PS_ATTENTION_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o + r * dp + col0 + 16 * v), a);
   }
   for (int c = 0; c < kb; ++c) {
     __m512 vv[NV];
+    PS_ATTENTION_UNROLL
     for (int v = 0; v < NV; ++v) vv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xffff), vrow[c] + col0 + 16 * v);
+    PS_ATTENTION_UNROLL
     for (int r = 0; r < MR; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * kKeyBlock + c]);
+      PS_ATTENTION_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
+  PS_ATTENTION_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    PS_ATTENTION_UNROLL
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * dp + col0 + 16 * v, acc[r][v]);
+  }
 }
 
 template <int MR>
@@ -363,14 +454,13 @@ inline void softmax(const float* s, const uint32_t* bits, int mr, float* m, floa
       continue;
     }
     const float m_new = std::max(m[r], block_max);
-    float sum = 0.0f;
+    alpha[r] = std::exp2(m[r] - m_new);
+    for (int c = 0; c < kSumLanes; ++c) l[r * kSumLanes + c] *= alpha[r];
     for (int c = 0; c < kKeyBlock; ++c) {
       const float e = ((bits[r] >> c) & 1u) ? std::exp2(s[r * kKeyBlock + c] - m_new) : 0.0f;
       p[r * kKeyBlock + c] = e;
-      sum += e;
+      l[r * kSumLanes + c % kSumLanes] += e;
     }
-    alpha[r] = std::exp2(m[r] - m_new);
-    l[r] = l[r] * alpha[r] + sum;
     m[r] = m_new;
   }
 }
@@ -398,6 +488,14 @@ inline void stage_v_rows(const T* const* vsrc, int kb, int64_t d, int64_t dp, fl
   stage_v(vsrc, kb, d, dp, buf, vrow);
 }
 
+// Scores from bf16 pairs (vdpbf16ps) for bf16 storage where the CPU has it, else fp32.
+template <typename T>
+#if defined(PS_ATTENTION_BF16_DOT)
+constexpr bool kBf16Scores = std::is_same_v<T, BFloat16>;
+#else
+constexpr bool kBf16Scores = false;
+#endif
+
 // ---------------------------------------------------------------------------------------
 // One work item: sequence b, KV head g, query rows [rho0, rho1) of the group (rho = i * G + h).
 // ---------------------------------------------------------------------------------------
@@ -409,14 +507,22 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
   if (rows <= 0) return;
   ws.reserve(rows, D, Dp);
   const float qscale = a.scale * kLog2e;
+  const int64_t pairs = (D + 1) / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = (rho0 + r) / G, h = (rho0 + r) % G;
     const T* src = a.q + ((b * a.q_heads + g * G + h) * a.rows + seq.row(i)) * D;
-    for (int64_t e = 0; e < D; ++e) ws.q[r * D + e] = to_float(src[e]) * qscale;
+    if constexpr (kBf16Scores<T>) {  // raw bf16 pairs; the scale is applied to the scores
+      for (int64_t e = 0; e < pairs; ++e) {
+        const uint32_t hi = 2 * e + 1 < D ? src[2 * e + 1].bits : 0u;
+        ws.q_pairs[r * pairs + e] = src[2 * e].bits | (hi << 16);
+      }
+    } else {
+      for (int64_t e = 0; e < D; ++e) ws.q[r * D + e] = to_float(src[e]) * qscale;
+    }
   }
   std::fill(ws.o.begin(), ws.o.begin() + rows * Dp, 0.0f);
   std::fill(ws.m.begin(), ws.m.begin() + rows, kNegInf);
-  std::fill(ws.l.begin(), ws.l.begin() + rows, 0.0f);
+  std::fill(ws.l.begin(), ws.l.begin() + rows * kSumLanes, 0.0f);
 
   const int64_t kv_base = (b * a.kv_heads + g);
   const T* kc = a.k_cache + kv_base * a.cache_rows * D;
@@ -449,12 +555,20 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
         }
         if (!any) continue;  // e.g. causal rows before this block
         if (!staged) {       // convert the block once, on first use
-          build_kt(krow, kb, D, ws.kt.data());
+          if constexpr (kBf16Scores<T>) {
+            build_kt_pairs(krow, kb, D, ws.kt_pairs.data());
+          } else {
+            build_kt(krow, kb, D, ws.kt.data());
+          }
           stage_v_rows(vsrc, kb, D, Dp, ws.v.data(), vrow);
           staged = true;
         }
-        qk(ws.q.data() + t0 * D, mr, D, ws.kt.data(), ws.s.data());
-        softmax(ws.s.data(), bits, mr, ws.m.data() + t0, ws.l.data() + t0, ws.p.data(), ws.alpha.data());
+        if constexpr (kBf16Scores<T>) {
+          qk_pairs(ws.q_pairs.data() + t0 * pairs, mr, pairs, ws.kt_pairs.data(), qscale, ws.s.data());
+        } else {
+          qk(ws.q.data() + t0 * D, mr, D, ws.kt.data(), ws.s.data());
+        }
+        softmax(ws.s.data(), bits, mr, ws.m.data() + t0, ws.l.data() + t0 * kSumLanes, ws.p.data(), ws.alpha.data());
         pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.p.data(), ws.alpha.data(), vrow, kb);
       }
     }
@@ -464,7 +578,8 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
     const int64_t i = (rho0 + r) / G, h = (rho0 + r) % G;
     const int64_t out_row = (b * a.q_heads + g * G + h) * a.rows + seq.row(i);
     T* dst = a.out + out_row * D;
-    const float l = ws.l[r];  // 0 only when nothing was allowed (an invalid mask, validate=False)
+    float l = 0.0f;  // 0 only when nothing was allowed (an invalid mask, validate=False)
+    for (int c = 0; c < kSumLanes; ++c) l += ws.l[r * kSumLanes + c];
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int64_t e = 0; e < D; ++e) store(dst + e, ws.o[r * Dp + e] * inv);
     a.lse[out_row] = l > 0.0f ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf;
