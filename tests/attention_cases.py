@@ -1,6 +1,6 @@
 """What test_tree_attention.py and test_draft_attention.py share: the backends to run, random
 inputs, and the FlashInfer-style accuracy check (a backend may err at most ~2x what PyTorch
-itself makes in the same dtype, against an fp32 computation from the same inputs)."""
+itself makes in the same dtype, against an fp64 computation from the same inputs)."""
 import importlib.util
 
 import pytest
@@ -8,8 +8,8 @@ import torch
 
 from helpers import DEVICE, runnable_backends
 
-# fp32 compute noise (summation order, exp approximations) allowed on top of the yardstick
-ATOL_FLOOR = 2e-5
+# allowed on top of 2x the yardstick: fp32 noise where PyTorch happens to err less
+ATOL_FLOOR = 1e-5
 
 
 def backends(op: str):
@@ -57,14 +57,15 @@ def clone_all(args):
 
 
 def upcast(args):
-    return [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
 def check_against_reference(run_backend, run_reference, args, cache_slots=(3, 4)):
     """run_backend(args) and run_reference(args) each return (out, lse) and write the caches at
     args[cache_slots]. Checks: the caches equal the reference's exactly, lse matches the fp32
-    reference, out errs at most 2x the reference run in the inputs' dtype (plus fp32 noise)
-    against the reference run in fp32 on the same (upcast) inputs. Returns (out, lse)."""
+    reference, out errs at most 2x what the reference run on the inputs' dtype errs (it computes
+    in fp32 and rounds to the dtype), both against the reference run in fp64 on the same
+    inputs. Returns (out, lse)."""
     mine, low, high = clone_all(args), clone_all(args), upcast(clone_all(args))
     out, lse = run_backend(mine)
     ref_out, _ = run_reference(low)
@@ -73,7 +74,7 @@ def check_against_reference(run_backend, run_reference, args, cache_slots=(3, 4)
         assert torch.equal(mine[slot], low[slot]), f"cache argument {slot} differs from the reference"
     assert out.dtype == args[0].dtype and out.shape == args[0].shape
     assert lse.dtype == torch.float32 and lse.shape == args[0].shape[:3]
-    torch.testing.assert_close(lse, truth_lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse, truth_lse.float(), atol=1e-4, rtol=1e-5)
     err = (out.float() - truth).abs().max().item() if out.numel() else 0.0
     yardstick = (ref_out.float() - truth).abs().max().item() if out.numel() else 0.0
     assert err <= 2 * yardstick + ATOL_FLOOR, \

@@ -19,10 +19,9 @@ from . import _attention
 OP = "draft_attention"
 
 
-@torch.library.custom_op("ps_kernels::draft_attention", mutates_args=("k_cache", "v_cache"))
-def _draft_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int,
-                        scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+         cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int, scale: float,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         return _ref.draft_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale,
                                     return_lse=True)
@@ -36,6 +35,9 @@ def _draft_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tenso
     else:  # resolved by _backend.select; anything else is a bug
         raise AssertionError(backend)
     return out, lse
+
+
+_draft_attention_op = torch.library.custom_op("ps_kernels::draft_attention", _run, mutates_args=("k_cache", "v_cache"))
 
 
 @_draft_attention_op.register_fake
@@ -104,5 +106,6 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     name = _backend.select(OP, q.device, backend)
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     new_lens = new_lens.to(torch.int64).contiguous()
-    out, lse = _draft_attention_op(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, name)
+    run = _draft_attention_op if torch.compiler.is_compiling() else _run  # as in tree_attention
+    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, name)
     return (out, lse) if return_lse else out

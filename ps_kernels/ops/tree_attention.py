@@ -26,10 +26,9 @@ from . import _attention
 OP = "tree_attention"
 
 
-@torch.library.custom_op("ps_kernels::tree_attention", mutates_args=("k_cache", "v_cache"))
-def _tree_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor],
-                       scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+         cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         return _ref.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse=True)
     out, lse = _attention.empty_outputs(q)
@@ -41,6 +40,9 @@ def _tree_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     else:  # resolved by _backend.select; anything else is a bug
         raise AssertionError(backend)
     return out, lse
+
+
+_tree_attention_op = torch.library.custom_op("ps_kernels::tree_attention", _run, mutates_args=("k_cache", "v_cache"))
 
 
 @_tree_attention_op.register_fake
@@ -135,7 +137,10 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
         tree_mask = tree_mask.expand(q.shape[0], -1, -1)
     mask = None if tree_mask is None else tree_mask.contiguous()
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
-    out, lse = _tree_attention_op(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, name)
+    # eager calls skip the custom-op dispatcher (~50 us of Python, more than a decode step's
+    # kernel); torch.compile traces the registered op
+    run = _tree_attention_op if torch.compiler.is_compiling() else _run
+    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, name)
     return (out, lse) if return_lse else out
 
 
