@@ -2,6 +2,7 @@
 // Inputs are validated in Python (ps_kernels/ops/tree_accept.py), which also allocates the
 // outputs; the checks here guard the raw-pointer contract.
 #include <ATen/Parallel.h>
+#include <limits>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -32,7 +33,9 @@ void run(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& 
                                        accept_index.data_ptr<int64_t>(),
                                        accept_lens.data_ptr<int64_t>(),
                                        next_token.data_ptr<int64_t>()};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // A task of at least ~64k vocabulary entries per node: waking threads costs more than less.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / a.vocab);
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) ps_kernels::cpu::tree_accept_sequence(a, b);
   });
 }

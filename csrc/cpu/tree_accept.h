@@ -4,7 +4,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <limits>
+#include <cstring>
 
 namespace ps_kernels::cpu {
 
@@ -25,34 +25,48 @@ struct TreeAcceptArgs {
   int64_t* next_token;         // [B] out
 };
 
-// First index of the maximum (torch.argmax's tie rule). Each of kLanes lanes keeps its own
-// running maximum and the first index reaching it, so the loop vectorises; merging the lanes
-// takes the smallest index among equal maxima.
+// GCC/Clang vector extensions: one 16-float vector is one AVX-512 register (two AVX2 ones).
+typedef float F32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+
+template <typename T>
+inline void load16(const T* x, F32x16& v) {
+  for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(x[j]);
+}
+inline void load16(const float* x, F32x16& v) { std::memcpy(&v, x, sizeof v); }
+
+// First index of the maximum (torch.argmax's tie rule). kAcc independent vector accumulators
+// each keep a running maximum per lane and the first index reaching it (independent chains
+// hide the compare/blend latency); merging takes the smallest index among equal maxima.
 template <typename T>
 int64_t row_argmax(const T* x, int64_t n) {
-  constexpr int64_t kLanes = 16;
+  constexpr int kW = 16, kAcc = 4;
   float best = static_cast<float>(x[0]);
   int64_t arg = 0;
-  const int64_t body = n / kLanes * kLanes;
+  const int64_t body = n / (kW * kAcc) * (kW * kAcc);
   if (body > 0) {
-    float lane_max[kLanes];
-    int32_t lane_arg[kLanes];
-    for (int64_t j = 0; j < kLanes; ++j) {
-      lane_max[j] = -std::numeric_limits<float>::infinity();
-      lane_arg[j] = 0;
+    const I32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    F32x16 lane_max[kAcc];
+    I32x16 lane_arg[kAcc];
+    for (int a = 0; a < kAcc; ++a) {
+      load16(x + a * kW, lane_max[a]);
+      lane_arg[a] = lane + a * kW;
     }
-    for (int64_t i = 0; i < body; i += kLanes) {
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const float v = static_cast<float>(x[i + j]);
-        const bool gt = v > lane_max[j];
-        lane_max[j] = gt ? v : lane_max[j];
-        lane_arg[j] = gt ? static_cast<int32_t>(i + j) : lane_arg[j];
+    for (int64_t i = kW * kAcc; i < body; i += kW * kAcc) {
+      for (int a = 0; a < kAcc; ++a) {
+        F32x16 v;
+        load16(x + i + a * kW, v);
+        const I32x16 gt = v > lane_max[a];
+        lane_max[a] = gt ? v : lane_max[a];
+        lane_arg[a] = gt ? lane + static_cast<int32_t>(i + a * kW) : lane_arg[a];
       }
     }
-    for (int64_t j = 0; j < kLanes; ++j) {
-      if (lane_max[j] > best || (lane_max[j] == best && lane_arg[j] < arg)) {
-        best = lane_max[j];
-        arg = lane_arg[j];
+    for (int a = 0; a < kAcc; ++a) {
+      for (int j = 0; j < kW; ++j) {
+        if (lane_max[a][j] > best || (lane_max[a][j] == best && lane_arg[a][j] < arg)) {
+          best = lane_max[a][j];
+          arg = lane_arg[a][j];
+        }
       }
     }
   }
