@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_V = 2048  # vocabulary entries per step of the V-wide loops (8 per thread at 8 warps)
+
 
 @triton.jit
 def _row_sum(row_ptr, V, BLOCK_V: tl.constexpr):
@@ -56,7 +58,10 @@ def _inverse_cdf(row_ptr, resid_ptr, from_resid, u, V, BLOCK_V: tl.constexpr):
     return tl.where(found < V, found, tl.where(last_positive >= 0, last_positive, V - 1))
 
 
-@triton.jit
+# Shapes and strides vary call to call: one compiled kernel per (dtype, mode, BLOCK_N), not per
+# divisibility pattern of each integer.
+@triton.jit(do_not_specialize=["parents_stride", "target_stride_b", "target_stride_n", "draft_stride_b",
+                               "draft_stride_n", "N", "V"])
 def _tree_accept_kernel(tokens_ptr, parents_ptr, parents_stride, target_ptr, target_stride_b, target_stride_n,
                         draft_ptr, draft_stride_b, draft_stride_n, uniforms_ptr, scratch_ptr,
                         accept_index_ptr, accept_lens_ptr, next_token_ptr, N, V,
@@ -176,8 +181,7 @@ def tree_accept(tokens, parents, target, sample, draft_probs, uniforms):
         draft, draft.stride(0), draft.stride(1), uniforms if sample else target, scratch,
         accept_index, accept_lens, next_token, N, V,
         SAMPLE=sample, HAS_DRAFT=draft_probs is not None,
-        BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_V=min(2048, max(16, triton.next_power_of_2(V))),
-        num_warps=8)
+        BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_V=BLOCK_V, num_warps=8)
     return accept_index, accept_lens, next_token
 
 
@@ -189,7 +193,7 @@ def _spec(target: str, uniforms: str, sample: bool, draft: bool, block_n: int):
         "accept_lens_ptr": "*i64", "next_token_ptr": "*i64", "N": "i32", "V": "i32",
         "SAMPLE": "constexpr", "HAS_DRAFT": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"}
     return (_tree_accept_kernel, signature,
-            {"SAMPLE": sample, "HAS_DRAFT": draft, "BLOCK_N": block_n, "BLOCK_V": 2048})
+            {"SAMPLE": sample, "HAS_DRAFT": draft, "BLOCK_N": block_n, "BLOCK_V": BLOCK_V})
 
 
 AOT_SPECS = [
