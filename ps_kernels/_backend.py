@@ -102,8 +102,10 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
-def select(op: str, device: torch.device, backend: str | None) -> str:
-    """Pick the backend for one call of `op` on tensors living on `device`."""
+def select(op: str, device: torch.device, backend: str | None, auto_order: tuple[str, ...] | None = None) -> str:
+    """Pick the backend for one call of `op` on tensors living on `device`. `auto_order`
+    lets an op reorder the automatic choice for a shape where measurements favour another
+    backend; a named backend is never overridden."""
     requested = backend if backend is not None else os.environ.get("PS_KERNELS_BACKEND") or None
     if requested is not None and requested != "auto":
         if requested not in BACKENDS:
@@ -112,7 +114,7 @@ def select(op: str, device: torch.device, backend: str | None) -> str:
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} is unavailable: {reason}")
         return requested
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    order = auto_order or (("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference"))
     for name in order:
         if why_unavailable(op, name, device) is None:
             return name
