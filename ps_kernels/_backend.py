@@ -75,6 +75,12 @@ def interpreting() -> bool:
 
 def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     """None if `backend` can run `op` on `device`, else the reason it cannot."""
+    return _why_unavailable(op, backend, device.type, interpreting())
+
+
+@lru_cache(maxsize=None)  # availability is fixed for a process; this runs on every op call
+def _why_unavailable(op: str, backend: str, device_type: str, interp: bool) -> str | None:
+    device = torch.device(device_type)
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -94,7 +100,7 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
         ok, reason = triton_status()
         if not ok:
             return reason
-        if device.type == "cpu" and not interpreting():
+        if device.type == "cpu" and not interp:
             return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
             return f"backend 'triton' needs CUDA tensors, got {device}"
