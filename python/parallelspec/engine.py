@@ -9,7 +9,8 @@ Each step is a handful of small functions over ps_kernels ops and whole-batch te
     cache.commit(accept_index, accept_lens)                        # kv_rollback
 
 Every sequence of the batch accepts its own number of tokens and stops at its own EOS; a
-finished sequence keeps running (shapes stay static) but commits nothing more. A step has one
+finished sequence keeps running (shapes stay static) but commits nothing more, to the cache
+or to the drafter (its step() lens are 0 from then on). A step has one
 host sync (are all sequences done?), plus one when a streamer or user stopping criteria need
 the tokens; none per tree node. With no drafter the tree is the root alone: plain decoding
 through the same code.
@@ -162,7 +163,7 @@ class _Output:
 
     def record(self, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Append the first counts[b] tokens of emitted[b] to every live sequence, cut at its
-        first EOS and at max_new_tokens. Returns (live before this call [B], all finished)."""
+        first EOS and at max_new_tokens. Returns (still live [B], all finished)."""
         live = ~self.finished
         n = emitted.shape[1]
         col = torch.arange(n, device=emitted.device)
@@ -179,7 +180,7 @@ class _Output:
         self.finished = self.finished | (hit_eos & (upto <= room)) | (self.lens >= self.limit)
         if self.settings.stopping_criteria or self.settings.streamer is not None:
             self._host_side(before, keep)
-        return live, bool(self.finished.all())
+        return ~self.finished, bool(self.finished.all())
 
     def _host_side(self, before: torch.Tensor, keep: torch.Tensor) -> None:
         """User stopping criteria (token by token, each sequence alone, as transformers would see
@@ -220,9 +221,10 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     with torch.no_grad(), target.attention():
         hidden = prefill(target, cache, rows, lens)
         root = first_token(target, hidden, lens, settings.sampling)
-        live, done = out.record(root[:, None], torch.ones_like(lens))
+        _, done = out.record(root[:, None], torch.ones_like(lens))
         if drafter is not None and not done:
-            drafter.reset(B, longest + 2 * settings.max_new_tokens, target.device, target.dtype)
+            # a live sequence has committed fewer than longest + max_new_tokens - 1 tokens
+            drafter.reset(B, longest + settings.max_new_tokens, target.device, target.dtype)
             new_tokens, new_features, new_lens = shift_in(rows, lens, root), hidden, lens
         histogram = torch.zeros(2, dtype=torch.int64, device=target.device)  # [a] = (sequence, step) pairs
         if stats is not None:
@@ -233,7 +235,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
                 features = new_features if drafter.needs_features else None
                 candidates = drafter.step(new_tokens, features, new_lens)
             tree = builder.build(root, candidates)
-            # committed rows never pass longest + max_new - 1; the tree goes after them
+            # the tree goes after the committed rows
             cache.reserve(longest + settings.max_new_tokens - 1 + tree.size)
             if stats is not None:
                 stats.draft_time += clock.lap()
@@ -241,12 +243,12 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
             accept_index, accept_lens, next_token = accept(tree, logits, settings.sampling)
             path = accept_index.clamp(min=0)
             emitted = shift_in(tree.tokens.gather(1, path), accept_lens, next_token)
+            was_live = ~out.finished
             live, done = out.record(emitted, accept_lens)
-            cache.commit(accept_index, accept_lens * live)  # finished sequences stop growing
-            if drafter is not None:
-                # finished sequences still feed the drafter one (garbage) token a step, so its
-                # state stays well-formed; its max_len above allows for that
-                new_tokens, new_features, new_lens = emitted, gather_rows(hidden, path), torch.where(live, accept_lens, 1)
+            # finished sequences stop growing: committed rows stay below longest + max_new - 1
+            cache.commit(accept_index, accept_lens * live)
+            if drafter is not None:  # finished sequences feed nothing (lens 0): the drafter stops growing too
+                new_tokens, new_features, new_lens = emitted, gather_rows(hidden, path), accept_lens * live
             root = next_token
             if stats is not None:
                 stats.verify_time += clock.lap()
@@ -254,7 +256,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
                 stats.tree_size = tree.size
                 if histogram.shape[0] <= tree.size:
                     histogram = torch.cat([histogram, histogram.new_zeros(tree.size + 1 - histogram.shape[0])])
-                histogram.scatter_add_(0, accept_lens, live.to(torch.int64))
+                histogram.scatter_add_(0, accept_lens, was_live.to(torch.int64))
     if settings.streamer is not None:
         settings.streamer.end()
     result = out.padded(pad_token_id)
