@@ -20,9 +20,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import ps_kernels
 import torch
 
-from . import _ops
 from .drafters.base import Drafter
 from .hf import TargetModel
 from .sampling import SamplingParams, probabilities, sample
@@ -129,10 +129,10 @@ def accept(tree: Tree, logits: torch.Tensor, sampling: SamplingParams):
     recursive rejection against the processed target distribution. Draft tokens are treated
     as deterministic candidates (DraftCandidates carries no draft distributions)."""
     if not sampling.do_sample:
-        return _ops.tree_accept(tree.tokens, tree.parents, logits, mode="greedy")
+        return ps_kernels.tree_accept(tree.tokens, tree.parents, logits, mode="greedy", validate=False)
     uniforms = torch.rand(tree.tokens.shape, device=logits.device)
-    return _ops.tree_accept(tree.tokens, tree.parents, probabilities(logits, sampling), mode="sample",
-                            uniforms=uniforms)
+    return ps_kernels.tree_accept(tree.tokens, tree.parents, probabilities(logits, sampling), mode="sample",
+                                  uniforms=uniforms, validate=False)
 
 
 def first_token(target: TargetModel, hidden: torch.Tensor, lens: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:

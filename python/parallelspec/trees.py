@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from ps_kernels import tree_mask_from_parents
 
-from . import _ops
 from .drafters.base import DraftCandidates
 
 
@@ -97,7 +97,7 @@ class StaticTree(TreeBuilder):
                 gather.append((len(p) - 1) * m + p[-1])  # into tokens.view(B, k * m)
             parents_t = torch.tensor(parents, dtype=torch.int64, device=device)
             is_chain = all(par == i - 1 for i, par in enumerate(parents))
-            mask = None if is_chain else _ops.tree_mask_from_parents(parents_t)
+            mask = None if is_chain else tree_mask_from_parents(parents_t)
             self._buffers[key] = (parents_t, torch.tensor(depths, dtype=torch.int64, device=device),
                                   torch.tensor(gather, dtype=torch.int64, device=device), mask)
         return self._buffers[key]
@@ -189,7 +189,7 @@ class DynamicTree(TreeBuilder):
         parents = torch.cat([minus_one, parents], dim=1)
         depths = torch.cat([torch.zeros_like(minus_one), depth0 + 1], dim=1)
         return Tree(torch.cat([root[:, None], node_tokens], dim=1), parents, depths,
-                    _ops.tree_mask_from_parents(parents))
+                    tree_mask_from_parents(parents))
 
 
 def make_tree_builder(tree: str | TreeBuilder, *, depth: int | None = None, nodes: int | None = None,
