@@ -1,3 +1,4 @@
 from .base import DraftCandidates, Drafter
+from .ngram import NgramDrafter
 
-__all__ = ["DraftCandidates", "Drafter"]
+__all__ = ["DraftCandidates", "Drafter", "NgramDrafter"]
