@@ -47,6 +47,10 @@ class TreeBuilder:
     def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
         raise NotImplementedError
 
+    def observe(self, accept_lens: torch.Tensor) -> None:
+        """What the last tree earned (tokens accepted per sequence, root included); builders that
+        adapt their size to it override this."""
+
 
 class RootOnly(TreeBuilder):
     """No drafter: the tree is the root alone, so a step is one plain decoding step."""

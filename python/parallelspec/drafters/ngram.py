@@ -25,14 +25,22 @@ from .base import DraftCandidates, Drafter
 class NgramDrafter(Drafter):
     needs_features = False
 
-    def __init__(self, num_tokens: int = 4, ngram_sizes=(3, 2, 1)):
+    def __init__(self, num_tokens: int = 4, ngram_sizes=(3, 2, 1), first_prob: float = 0.5, next_prob: float = 0.88):
         sizes = sorted({int(n) for n in ngram_sizes}, reverse=True)
         if num_tokens < 1:
             raise ValueError(f"num_tokens: expected at least 1 drafted token, got {num_tokens}")
         if not sizes or sizes[-1] < 1:
             raise ValueError(f"ngram_sizes: expected positive n-gram lengths, got {list(ngram_sizes)}")
+        for name, p in (("first_prob", first_prob), ("next_prob", next_prob)):
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"{name}: expected a probability in (0, 1], got {p}")
         self.num_tokens = num_tokens
         self.ngram_sizes = tuple(sizes)
+        # For tree merging (DraftCandidates.paths): the chance that the target agrees with a
+        # match's first token, halved per lesser match, and with each following token. Defaults
+        # from method.md's prompt-lookup agreement on SmolLM2's own text (.47/.41/.36/.33 by depth).
+        self._path_logprob = [[math.log(first_prob * 0.5 ** i)] + [math.log(next_prob)] * (num_tokens - 1)
+                              for i in range(len(sizes))]
         # slot i's log-probability at depth d: a fixed order of preference (see module docstring)
         self._logprob = [[math.log(0.5 ** (i + 1)) * d for d in range(1, num_tokens + 1)] for i in range(len(sizes))]
         self.reset(1, 0, torch.device("cpu"), torch.float32)
@@ -72,11 +80,14 @@ class NgramDrafter(Drafter):
         B, k, m = len(rows), self.num_tokens, len(self.ngram_sizes)
         out_tokens = [[[0] * m for _ in range(k)] for _ in range(B)]
         out_logprobs = [[[-math.inf] * m for _ in range(k)] for _ in range(B)]
+        paths = [[] for _ in range(B)]
         for b in range(B):
             self._append(b, rows[b][:counts[b]])
             for i, continuation in enumerate(self._matches(b)):
+                paths[b].append((continuation, self._path_logprob[i][:len(continuation)]))
                 for d, t in enumerate(continuation):
                     out_tokens[b][d][i] = t
                     out_logprobs[b][d][i] = self._logprob[i][d]
         return DraftCandidates(torch.tensor(out_tokens, dtype=torch.int64, device=self.device),
-                               torch.tensor(out_logprobs, dtype=torch.float32, device=self.device))
+                               torch.tensor(out_logprobs, dtype=torch.float32, device=self.device), paths,
+                               per_depth_in_paths=True)
