@@ -1,0 +1,84 @@
+"""EagleDrafter: the same network drafting autoregressively, k sequential passes (the
+EAGLE-style baseline ParallelSpec has to beat).
+
+Pass 1 runs over the new real (token, feature) pairs and appends their K/V to the cache; its
+output at the last real token gives depth 1. Pass j > 1 feeds one pair: the previous depth's
+top-1 token and the drafter's own output feature (its estimate of the target's feature), at
+the next position; those K/V rows are scratch past cache_lens, overwritten by the next step.
+Candidates are the top-m at each depth along the top-1 chain.
+
+Training (``eagle_train_forward``) unrolls the same k passes over a whole sequence in
+parallel over anchors, EAGLE-3 "training-time test" style: pass j adds one slot per anchor
+whose input is (the token j places after the anchor, the drafter's own output feature from
+pass j - 1), attending the real prefix up to its anchor and its earlier slots. The tokens fed
+are the data's (self-distilled data holds the target's greedy choices, the only tokens whose
+continuation matters for acceptance); step() feeds its own top-1, which is the same whenever
+the chain is still being accepted.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import DraftCandidates
+from .layer import DraftNetwork, MaskedAttention, NetworkDrafter, group_layout, top_candidates
+
+
+class EagleDrafter(NetworkDrafter):
+    kind = "eagle"
+
+    @property
+    def extra_rows(self) -> int:
+        return self.depth - 1
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
+        self._check_step(tokens, features, lens)
+        net = self.net
+        B, R = tokens.shape
+        dev = tokens.device
+        positions = self.cache_lens[:, None] + torch.arange(R, device=dev)
+        h = net.run(net.fuse(tokens, features), positions, self._cached_attention(self.cache_lens, lens, 0))
+        self.cache_lens += lens
+        g = net.features_out(h.gather(1, (lens - 1).clamp(min=0)[:, None, None].expand(B, 1, h.shape[-1])))
+        one = torch.ones_like(lens)
+        ids, logps = [], []
+        for j in range(self.depth):
+            tok, logp = top_candidates(net.logits(g), net.draft_to_target, self.top_m)
+            ids.append(tok)
+            logps.append(logp)
+            if j + 1 == self.depth:
+                break
+            # scratch row cache_lens + j: not committed, the next step overwrites it
+            scratch = self.cache_lens + j
+            h = net.run(net.fuse(tok[:, :, 0], g), scratch[:, None], self._cached_attention(scratch, one, 0))
+            g = net.features_out(h)
+        return DraftCandidates(torch.cat(ids, dim=1), torch.cat(logps, dim=1))
+
+
+def eagle_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
+    """Unrolled training forward, same returns as parallel_train_forward.
+
+    Slot j (0-based) of anchor a is fed (tokens[a + 1 + j], the drafter's output feature at the
+    previous row of its chain) and predicts the token after that; anchors must satisfy
+    a + k - 1 < n so every fed token exists.
+    """
+    B, n = tokens.shape
+    M = net.cfg.depth - 1
+    A = anchors.shape[0]
+    if A and M and int(anchors.max()) + M >= n:
+        raise ValueError(f"anchors: expected every anchor + {M} < n={n} (the tokens fed to the "
+                         f"slots), got max anchor {int(anchors.max())}")
+    positions, allowed = group_layout(n, anchors, M)
+    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
+    attend.allowed = allowed[:n, :n]
+    g = net.features_out(net.run(net.fuse(tokens, features), positions[:n].expand(B, -1), attend))
+    real_g, prev = g, g[:, anchors]
+    slot_logits = []
+    for j in range(M):
+        rows = slice(n + j * A, n + (j + 1) * A)
+        attend.allowed = allowed[rows, :rows.stop]
+        h = net.run(net.fuse(tokens[:, anchors + 1 + j], prev), positions[rows].expand(B, -1), attend)
+        prev = net.features_out(h)
+        slot_logits.append(net.logits(prev))
+    slots = torch.stack(slot_logits, dim=2) if M else real_g.new_zeros(B, A, 0, net.draft_vocab_size)
+    return net.logits(real_g), real_g, slots

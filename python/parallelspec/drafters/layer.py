@@ -1,0 +1,449 @@
+"""The network shared by the parallel and the EAGLE-style drafter, and its two attention modes.
+
+    input   x_t = W_fc [e(x_{t+1}); f_t]                 (2d -> d; e = the target's frozen embedding)
+    layers  L x Llama decoder layer (RMSNorm, GQA attention with the target's head layout and
+            RoPE settings, SwiGLU MLP), own weights; L = 1 by default
+    output  g_t = RMSNorm(h_t): the drafter's estimate of the target's next feature f_{t+1}
+            (the input of the target's LM head), and logits = head(g_t) over a draft vocabulary
+
+The head is either the target's own LM head restricted to the draft vocabulary (frozen, not
+stored: ``head="target"``), or a trained matrix initialised from those rows (``head="trained"``).
+The draft vocabulary is a list of target ids (``draft_to_target``); ``None`` means all of them.
+
+Attention runs through a callback, so that one definition of the network serves
+  * inference: ``ps_kernels.draft_attention`` over the drafter's KV cache, and
+  * training: SDPA over a whole sequence with a dense boolean mask (``group_mask``), where
+    every anchor gets its own group of extra slots (mask slots for the parallel drafter, the
+    drafter's own autoregressive steps for the EAGLE-style one).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Drafter
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Rows of the target's embedding whose argmax columns fingerprint its weights (robust to the
+# dtype the target is loaded in; tells e.g. a base model from its instruct variant).
+_FINGERPRINT_ROWS = 32
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int                      # the target's vocabulary
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    num_layers: int = 1
+    depth: int = 4                       # k: tokens drafted per step
+    head: str = "target"                 # "target" (frozen, not stored) or "trained"
+    draft_vocab_size: int | None = None  # None: the full target vocabulary
+    parallel: bool = True                # mask slots (ParallelDrafter) or autoregressive (EagleDrafter)
+    target: dict = field(default_factory=dict)   # what check_target compares (target_signature)
+
+    @property
+    def mask_slots(self) -> int:
+        """Learned mask-slot vectors the network holds (the parallel drafter's k - 1)."""
+        return self.depth - 1 if self.parallel else 0
+
+    def __post_init__(self):
+        if self.head not in ("target", "trained"):
+            raise ValueError(f"head: expected 'target' or 'trained', got {self.head!r}")
+        if self.depth < 1:
+            raise ValueError(f"depth: expected >= 1, got {self.depth}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, "
+                             f"got {self.num_heads}")
+
+    @classmethod
+    def for_target(cls, model, **overrides) -> "DraftConfig":
+        """Architecture copied from a HF causal LM (Llama family) and its signature recorded."""
+        c = model.config
+        fields = dict(
+            hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+            rope_theta=_rope_theta(c), rms_norm_eps=c.rms_norm_eps, target=target_signature(model))
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", None):
+        raise ValueError(f"target rope_type: only the default RoPE is supported, got {kind!r}")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def target_signature(model) -> dict:
+    """What a drafter remembers about its target: architecture and a weight fingerprint."""
+    c = model.config
+    emb = model.get_input_embeddings().weight.detach()
+    rows = torch.linspace(0, emb.shape[0] - 1, _FINGERPRINT_ROWS).long()
+    fingerprint = emb[rows.to(emb.device)].float().argmax(dim=1).tolist()
+    return {
+        "name": Path(str(getattr(c, "_name_or_path", "") or "")).name or getattr(c, "model_type", ""),
+        "model_type": getattr(c, "model_type", ""),
+        "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        "rope_theta": _rope_theta(c),
+        "embedding_fingerprint": hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:16],
+        "embedding_argmax": fingerprint,
+    }
+
+
+def check_signature(expected: dict, model) -> None:
+    got = target_signature(model)
+    keys = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rope_theta")
+    bad = [f"{k}: expected {expected[k]!r}, got {got[k]!r}" for k in keys if k in expected and expected[k] != got[k]]
+    if not bad and "embedding_argmax" in expected:
+        # a few argmax flips are rounding (bf16 vs fp32 target); a different model flips most
+        same = sum(a == b for a, b in zip(expected["embedding_argmax"], got["embedding_argmax"]))
+        if same < 0.75 * len(expected["embedding_argmax"]):
+            bad.append(f"embedding fingerprint: expected {expected.get('embedding_fingerprint')}, "
+                       f"got {got['embedding_fingerprint']} ({same}/{len(got['embedding_argmax'])} rows agree)")
+    if bad:
+        raise ValueError(f"drafter was built for target {expected.get('name', '?')!r}, which this model "
+                         f"({got['name']!r}) is not: " + "; ".join(bad))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [..., head_dim] for integer positions, HF Llama convention (halves rotated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, D], cos/sin [B, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        d, H, Hkv, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        self.post_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def qkv(self, x, cos, sin):
+        """x [B, T, d] -> q [B, H, T, D], k/v [B, Hkv, T, D] (RoPE applied to q and k)."""
+        B, T, _ = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x, attn):
+        """Residual + output projection, then the SwiGLU MLP block. attn [B, H, T, D]."""
+        B, H, T, D = attn.shape
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, H * D))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DraftNetwork(nn.Module):
+    """Fused input, decoder layers, final norm and head. The target's embedding (and, with
+    head="target", its LM head rows) are attached by `attach_target` and never saved."""
+
+    def __init__(self, cfg: DraftConfig, draft_to_target: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        vd = cfg.draft_vocab_size or cfg.vocab_size
+        if draft_to_target is None:
+            draft_to_target = torch.arange(vd) if cfg.draft_vocab_size is None else None
+        if draft_to_target is None or draft_to_target.shape != (vd,):
+            raise ValueError(f"draft_to_target: expected {vd} target ids, got "
+                             f"{None if draft_to_target is None else tuple(draft_to_target.shape)}")
+        self.register_buffer("draft_to_target", draft_to_target.long().clone())
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = nn.Linear(d, vd, bias=False) if cfg.head == "trained" else None
+        # one learned input vector per mask-slot index (in the fused-input space)
+        self.mask_embed = nn.Parameter(torch.zeros(cfg.mask_slots, d)) if cfg.mask_slots else None
+        # frozen target tensors, non-persistent: referenced from the target, never stored
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)
+        self.register_buffer("target_head_weight", torch.empty(0), persistent=False)
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.draft_to_target.shape[0]
+
+    def attach_target(self, model, init_head: bool = False) -> None:
+        """Reference the target's embedding (and head rows); init_head copies those rows into a
+        trained head (its initialisation before training)."""
+        emb = model.get_input_embeddings().weight.detach()
+        out = model.get_output_embeddings().weight.detach()
+        dev = self.fc.weight.device
+        dtype = self.fc.weight.dtype
+        self.embed_weight = emb.to(dev, dtype)
+        rows = out.to(dev)[self.draft_to_target.to(dev)].to(dtype)
+        if self.head is None:
+            self.target_head_weight = rows
+        elif init_head:
+            with torch.no_grad():
+                self.head.weight.copy_(rows)
+
+    def fuse(self, tokens, features):
+        """tokens [B, T] (target ids), features [B, T, d] -> fused inputs [B, T, d]."""
+        if self.embed_weight.numel() == 0:
+            raise RuntimeError("drafter has no target attached: call attach_target(model) "
+                               "(from_pretrained(path, target) does it)")
+        e = F.embedding(tokens, self.embed_weight)
+        return self.fc(torch.cat([e, features.to(e.dtype)], dim=-1))
+
+    def run(self, x, positions, attend):
+        """x [B, T, d] at integer positions [B, T]; attend(layer_index, q, k, v) -> [B, H, T, D]."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, cos, sin)
+            x = layer.finish(x, attend(i, q, k, v))
+        return x
+
+    def forward(self, tokens, features, anchors):
+        """The training forward of this network's drafter (parallel_train_forward or
+        eagle_train_forward): (real logits, real output features, slot logits)."""
+        if self.cfg.parallel:
+            from .parallel import parallel_train_forward as train_forward
+        else:
+            from .eagle import eagle_train_forward as train_forward
+        return train_forward(self, tokens, features, anchors)
+
+    def features_out(self, h):
+        """The drafter's estimate of the target's next feature (input of the LM head)."""
+        return self.norm(h)
+
+    def logits(self, g):
+        """g = features_out(h) -> logits over the draft vocabulary (float32)."""
+        w = self.head.weight if self.head is not None else self.target_head_weight
+        return F.linear(g, w).float()
+
+
+# ---- training attention: every anchor's group of extra slots, one dense mask ----
+
+def group_layout(n: int, anchors: torch.Tensor, slots: int):
+    """Positions and mask of n real tokens followed by `slots` extra tokens per anchor, stored
+    slot-major: slot j of the group of anchor g is row n + j * A + g (so the EAGLE-style
+    drafter's pass j adds one contiguous block of rows).
+
+    Real token t sees real tokens 0..t. Slot j (0-based) of the group anchored at a sits at
+    position a + 1 + j and sees real tokens 0..a and slots 0..j of its own group; groups never
+    see each other and real tokens never see slots. Returns positions [T] (int64) and
+    allowed [T, T] (bool, True = may attend), T = n + A * slots.
+    """
+    dev = anchors.device
+    A = anchors.shape[0]
+    T = n + A * slots
+    slot = torch.arange(A * slots, device=dev) // max(A, 1)
+    group = torch.arange(A * slots, device=dev) % max(A, 1)
+    positions = torch.cat([torch.arange(n, device=dev), anchors[group] + 1 + slot])
+    allowed = torch.zeros(T, T, dtype=torch.bool, device=dev)
+    allowed[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    allowed[n:, :n] = torch.arange(n, device=dev)[None, :] <= anchors[group][:, None]
+    allowed[n:, n:] = (group[:, None] == group[None, :]) & (slot[None, :] <= slot[:, None])
+    return positions, allowed
+
+
+class MaskedAttention:
+    """attend() for the training forward: SDPA with a dense bool mask. Keys are all rows given
+    so far, so a later pass (the EAGLE-style drafter's next slot) attends the K/V of earlier
+    passes; before each pass set `allowed` to the mask of its rows over all rows so far."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int):
+        self.group = num_heads // num_kv_heads
+        self.allowed: torch.Tensor | None = None
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, i, q, k, v):
+        if i in self.kv:
+            k = torch.cat([self.kv[i][0], k], dim=2)
+            v = torch.cat([self.kv[i][1], v], dim=2)
+        self.kv[i] = (k, v)
+        # repeat the GQA groups: SDPA's enable_gqa is newer than the torch this package admits
+        k = k.repeat_interleave(self.group, dim=1)
+        v = v.repeat_interleave(self.group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed)
+
+
+def top_candidates(logits: torch.Tensor, draft_to_target: torch.Tensor, m: int):
+    """logits [..., Vd] -> (target ids [..., m], log-probs [..., m] float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    m = min(m, logp.shape[-1])
+    lp, idx = logp.topk(m, dim=-1)
+    return draft_to_target[idx], lp
+
+
+def save_network(path, net: DraftNetwork, kind: str, extra: dict | None = None, dtype=torch.float16):
+    """safetensors weights (the target's tensors excluded) + config.json."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+             for k, v in net.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_NAME))
+    meta = {"drafter": kind, **asdict(net.cfg), **(extra or {})}
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_network(path, kind: str):
+    """(DraftNetwork in float32 on CPU, the extra config entries) from save_network's files."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    if meta.get("drafter") != kind:
+        raise ValueError(f"{path}: expected a {kind!r} drafter, got {meta.get('drafter')!r}")
+    cfg_fields = {f for f in DraftConfig.__dataclass_fields__}
+    cfg = DraftConfig(**{k: v for k, v in meta.items() if k in cfg_fields})
+    state = load_file(str(path / WEIGHTS_NAME))
+    net = DraftNetwork(cfg, draft_to_target=state["draft_to_target"])
+    missing, unexpected = net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                               for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    extra = {k: v for k, v in meta.items() if k not in cfg_fields and k != "drafter"}
+    return net, extra
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    for mod in module.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=std)
+        elif isinstance(mod, RMSNorm):
+            nn.init.ones_(mod.weight)
+
+
+def draft_attention_op():
+    """ps_kernels.draft_attention (the public op) when this install has it, else its reference
+    (same semantics) until the op lands in ps_kernels."""
+    import ps_kernels
+
+    op = getattr(ps_kernels, "draft_attention", None)
+    if op is None:
+        from ps_kernels.reference import draft_attention as op
+    return op
+
+
+class NetworkDrafter(Drafter):
+    """What the two network drafters share: the network, its KV cache
+    kv[L, 2, B, Hkv, S, D] + cache_lens[B], persistence and the target check."""
+
+    needs_features = True
+    kind = ""          # "parallel" / "eagle": recorded in config.json, checked on load
+    extra_rows = 0     # cache rows past max_len the drafter writes as scratch
+
+    def __init__(self, net: DraftNetwork, top_m: int = 8):
+        if net.cfg.parallel != (self.kind == "parallel"):
+            raise ValueError(f"net: a {self.kind} drafter needs DraftConfig(parallel="
+                             f"{self.kind == 'parallel'}), got parallel={net.cfg.parallel}")
+        self.net = net
+        self.top_m = top_m
+        self.kv = None
+        self.cache_lens = None
+        self._attention = draft_attention_op()
+
+    @property
+    def depth(self) -> int:
+        return self.net.cfg.depth
+
+    def reset(self, batch_size: int, max_len: int, device, dtype) -> None:
+        cfg = self.net.cfg
+        self.net.to(device=device, dtype=dtype).eval()
+        self.kv = torch.zeros(cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len + self.extra_rows,
+                              cfg.head_dim, device=device, dtype=dtype)
+        self.cache_lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    def _check_step(self, tokens, features, lens):
+        if self.kv is None:
+            raise RuntimeError("call reset(batch_size, max_len, device, dtype) before step()")
+        B = self.kv.shape[2]
+        if features is None:
+            raise ValueError(f"features: the {self.kind} drafter needs the target's features, got None")
+        if tokens.dim() != 2 or tokens.shape[0] != B:
+            raise ValueError(f"tokens: expected [B={B}, R], got {tuple(tokens.shape)}")
+        if features.shape != (*tokens.shape, self.net.cfg.hidden_size):
+            raise ValueError(f"features: expected {(*tokens.shape, self.net.cfg.hidden_size)}, "
+                             f"got {tuple(features.shape)}")
+        if lens.shape != (B,):
+            raise ValueError(f"lens: expected [B={B}], got {tuple(lens.shape)}")
+
+    def _cached_attention(self, cache_lens, new_lens, num_masks):
+        def attend(i, q, k, v):
+            return self._attention(q, k, v, self.kv[i, 0], self.kv[i, 1], cache_lens, new_lens, num_masks)
+        return attend
+
+    def check_target(self, model) -> None:
+        check_signature(self.net.cfg.target, model)
+
+    def save_pretrained(self, path, dtype=torch.float16) -> None:
+        save_network(path, self.net, self.kind, {"top_m": self.top_m}, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, target=None, top_m: int | None = None):
+        """Load a saved drafter; with `target`, check it and attach its embedding / head."""
+        net, extra = load_network(path, cls.kind)
+        drafter = cls(net, top_m=top_m or extra.get("top_m", 8))
+        if target is not None:
+            drafter.check_target(target)
+            net.attach_target(target)
+        return drafter
+
+
+def build_network(target, *, parallel: bool, depth: int = 4, draft_to_target: torch.Tensor | None = None,
+                  head: str = "target", num_layers: int = 1, seed: int = 0) -> DraftNetwork:
+    """A freshly initialised network for `target` (random init: it learned faster than a warm
+    start from the target's last layer in method.md's runs), target tensors attached."""
+    cfg = DraftConfig.for_target(target, depth=depth, head=head, num_layers=num_layers, parallel=parallel,
+                                 draft_vocab_size=None if draft_to_target is None else int(draft_to_target.numel()))
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    net = DraftNetwork(cfg, draft_to_target)
+    init_weights(net)
+    if net.mask_embed is not None:
+        nn.init.normal_(net.mask_embed, std=0.02)
+    torch.random.set_rng_state(gen_state)
+    net.attach_target(target, init_head=True)
+    return net

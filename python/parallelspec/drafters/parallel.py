@@ -1,0 +1,69 @@
+"""ParallelDrafter: k tokens from ONE forward pass (ParallelSpec).
+
+The step's input is [the new real (token, feature) pairs, k - 1 learned mask slots]. Real
+token i sits at its cache row's position; mask slot j (1-based) at last_real_position + j.
+Real tokens attend causally over the drafter's cache and each other and their K/V are
+appended to the cache; mask slots attend every real token and the slots before them, and
+their K/V are scratch (``ps_kernels.draft_attention`` implements this pattern). The output at
+the last real token is the distribution of depth 1, the output of slot j that of depth j + 1.
+
+Training (``train_forward``) runs the same network over a whole sequence where every anchor
+gets its own group of k - 1 mask slots (``layer.group_layout``): slot j of the group at anchor
+a sees the real prefix 0..a and slots 1..j of its group, exactly what step() sees when a is
+the last real token; so the two agree to rounding (tests/test_drafters.py checks it).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import DraftCandidates
+from .layer import DraftNetwork, MaskedAttention, NetworkDrafter, group_layout, top_candidates
+
+
+class ParallelDrafter(NetworkDrafter):
+    kind = "parallel"
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
+        self._check_step(tokens, features, lens)
+        net, M = self.net, self.depth - 1
+        B, R = tokens.shape
+        dev = tokens.device
+        x = net.fuse(tokens, features)
+        if M:
+            x = torch.cat([x, net.mask_embed.to(x.dtype).expand(B, M, -1)], dim=1)
+        real_pos = self.cache_lens[:, None] + torch.arange(R, device=dev)
+        last = self.cache_lens + lens - 1
+        mask_pos = last[:, None] + torch.arange(1, M + 1, device=dev)
+        h = net.run(x, torch.cat([real_pos, mask_pos], dim=1), self._cached_attention(self.cache_lens, lens, M))
+        # depth 1 from the last real row, depths 2..k from the mask slots
+        h_last = h.gather(1, (lens - 1).clamp(min=0)[:, None, None].expand(B, 1, h.shape[-1]))
+        logits = net.logits(net.features_out(torch.cat([h_last, h[:, R:]], dim=1)))
+        self.cache_lens += lens
+        ids, logp = top_candidates(logits, net.draft_to_target, self.top_m)
+        return DraftCandidates(ids, logp)
+
+
+def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
+    """Group-wise parallel training forward.
+
+    tokens [B, n] / features [B, n, d]: real inputs (token x_{t+1} paired with feature f_t);
+    anchors [A] int64: real indices that get a group of k - 1 mask slots.
+    Returns (real_logits [B, n, Vd], real_features [B, n, d], slot_logits [B, A, k-1, Vd]):
+    real row t predicts the token after tokens[t] and the feature f_{t+1}; slot j (0-based) of
+    the group at anchor a predicts the token j + 1 places after that.
+    """
+    B, n = tokens.shape
+    M = net.cfg.depth - 1
+    A = anchors.shape[0]
+    positions, allowed = group_layout(n, anchors, M)
+    x = net.fuse(tokens, features)
+    if M and A:
+        slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0)   # slot-major rows
+        x = torch.cat([x, slots.expand(B, -1, -1)], dim=1)
+    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
+    attend.allowed = allowed
+    g = net.features_out(net.run(x, positions.expand(B, -1), attend))
+    logits = net.logits(g)
+    slot_logits = logits[:, n:].reshape(B, M, A, logits.shape[-1]).transpose(1, 2)
+    return logits[:, :n], g[:, :n], slot_logits

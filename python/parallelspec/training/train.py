@@ -1,0 +1,408 @@
+"""Group-wise parallel training of the parallel (or EAGLE-style) drafter on extracted shards.
+
+Per step: a global batch of sequences (sharded over DDP ranks), anchors sampled in the
+generated region (shared by the batch), one training forward (``parallel_train_forward`` /
+``eagle_train_forward``), and the loss
+
+    sum_d w_d * CE_d / sum_d w_d  +  feat_weight * SmoothL1(g_t, f_{t+1})
+
+where CE_d is the soft cross-entropy at depth d (d = 1: real positions, d > 1: slot d - 1 of
+each group) against the target's top-K probabilities renormalised within the draft vocabulary
+(positions whose target top-1 lies outside it are masked out), averaged over the positions
+of the *global* batch, so that N ranks compute exactly the gradient one process would.
+
+Logged (JSON lines in <out>/log.jsonl): loss, per-depth train top-1 agreement, and at each
+evaluation the held-out per-depth top-1 agreement and the estimated accepted tokens per
+greedy chain step (1 + the number of leading depths whose top-1 equals the target's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..drafters import EagleDrafter, ParallelDrafter, build_network
+from . import dist as pdist
+
+
+# ---------------------------------------------------------------- data
+
+class ShardData:
+    """Extracted sequences held in memory (see extract.py for the shard layout)."""
+
+    def __init__(self, paths, max_len: int | None = None, limit_tokens: int | None = None):
+        self.seqs = []
+        tokens = 0
+        for p in paths:
+            shard = torch.load(p)
+            for i in range(len(shard["ids"])):
+                n = len(shard["ids"][i]) if max_len is None else min(max_len, len(shard["ids"][i]))
+                if n - shard["start"][i] < 2:
+                    continue        # nothing generated to learn from
+                self.seqs.append({k: shard[k][i][:n] for k in ("ids", "feat", "topk_ids", "topk_p")}
+                                 | {"start": shard["start"][i]})
+                tokens += n
+                if limit_tokens is not None and tokens >= limit_tokens:
+                    return
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def generated_tokens(self) -> int:
+        return sum(len(s["ids"]) - s["start"] for s in self.seqs)
+
+    def batch(self, indices, device) -> dict:
+        """Right-padded batch. Real input t = (ids[t + 1], feat[t]); label position s holds the
+        target's distribution of ids[s + 1]; valid[s]: that token is a generated one."""
+        seqs = [self.seqs[i] for i in indices]
+        N = max(len(s["ids"]) for s in seqs)
+        B, K, d = len(seqs), seqs[0]["topk_ids"].shape[1], seqs[0]["feat"].shape[1]
+        ids = torch.zeros(B, N, dtype=torch.long)
+        feat = torch.zeros(B, N, d, dtype=torch.bfloat16)
+        tk_ids = torch.zeros(B, N, K, dtype=torch.long)
+        tk_p = torch.zeros(B, N, K, dtype=torch.float16)
+        valid = torch.zeros(B, N, dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            n = len(s["ids"])
+            ids[r, :n] = s["ids"]
+            feat[r, :n] = s["feat"]
+            tk_ids[r, :n] = s["topk_ids"]
+            tk_p[r, :n] = s["topk_p"]
+            valid[r, max(s["start"] - 1, 0):n - 1] = True
+        out = {"tokens": ids[:, 1:], "features": feat[:, :-1].float(), "next_features": feat[:, 1:].float(),
+               "topk_ids": tk_ids, "topk_p": tk_p.float(), "valid": valid,
+               "first_anchor": max(min(s["start"] for s in seqs) - 2, 0)}
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def build_draft_vocab(data: ShardData, size: int) -> tuple[torch.Tensor, float]:
+    """The `size` target ids the target most often chooses in the generated text (draft id 0 =
+    most frequent) and the share of those choices they cover."""
+    counts = torch.zeros(0, dtype=torch.long)
+    for s in data.seqs:
+        top1 = s["topk_ids"][max(s["start"] - 1, 0):len(s["ids"]) - 1, 0].long()
+        c = torch.bincount(top1)
+        if c.numel() > counts.numel():
+            c[:counts.numel()] += counts
+            counts = c
+        else:
+            counts[:c.numel()] += c
+    size = min(size, counts.numel())
+    top = counts.topk(size)
+    return top.indices, float(top.values.sum()) / max(int(counts.sum()), 1)
+
+
+def target_to_draft(draft_to_target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=draft_to_target.device)
+    t2d[draft_to_target] = torch.arange(draft_to_target.numel(), device=draft_to_target.device)
+    return t2d
+
+
+# ---------------------------------------------------------------- loss
+
+def label_rows(anchors: torch.Tensor, depth: int, n: int):
+    """Label positions for the real rows [n] and the slots [A, depth - 1] (s = a + 2 + j)."""
+    real = torch.arange(n, device=anchors.device) + 1
+    slots = anchors[:, None] + 2 + torch.arange(depth - 1, device=anchors.device)
+    return real, slots
+
+
+def gather_labels(batch: dict, pos: torch.Tensor):
+    """Labels at label positions pos [...] (out of range = invalid) for every batch row."""
+    N = batch["valid"].shape[1]
+    inside = pos < N
+    p = pos.clamp(max=N - 1)
+    return (batch["topk_ids"][:, p], batch["topk_p"][:, p], batch["valid"][:, p] & inside)
+
+
+def soft_ce(logits, topk_ids, topk_p, valid, t2d):
+    """Per-position soft CE over the draft vocabulary and top-1 agreement. Returns (ce, agree,
+    trainable): trainable drops the positions whose target top-1 lies outside the draft
+    vocabulary (no target to learn; for agreement they count as misses)."""
+    d = t2d[topk_ids]                                  # [..., K] draft ids or -1
+    trainable = valid & (d[..., 0] >= 0)
+    q = topk_p * (d >= 0)
+    q = q / q.sum(-1, keepdim=True).clamp(min=1e-9)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = -(q * logp.gather(-1, d.clamp(min=0))).sum(-1)
+    agree = logits.argmax(-1) == d[..., 0]
+    return ce, agree, trainable
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "parallel"               # "parallel" or "eagle"
+    depth: int = 4
+    draft_vocab: int = 16384             # 0: the full target vocabulary
+    head: str = "target"
+    num_layers: int = 1
+    steps: int = 1000
+    batch_size: int = 16                 # sequences per global step
+    max_len: int = 512
+    anchor_frac: float = 0.25            # share of anchor positions that get a group
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    feat_weight: float = 0.1
+    depth_weights: list = field(default_factory=list)     # [] = all 1
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 200
+    eval_sequences: int = 64
+    eval_anchor_stride: int = 1
+    checkpoint_every: int = 200
+    time_budget: float | None = None     # seconds; stop early (cosine schedule kept)
+    stop_after: int | None = None        # steps in this invocation (a later run resumes)
+    train_tokens: int | None = None      # use only the first N tokens of training data
+
+
+def anchor_sample(batch, n: int, depth: int, kind: str, frac: float, gen: torch.Generator, device):
+    lo = batch["first_anchor"]
+    hi = n - 1 - (depth - 1 if kind == "eagle" else 0)   # eagle feeds tokens up to a + depth - 1
+    if hi < lo:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    pool = torch.arange(lo, hi + 1)
+    count = max(1, round(frac * len(pool)))
+    pick = pool[torch.randperm(len(pool), generator=gen)[:count]].sort().values
+    return pick.to(device)
+
+
+def forward_losses(net, cfg: TrainConfig, batch: dict, anchors: torch.Tensor, t2d: torch.Tensor):
+    """Per-depth sums of CE and agreement, their counts, and the feature regression sum."""
+    n = batch["tokens"].shape[1]
+    with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        real_logits, real_g, slot_logits = net(batch["tokens"], batch["features"], anchors)
+    real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
+    ce_sum, agree_sum, count = [], [], []
+    ce, agree, valid = soft_ce(real_logits, *gather_labels(batch, real_pos), t2d)
+    feat_valid = valid
+    for d in range(cfg.depth):
+        if d:
+            ce, agree, valid = soft_ce(slot_logits[:, :, d - 1], *gather_labels(batch, slot_pos[:, d - 1]), t2d)
+        ce_sum.append((ce * valid).sum())
+        agree_sum.append((agree & valid).sum())
+        count.append(valid.sum())
+    feat_err = F.smooth_l1_loss(real_g.float(), batch["next_features"], reduction="none").mean(-1)
+    feat_sum = (feat_err * feat_valid).sum()
+    return torch.stack(ce_sum), torch.stack(agree_sum), torch.stack(count), feat_sum, feat_valid.sum()
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: int = 8) -> dict:
+    """Held-out per-depth top-1 agreement (every anchor in the generated region) and the
+    accepted tokens per greedy chain step, 1 + leading depths that agree, over anchors whose
+    k labels all exist."""
+    was_training = net.training
+    net.eval()
+    agree_sum = torch.zeros(cfg.depth, dtype=torch.float64)
+    count = torch.zeros(cfg.depth, dtype=torch.float64)
+    chain_sum, chain_n = 0.0, 0
+    seqs = list(range(min(cfg.eval_sequences, len(data))))
+    for s in range(0, len(seqs), batch_size):
+        batch = data.batch(seqs[s:s + batch_size], device)
+        n = batch["tokens"].shape[1]
+        hi = n - 1 - (cfg.depth - 1 if cfg.kind == "eagle" else 0)
+        anchors = torch.arange(batch["first_anchor"], hi + 1, cfg.eval_anchor_stride, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            real_logits, _, slot_logits = net(batch["tokens"], batch["features"], anchors)
+        real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
+        depth_logits = torch.cat([real_logits[:, anchors, None], slot_logits], dim=2)    # [B, A, k, V]
+        pos = torch.cat([real_pos[anchors, None], slot_pos], dim=1)                      # [A, k]
+        topk_ids, _, valid = gather_labels(batch, pos)
+        # a target top-1 outside the draft vocabulary (t2d = -1) is a miss
+        agree = depth_logits.argmax(-1) == t2d[topk_ids[..., 0]]
+        agree_sum += (agree & valid).sum((0, 1)).double().cpu()
+        count += valid.sum((0, 1)).double().cpu()
+        full = valid.all(-1)
+        lead = torch.cumprod(agree.long(), dim=-1).sum(-1)
+        chain_sum += float((1 + lead)[full].sum())
+        chain_n += int(full.sum())
+    net.train(was_training)
+    top1 = (agree_sum / count.clamp(min=1)).tolist()
+    return {"heldout_top1": [round(x, 4) for x in top1], "heldout_positions": int(count[0]),
+            "chain_accept": round(chain_sum / max(chain_n, 1), 4)}
+
+
+# ---------------------------------------------------------------- loop
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=None, log=print):
+    """Train (or resume from <out>/checkpoint.pt); rank 0 saves the drafter to <out>/drafter.
+    Under torchrun each rank runs this; every global batch is split by rank. Returns
+    (network, summary); the summary's "losses" are global-batch losses per step."""
+    rank, world = pdist.rank_world()
+    device = device or pdist.default_device()
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    data = ShardData(train_paths, cfg.max_len, cfg.train_tokens)
+    heldout = ShardData(heldout_paths, cfg.max_len) if rank == 0 and heldout_paths else None
+    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, map_location="cpu") if ckpt_path.exists() else None
+    if ckpt is not None:
+        d2t, coverage = ckpt["draft_to_target"], ckpt["coverage"]
+    elif cfg.draft_vocab:
+        d2t, coverage = build_draft_vocab(data, cfg.draft_vocab)
+    else:
+        d2t, coverage = None, 1.0
+    net = build_network(target, parallel=cfg.kind == "parallel", depth=cfg.depth, draft_to_target=d2t,
+                        head=cfg.head, num_layers=cfg.num_layers, seed=cfg.seed).to(device)
+    t2d = target_to_draft(net.draft_to_target, net.cfg.vocab_size)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step, history = 0, []
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"], strict=False)
+        opt.load_state_dict(ckpt["opt"])
+        step, history = ckpt["step"], ckpt["history"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    model = pdist.wrap(net)
+    weights = torch.tensor(cfg.depth_weights or [1.0] * cfg.depth, dtype=torch.float32, device=device)
+    if rank == 0:
+        log(f"{cfg.kind} drafter: {sum(p.numel() for p in params) / 1e6:.2f} M trained params, draft vocab "
+            f"{net.draft_vocab_size} (covers {coverage:.1%} of the target's choices), {len(data)} sequences / "
+            f"{data.generated_tokens()} generated tokens, world {world}")
+    t0 = time.time()
+    seen_tokens = history[-1]["tokens"] if history else 0
+    losses: list[float] = []
+    first_step = step
+    while step < cfg.steps:
+        if cfg.time_budget is not None and time.time() - t0 > cfg.time_budget:
+            log(f"time budget {cfg.time_budget:.0f} s reached at step {step}")
+            break
+        if cfg.stop_after is not None and step - first_step >= cfg.stop_after:
+            break
+        # every rank draws the same global batch and anchors (seeded by step), then takes its part
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        global_idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
+        batch = data.batch(global_idx[rank::world], device)
+        n_global = max(len(data.seqs[i]["ids"]) for i in global_idx) - 1
+        batch["first_anchor"] = min(max(data.seqs[i]["start"] - 2, 0) for i in global_idx)
+        anchors = anchor_sample(batch, n_global, cfg.depth, cfg.kind, cfg.anchor_frac, gen, device)
+        anchors = anchors[anchors < batch["tokens"].shape[1] - (cfg.depth - 1 if cfg.kind == "eagle" else 0)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        ce_sum, agree_sum, count, feat_sum, feat_n = forward_losses(model, cfg, batch, anchors, t2d)
+        totals = torch.cat([count.float(), feat_n.float()[None]]).detach()
+        pdist.all_reduce_sum(totals)
+        ce_mean = ce_sum / totals[:-1].clamp(min=1)
+        loss = (weights * ce_mean).sum() / weights.sum() + cfg.feat_weight * feat_sum / totals[-1].clamp(min=1)
+        # DDP averages gradients over ranks; scale so the result is the global-batch gradient
+        (loss * world).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        k = cfg.depth
+        stats = torch.cat([ce_sum.detach(), agree_sum.float(), feat_sum.detach()[None]])
+        pdist.all_reduce_sum(stats)
+        ce, acc = (stats[:k] / totals[:k].clamp(min=1)), (stats[k:2 * k] / totals[:k].clamp(min=1))
+        global_loss = float((weights * ce).sum() / weights.sum() + cfg.feat_weight * stats[-1] / totals[-1].clamp(min=1))
+        losses.append(global_loss)
+        seen_tokens += int(totals[0])
+        if rank == 0 and (step % 10 == 0 or step == cfg.steps):
+            log(json.dumps({"step": step, "loss": round(global_loss, 4), "ce": [round(x, 3) for x in ce.tolist()],
+                            "train_top1": [round(x, 3) for x in acc.tolist()], "lr": round(lr_at(step - 1, cfg), 6),
+                            "grad_norm": round(float(grad_norm), 3), "tokens": seen_tokens,
+                            "elapsed": round(time.time() - t0, 1)}))
+        if rank == 0 and heldout is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            ev = evaluate(net, cfg, heldout, t2d, device)
+            ev.update(step=step, tokens=seen_tokens, elapsed=round(time.time() - t0, 1))
+            history.append(ev)
+            log(json.dumps(ev))
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
+        if rank == 0 and step % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, net, opt, step, history, coverage)
+    if rank == 0:
+        if heldout is not None and (not history or history[-1]["step"] != step):
+            ev = evaluate(net, cfg, heldout, t2d, device)
+            ev.update(step=step, tokens=seen_tokens, elapsed=round(time.time() - t0, 1))
+            history.append(ev)
+            log(json.dumps(ev))
+        save_checkpoint(ckpt_path, net, opt, step, history, coverage)
+        drafter = (ParallelDrafter if cfg.kind == "parallel" else EagleDrafter)(net)
+        drafter.save_pretrained(out_dir / "drafter")
+        summary = {"config": asdict(cfg), "steps": step, "train_sequences": len(data),
+                   "train_generated_tokens": data.generated_tokens(), "draft_vocab_coverage": round(coverage, 4),
+                   "wall_s": round(time.time() - t0, 1), "history": history, "losses": losses}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return net, summary
+    return net, {"losses": losses}
+
+
+def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+                "draft_to_target": net.draft_to_target.cpu(), "coverage": coverage}, tmp)
+    tmp.replace(path)
+
+
+def main_train(argv=None) -> dict:
+    """`parallelspec train`: train a drafter on shards made by `parallelspec extract`."""
+    ap = argparse.ArgumentParser(prog="parallelspec train", description=main_train.__doc__)
+    ap.add_argument("--target", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", required=True, help="directory of *-ext-*.pt shards (parallelspec extract)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kind", choices=("parallel", "eagle"), default="parallel")
+    ap.add_argument("--k", type=int, default=4, help="draft depth")
+    ap.add_argument("--draft-vocab", type=int, default=16384, help="0 = the full target vocabulary")
+    ap.add_argument("--head", choices=("target", "trained"), default="target")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per global step")
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--anchor-frac", type=float, default=0.25)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--feat-weight", type=float, default=0.1)
+    ap.add_argument("--depth-weights", type=float, nargs="*", default=[])
+    ap.add_argument("--tokens", type=int, default=None, help="use only the first N training tokens")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--eval-sequences", type=int, default=64)
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(kind=args.kind, depth=args.k, draft_vocab=args.draft_vocab, head=args.head,
+                      num_layers=args.layers, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
+                      anchor_frac=args.anchor_frac, lr=args.lr, warmup=args.warmup, feat_weight=args.feat_weight,
+                      depth_weights=args.depth_weights, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
+                      eval_sequences=args.eval_sequences, time_budget=args.time_budget, train_tokens=args.tokens)
+    pdist.init()
+    try:
+        from .extract import load_target
+
+        target, _ = load_target(args.target)
+        data = Path(args.data)
+        _, summary = train(cfg, target, sorted(data.glob("train-ext-*.pt")), sorted(data.glob("heldout-ext-*.pt")),
+                        args.out, torch.device(args.device) if args.device else None,
+                        log=lambda m: print(m, flush=True))
+    finally:
+        pdist.shutdown()
+    return summary
+
+
+if __name__ == "__main__":
+    main_train()

@@ -1,0 +1,160 @@
+"""ParallelDrafter / EagleDrafter: inference agrees with the training forward, persistence,
+target checks, bad inputs."""
+import pytest
+import torch
+from drafter_helpers import tiny_target
+
+from parallelspec.drafters import EagleDrafter, ParallelDrafter, build_network
+from parallelspec.drafters.eagle import eagle_train_forward
+from parallelspec.drafters.layer import group_layout
+from parallelspec.drafters.parallel import parallel_train_forward
+
+V, D = 96, 48
+CPU = torch.device("cpu")
+
+
+def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1):
+    target = tiny_target()
+    d2t = None if vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:vocab]
+    net = build_network(target, parallel=kind is ParallelDrafter, depth=depth, draft_to_target=d2t, head=head,
+                        num_layers=layers, seed=seed)
+    return target, kind(net, top_m=net.draft_vocab_size)
+
+
+def training_logprobs(drafter, tokens, features, anchors):
+    fwd = parallel_train_forward if isinstance(drafter, ParallelDrafter) else eagle_train_forward
+    real, _, slots = fwd(drafter.net, tokens, features, anchors)
+    with torch.no_grad():
+        per_depth = torch.cat([real[:, anchors, None], slots], dim=2)      # [B, A, k, Vd]
+        lp = torch.log_softmax(per_depth, dim=-1)
+    return lp, drafter.net.draft_to_target
+
+
+def as_dense(cands, d2t):
+    """DraftCandidates holding the whole draft vocabulary -> logprobs [B, k, Vd] in draft-id order."""
+    t2d = torch.full((V,), -1, dtype=torch.long)
+    t2d[d2t] = torch.arange(d2t.numel())
+    out = torch.empty(cands.tokens.shape, dtype=torch.float32)
+    return out.scatter_(2, t2d[cands.tokens], cands.logprobs)
+
+
+@pytest.mark.parametrize("kind", [ParallelDrafter, EagleDrafter])
+@pytest.mark.parametrize("depth,vocab,head,layers", [(4, 40, "target", 1), (3, None, "trained", 2), (1, 40, "trained", 1)])
+def test_step_matches_training_forward(kind, depth, vocab, head, layers):
+    """Ragged batch stepped in chunks; each step's per-depth distributions equal the training
+    forward's at that anchor (real row + its group of slots), to fp32 rounding."""
+    _, drafter = make(kind, depth=depth, head=head, vocab=vocab, layers=layers)
+    B, n = 3, 14
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (B, n), generator=g)
+    features = torch.randn(B, n, D, generator=g)
+    chunks = torch.tensor([[5, 3, 1, 2], [1, 4, 2, 3], [7, 1, 1, 1]])     # new tokens per step
+    drafter.reset(B, 32, CPU, torch.float32)
+    starts = torch.zeros(B, dtype=torch.long)
+    for s in range(chunks.shape[1]):
+        lens = chunks[:, s]
+        R = int(lens.max())
+        idx = (starts[:, None] + torch.arange(R)).clamp(max=n - 1)
+        cands = drafter.step(tokens.gather(1, idx), features.gather(1, idx[..., None].expand(-1, -1, D)), lens)
+        starts += lens
+        assert torch.equal(drafter.cache_lens, starts)
+        got = as_dense(cands, drafter.net.draft_to_target)
+        for b in range(B):
+            anchor = int(starts[b]) - 1
+            seq_tokens = tokens[b:b + 1, :anchor + depth].clone()
+            if kind is EagleDrafter:
+                # the training forward feeds the data's tokens: make them the step's top-1 chain
+                seq_tokens = torch.cat([tokens[b:b + 1, :anchor + 1], cands.tokens[b:b + 1, :depth - 1, 0]], 1)
+            seq_feats = torch.cat([features[b:b + 1, :anchor + 1], torch.randn(1, depth - 1, D)], 1)
+            want, _ = training_logprobs(drafter, seq_tokens, seq_feats, torch.tensor([anchor]))
+            torch.testing.assert_close(got[b], want[0, 0], atol=2e-5, rtol=1e-5)
+
+
+def test_real_rows_ignore_slots_and_later_tokens():
+    """Changing later tokens or the mask vectors does not move a group's or an earlier row's outputs."""
+    _, drafter = make(ParallelDrafter)
+    n = 10
+    tokens, features = torch.randint(0, V, (1, n)), torch.randn(1, n, D)
+    anchors = torch.tensor([2, 5])
+    real, _, slots = parallel_train_forward(drafter.net, tokens, features, anchors)
+    tokens2, features2 = tokens.clone(), features.clone()
+    tokens2[:, 6:] = (tokens2[:, 6:] + 1) % V
+    features2[:, 6:] += 1
+    real2, _, slots2 = parallel_train_forward(drafter.net, tokens2, features2, anchors)
+    torch.testing.assert_close(real[:, :6], real2[:, :6])
+    torch.testing.assert_close(slots, slots2)
+    with torch.no_grad():
+        drafter.net.mask_embed.add_(1.0)
+    real3, _, slots3 = parallel_train_forward(drafter.net, tokens, features, anchors)
+    torch.testing.assert_close(real, real3)
+    assert not torch.allclose(slots, slots3)
+
+
+def test_group_layout():
+    positions, allowed = group_layout(4, torch.tensor([0, 2]), 2)
+    assert positions.tolist() == [0, 1, 2, 3, 1, 3, 2, 4]
+    rows = allowed.int().tolist()
+    assert rows[3] == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert rows[4] == [1, 0, 0, 0, 1, 0, 0, 0]          # anchor 0, slot 0
+    assert rows[7] == [1, 1, 1, 0, 0, 1, 0, 1]          # anchor 2, slot 1: prefix 0..2, own slots
+
+
+@pytest.mark.parametrize("kind", [ParallelDrafter, EagleDrafter])
+def test_save_load_round_trip(kind, tmp_path):
+    target, drafter = make(kind, head="trained")
+    drafter.save_pretrained(tmp_path, dtype=torch.float32)
+    names = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "model.safetensors")))
+    assert not any("embed" in k and "mask" not in k for k in names), names   # the target's tensors stay out
+    loaded = kind.from_pretrained(tmp_path, target)
+    assert loaded.top_m == drafter.top_m and loaded.net.cfg == drafter.net.cfg
+    tokens, features, lens = torch.randint(0, V, (2, 5)), torch.randn(2, 5, D), torch.tensor([5, 3])
+    outs = []
+    for d in (drafter, loaded):
+        d.reset(2, 16, CPU, torch.float32)
+        outs.append(d.step(tokens, features, lens))
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs)
+    with pytest.raises(ValueError, match="expected a 'eagle'|expected a 'parallel'"):
+        (EagleDrafter if kind is ParallelDrafter else ParallelDrafter).from_pretrained(tmp_path, target)
+
+
+def test_half_precision_save_is_small_and_close(tmp_path):
+    target, drafter = make(ParallelDrafter)
+    drafter.save_pretrained(tmp_path)
+    loaded = ParallelDrafter.from_pretrained(tmp_path, target)
+    for a, b in zip(drafter.net.parameters(), loaded.net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_check_target_refuses_other_models():
+    target, drafter = make(ParallelDrafter)
+    drafter.check_target(target)
+    drafter.check_target(tiny_target().to(torch.bfloat16))        # same weights, other dtype: fine
+    with pytest.raises(ValueError, match="hidden_size: expected 48, got 60"):
+        drafter.check_target(tiny_target(hidden=60))
+    with pytest.raises(ValueError, match="vocab_size: expected 96, got 97"):
+        drafter.check_target(tiny_target(vocab=97))
+    with pytest.raises(ValueError, match="embedding fingerprint"):
+        drafter.check_target(tiny_target(seed=5))                # same shapes, other weights
+
+
+def test_bad_step_inputs():
+    _, drafter = make(ParallelDrafter)
+    with pytest.raises(RuntimeError, match="reset"):
+        drafter.step(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, D), torch.tensor([2]))
+    drafter.reset(2, 8, CPU, torch.float32)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="features: the parallel drafter needs"):
+        drafter.step(tokens, None, torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match=r"features: expected \(2, 3, 48\)"):
+        drafter.step(tokens, torch.zeros(2, 3, 40), torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match=r"tokens: expected \[B=2, R\]"):
+        drafter.step(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, D), torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match=r"lens: expected \[B=2\]"):
+        drafter.step(tokens, torch.zeros(2, 3, D), torch.tensor([3]))
+
+
+def test_eagle_anchor_range_checked():
+    _, drafter = make(EagleDrafter)
+    with pytest.raises(ValueError, match="anchors: expected every anchor"):
+        eagle_train_forward(drafter.net, torch.zeros(1, 6, dtype=torch.long), torch.zeros(1, 6, D), torch.tensor([3]))

@@ -1,0 +1,195 @@
+"""Training pipeline: ShareGPT parsing and split, self-distillation and the target pass on a
+tiny model, the training loop (learning, resume), and DDP over 2 CPU processes."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from drafter_helpers import target_features, tiny_target
+
+from parallelspec.drafters import ParallelDrafter
+from parallelspec.training import data as D
+from parallelspec.training.extract import extract_shard, generate_and_extract
+from parallelspec.training.train import TrainConfig, build_draft_vocab, ShardData, train
+
+V = 96
+
+
+def test_iter_sharegpt_stops_at_truncated_tail(tmp_path):
+    records = [{"id": f"c{i}_0", "conversations": [{"from": "human", "value": "q%d, {]\\\"} [" % i},
+                                                  {"from": "gpt", "value": "a" * (i + 1)}]} for i in range(5)]
+    text = json.dumps(records, indent=1)
+    path = tmp_path / "s.json"
+    path.write_text(text[:text.rindex('"a')])                      # cut inside the last record
+    got = list(D.iter_sharegpt(path, chunk_chars=37))               # small chunks: records span reads
+    assert [r["id"] for r in got] == [f"c{i}_0" for i in range(4)]
+    path.write_text(text)
+    assert len(list(D.iter_sharegpt(path, chunk_chars=50))) == 5
+
+
+def test_shipped_sharegpt_parses():
+    ids = [r["id"] for r in D.iter_sharegpt()]
+    assert 17_000 < len(ids) < 18_500
+
+
+def test_split_is_by_conversation_and_deterministic():
+    ids = [f"abc{i}" for i in range(2000)]
+    held = [D.is_held_out(i + "_0", 0.1) for i in ids]
+    assert 120 < sum(held) < 280
+    assert held == [D.is_held_out(i + "_3", 0.1) for i in ids]     # parts of one chat together
+
+
+def test_messages_and_prompt():
+    rec = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
+                             {"from": "human", "value": " "}]}
+    assert D.conversation_messages(rec) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert D.conversation_messages({"conversations": [{"from": "alien", "value": "x"}]}) == []
+
+    class Tok:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "|".join(m["content"] for m in messages) + ("|>" if add_generation_prompt else "")
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert D.first_prompt(Tok(), rec) == [ord(c) for c in "hi|>"]
+    assert D.first_prompt(Tok(), {"conversations": [{"from": "gpt", "value": "x"}]}) is None
+
+
+def test_extract_shard_matches_target():
+    model = tiny_target()
+    seqs = [[1, 2, 3, 6, 7, 8, 9], [4, 5, 10]]
+    out = extract_shard(model, seqs, [3, 2], top_k=5, autocast_dtype=None)
+    assert out["start"] == [3, 2]
+    for i, seq in enumerate(seqs):
+        feats, probs = target_features(model, torch.tensor([seq]))
+        assert out["ids"][i].tolist() == seq
+        torch.testing.assert_close(out["feat"][i].float(), feats[0], atol=2e-2, rtol=1e-2)
+        want_p, want_i = probs[0].topk(5)
+        assert torch.equal(out["topk_ids"][i].long(), want_i)
+        torch.testing.assert_close(out["topk_p"][i].float(), want_p, atol=1e-3, rtol=1e-3)
+
+
+def test_generate_and_extract_is_greedy_and_matches_the_target_pass():
+    """Batched (ragged, rows finishing early at EOS) equals one prompt at a time; every token is
+    the target's argmax; features and top-K equal a plain target pass over the result."""
+    model = tiny_target()
+    prompts = [[1, 5, 7], [3, 4, 9, 10, 11, 2, 8], [6], [12, 13]]
+    probe = generate_and_extract(model, prompts, 7, -1, top_k=1, autocast_dtype=None)
+    eos = int(probe["ids"][1][len(prompts[1]) + 2])          # a token some row makes early
+    batched = generate_and_extract(model, prompts, 7, eos, top_k=4, batch_size=3, autocast_dtype=None)
+    early = 0
+    for i, p in enumerate(prompts):
+        single = generate_and_extract(model, [p], 7, eos, top_k=4, autocast_dtype=None)
+        seq = batched["ids"][i].tolist()
+        assert seq == single["ids"][0].tolist() and seq[:len(p)] == p and batched["start"][i] == len(p)
+        assert len(seq) == len(p) + 7 or seq[-1] == eos
+        early += len(seq) < len(p) + 7
+        ref = extract_shard(model, [seq], [len(p)], top_k=4, autocast_dtype=None)
+        n = len(seq) - 1            # the last token's own feature/top-K are never needed
+        torch.testing.assert_close(batched["feat"][i][:n].float(), ref["feat"][0][:n].float(), atol=1e-2, rtol=1e-2)
+        assert torch.equal(batched["topk_ids"][i][len(p) - 1:n], ref["topk_ids"][0][len(p) - 1:n])
+        assert torch.equal(batched["topk_ids"][i][len(p) - 1:n, 0].long(), torch.tensor(seq[len(p):]))
+        torch.testing.assert_close(batched["topk_p"][i][len(p) - 1:n].float(),
+                                   ref["topk_p"][0][len(p) - 1:n].float(), atol=1e-3, rtol=1e-3)
+    assert early, "no row finished early: pick another eos"
+
+
+def tiny_shards(tmp_path, n_train=12, n_held=4, seed=0):
+    """Extracted shards of random sequences through the tiny target."""
+    model = tiny_target()
+    g = torch.Generator().manual_seed(seed)
+
+    def shard(n):
+        prompts = [torch.randint(1, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(n)]
+        gens = [torch.randint(1, V, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(n)]
+        return extract_shard(model, [p + g for p, g in zip(prompts, gens)], [len(p) for p in prompts], top_k=8,
+                             autocast_dtype=None)
+
+    torch.save(shard(n_train), tmp_path / "train-ext-00000.pt")
+    torch.save(shard(n_held), tmp_path / "heldout-ext-00000.pt")
+    return model, [tmp_path / "train-ext-00000.pt"], [tmp_path / "heldout-ext-00000.pt"]
+
+
+def small_cfg(**kw):
+    base = dict(depth=3, draft_vocab=64, steps=8, batch_size=4, anchor_frac=0.5, lr=3e-3, warmup=2,
+                eval_every=4, eval_sequences=4, checkpoint_every=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "eagle"])
+def test_training_learns_and_saves(kind, tmp_path):
+    model, tr, ho = tiny_shards(tmp_path)
+    net, summary = train(small_cfg(kind=kind, steps=30, eval_every=30), model, tr, ho, tmp_path / "run",
+                         log=lambda m: None)
+    losses = summary["losses"]
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+    ev = summary["history"][-1]
+    assert len(ev["heldout_top1"]) == 3 and 1.0 <= ev["chain_accept"] <= 4.0
+    cls = ParallelDrafter if kind == "parallel" else __import__("parallelspec").drafters.EagleDrafter
+    loaded = cls.from_pretrained(tmp_path / "run" / "drafter", model)
+    assert loaded.net.draft_vocab_size == 64
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    model, tr, ho = tiny_shards(tmp_path)
+    net_a, straight = train(small_cfg(), model, tr, ho, tmp_path / "a", log=lambda m: None)
+    train(small_cfg(stop_after=3), model, tr, ho, tmp_path / "b", log=lambda m: None)
+    net_b, resumed = train(small_cfg(), model, tr, ho, tmp_path / "b", log=lambda m: None)
+    assert resumed["losses"] == straight["losses"][3:]
+    for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in e.items() if k != "elapsed"} for e in h if e["step"] in (4, 8)]
+    assert strip(resumed["history"]) == strip(straight["history"])
+
+
+def test_draft_vocab_counts_generated_choices(tmp_path):
+    _, tr, _ = tiny_shards(tmp_path)
+    data = ShardData(tr)
+    d2t, coverage = build_draft_vocab(data, 10)
+    counts = torch.zeros(V, dtype=torch.long)
+    for s in data.seqs:
+        counts += torch.bincount(s["topk_ids"][s["start"] - 1:len(s["ids"]) - 1, 0].long(), minlength=V)
+    assert torch.equal(counts[d2t], counts.sort(descending=True).values[:10])
+    assert coverage == pytest.approx(float(counts[d2t].sum() / counts.sum()))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, tmp, kind, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from parallelspec.training import dist as pdist
+
+    pdist.init()
+    model = tiny_target()
+    net, summary = train(small_cfg(kind=kind, eval_every=100), model, [tmp / "train-ext-00000.pt"], [],
+                         tmp / "ddp", device=torch.device("cpu"), log=lambda m: None)
+    result[rank] = ({k: v.detach().clone() for k, v in net.state_dict().items()}, summary["losses"])
+    pdist.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["parallel", "eagle"])
+def test_ddp_two_processes_match_single(kind, tmp_path):
+    model, tr, _ = tiny_shards(tmp_path)
+    net1, single = train(small_cfg(kind=kind, eval_every=100), model, tr, [], tmp_path / "one", log=lambda m: None)
+    port = _free_port()
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, port, tmp_path, kind, result), nprocs=2, join=True)
+        (w0, l0), (w1, l1) = result[0], result[1]
+    for name, value in w0.items():
+        assert torch.equal(value, w1[name]), name                  # ranks hold identical weights
+        torch.testing.assert_close(value, net1.state_dict()[name], atol=1e-5, rtol=1e-4)
+    assert l0 == l1
+    torch.testing.assert_close(torch.tensor(l0), torch.tensor(single["losses"]), atol=1e-5, rtol=1e-5)
