@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness  # noqa: E402  (re-exports parallelspec.benchutil)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
