@@ -11,7 +11,8 @@ fixed preference (longer matches first, nearer depths first), not a model's; emp
 
 Bookkeeping is on the host (one transfer of the new tokens per step): for each n, a dict from
 each n-gram to where its latest occurrence's continuation starts, updated as tokens arrive, so
-a lookup costs O(1) whatever the length.
+a lookup costs O(1) whatever the length. The history is what step() was given: the prompt
+from its second token on (the interface's EAGLE shift starts there), then every committed token.
 """
 from __future__ import annotations
 
