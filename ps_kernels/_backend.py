@@ -75,6 +75,12 @@ def interpreting() -> bool:
 
 def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     """None if `backend` can run `op` on `device`, else the reason it cannot."""
+    return _why_unavailable(op, backend, device.type, interpreting())
+
+
+@lru_cache(maxsize=None)  # availability is fixed for a process; this runs on every op call
+def _why_unavailable(op: str, backend: str, device_type: str, interp: bool) -> str | None:
+    device = torch.device(device_type)
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -94,7 +100,7 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
         ok, reason = triton_status()
         if not ok:
             return reason
-        if device.type == "cpu" and not interpreting():
+        if device.type == "cpu" and not interp:
             return "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
             return f"backend 'triton' needs CUDA tensors, got {device}"
@@ -102,8 +108,10 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
-def select(op: str, device: torch.device, backend: str | None) -> str:
-    """Pick the backend for one call of `op` on tensors living on `device`."""
+def select(op: str, device: torch.device, backend: str | None, auto_order: tuple[str, ...] | None = None) -> str:
+    """Pick the backend for one call of `op` on tensors living on `device`. `auto_order`
+    lets an op reorder the automatic choice for a shape where measurements favour another
+    backend; a named backend is never overridden."""
     requested = backend if backend is not None else os.environ.get("PS_KERNELS_BACKEND") or None
     if requested is not None and requested != "auto":
         if requested not in BACKENDS:
@@ -112,7 +120,7 @@ def select(op: str, device: torch.device, backend: str | None) -> str:
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} is unavailable: {reason}")
         return requested
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    order = auto_order or (("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference"))
     for name in order:
         if why_unavailable(op, name, device) is None:
             return name

@@ -1,6 +1,7 @@
 // Torch binding of the CPU kv_rollback kernel. Inputs are validated in Python
 // (ps_kernels/ops/kv_rollback.py); the checks here guard the raw-pointer contract.
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -31,7 +32,11 @@ void kv_rollback_cpu(at::Tensor kv_cache, at::Tensor cache_lens, const at::Tenso
                                     idx.size(1),
                                     lens.data_ptr<int64_t>()};
   const int64_t items = a.planes * B * H;
-  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) { ps_kernels::cpu::kv_rollback_items(a, begin, end); });
+  // A slab moves at most A rows: keep >= ~256 KiB per task so small rollbacks stay on one
+  // thread (waking a thread pool costs more than copying a few KiB).
+  const int64_t per_item = std::max<int64_t>(1, idx.size(1) * a.row_bytes);
+  const int64_t grain = std::max<int64_t>(16, (int64_t{256} << 10) / per_item);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { ps_kernels::cpu::kv_rollback_items(a, begin, end); });
   ps_kernels::cpu::kv_rollback_advance_lens(cache_lens.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), B);
 }
 

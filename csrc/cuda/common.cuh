@@ -3,7 +3,11 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#if defined(__CUDACC__)
 #define PS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PS_HOST_DEVICE inline
+#endif
 
 namespace ps_kernels::cuda {
 

@@ -16,6 +16,7 @@ struct KvRollbackParams {
   const int64_t* accept_lens;   // [B]
 };
 
+#if defined(__CUDACC__)  // kernel bodies: nvcc only; the torch binding (host C++) sees declarations
 // One thread owns one vector-sized column of one (plane, b, h) slab and walks the accepted
 // rows in increasing order. accept_index is strictly increasing, so src >= dst and a column's
 // forward walk never overwrites a row it still has to read; no two threads share a column,
@@ -40,6 +41,7 @@ __global__ void kv_rollback_kernel(KvRollbackParams p) {
 
 // Runs after the move kernel (stream order): every move block has read cache_lens first.
 __global__ void kv_rollback_advance_lens_kernel(int64_t* cache_lens, const int64_t* accept_lens, int64_t batch);
+#endif
 
 // Host launcher: picks the widest vector that divides a row, launches the move and the
 // length update on `stream`. Returns the first CUDA error (cudaSuccess when fine).

@@ -26,15 +26,16 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     M = num_masks
     R = T - M
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # compute (and lse) dtype: fp32; fp64 for fp64 inputs, the tests' truth
     out = torch.zeros_like(q)
-    lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=acc, device=q.device)
     for b in range(B):
         P, r = int(cache_lens[b]), int(new_lens[b])
         k_cache[b, :, P:P + r] = k_new[b, :, :r]
         v_cache[b, :, P:P + r] = v_new[b, :, :r]
         rows = list(range(r)) + list(range(R, T))
-        keys = torch.cat([k_cache[b, :, :P + r], k_new[b, :, R:]], dim=1).float().repeat_interleave(group, 0)
-        vals = torch.cat([v_cache[b, :, :P + r], v_new[b, :, R:]], dim=1).float().repeat_interleave(group, 0)
+        keys = torch.cat([k_cache[b, :, :P + r], k_new[b, :, R:]], dim=1).to(acc).repeat_interleave(group, 0)
+        vals = torch.cat([v_cache[b, :, :P + r], v_new[b, :, R:]], dim=1).to(acc).repeat_interleave(group, 0)
         n_q = len(rows)
         # key columns: prefix P, real r, masks M
         allowed = torch.zeros(n_q, P + r + M, dtype=torch.bool, device=q.device)
@@ -42,7 +43,7 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         allowed[:r, P:P + r] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
         allowed[r:, P:P + r] = True
         allowed[r:, P + r:] = torch.ones(M, M, dtype=torch.bool, device=q.device).tril()
-        qb = q[b, :, rows].float()
+        qb = q[b, :, rows].to(acc)
         scores = torch.einsum("hnd,hsd->hns", qb, keys) * scale
         scores = scores.masked_fill(~allowed, float("-inf"))
         lse[b, :, rows] = torch.logsumexp(scores, dim=-1)

@@ -23,16 +23,17 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
     Hkv = k_new.shape[1]
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # compute (and lse) dtype: fp32; fp64 for fp64 inputs, the tests' truth
     allowed_tree = unpack_tree_mask(tree_mask, N, B, q.device)  # [B, N, N] bool
     out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, N, dtype=acc, device=q.device)
     for b in range(B):
         P = int(cache_lens[b])
         k_cache[b, :, P:P + N] = k_new[b]
         v_cache[b, :, P:P + N] = v_new[b]
-        keys = k_cache[b, :, :P + N].float().repeat_interleave(group, dim=0)    # [Hq, P+N, D]
-        vals = v_cache[b, :, :P + N].float().repeat_interleave(group, dim=0)
-        scores = torch.einsum("hnd,hsd->hns", q[b].float(), keys) * scale       # [Hq, N, P+N]
+        keys = k_cache[b, :, :P + N].to(acc).repeat_interleave(group, dim=0)    # [Hq, P+N, D]
+        vals = v_cache[b, :, :P + N].to(acc).repeat_interleave(group, dim=0)
+        scores = torch.einsum("hnd,hsd->hns", q[b].to(acc), keys) * scale       # [Hq, N, P+N]
         allowed = torch.cat([torch.ones(N, P, dtype=torch.bool, device=q.device), allowed_tree[b]], dim=1)
         scores = scores.masked_fill(~allowed, float("-inf"))
         lse[b] = torch.logsumexp(scores, dim=-1)

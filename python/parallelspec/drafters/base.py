@@ -12,9 +12,17 @@ class DraftCandidates:
 
     tokens:   [B, k, m] int64   top-m candidate tokens at depths 1..k
     logprobs: [B, k, m] float32 their draft log-probabilities (-inf marks an empty slot)
+    paths:    optional explicit continuations per sequence (host lists), for sources whose
+              candidates are whole chains rather than independent per-depth choices (prompt
+              lookup): ``paths[b]`` is a list of (tokens, per-token log-probabilities).
+              Tree builders that merge sources (``AutoTree``) use them; the others ignore them.
+    per_depth_in_paths: True when tokens/logprobs only restate the paths (a chain source on its
+              own), so a merging builder must not count them twice.
     """
     tokens: torch.Tensor
     logprobs: torch.Tensor
+    paths: list[list[tuple[list[int], list[float]]]] | None = None
+    per_depth_in_paths: bool = False
 
     @property
     def depth(self) -> int:

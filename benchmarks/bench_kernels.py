@@ -1,0 +1,207 @@
+"""Kernel microbenchmarks: each op, each backend available here, against the natural PyTorch
+baseline in the same run.
+
+  tree_attention  vs SDPA with a dense boolean mask (prefix + tree), GQA via enable_gqa, and
+                  at N = 1 vs SDPA's plain decode (no mask)
+  draft_attention vs SDPA with the dense ParallelSpec mask (real causal + mask slots)
+  tree_accept     vs the Python walk (the reference)
+  kv_rollback     see bench_kv_rollback.py
+
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--quick]
+
+Writes benchmarks/results/kernels_<device>.{json,csv,png}."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (re-exports parallelspec.benchutil)
+
+import ps_kernels  # noqa: E402
+from ps_kernels import _backend  # noqa: E402
+from ps_kernels import reference as ref  # noqa: E402
+
+HEAD_SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+
+
+def random_parents(n: int, g: torch.Generator) -> torch.Tensor:
+    parents = torch.full((n,), -1, dtype=torch.int64)
+    for i in range(1, n):
+        parents[i] = int(torch.randint(max(0, i - 8), i, (1,), generator=g))  # bushy, depth ~ log
+    return parents
+
+
+def backends_for(op: str, device: torch.device) -> list[str]:
+    names = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
+    return [b for b in names if _backend.why_unavailable(op, b, device) is None]
+
+
+def bench_tree_attention(device, dtype, shape_name, prefix, n, batch=1):
+    Hq, Hkv, D = HEAD_SHAPES[shape_name]
+    S = prefix + n + 8
+    g = torch.Generator().manual_seed(prefix * 1000 + n)
+    q = torch.randn(batch, Hq, n, D, generator=g).to(device, dtype)
+    kn = torch.randn(batch, Hkv, n, D, generator=g).to(device, dtype)
+    vn = torch.randn(batch, Hkv, n, D, generator=g).to(device, dtype)
+    kc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
+    vc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
+    lens = torch.full((batch,), prefix, dtype=torch.int64, device=device)
+    parents = random_parents(n, g)
+    packed = ps_kernels.tree_mask_from_parents(parents).to(device)
+    tree_bool = ref.unpack_tree_mask(packed, n, 1, device)[0]
+    dense = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), tree_bool], 1)
+
+    def sdpa_dense():
+        kc[:, :, prefix:prefix + n] = kn
+        vc[:, :, prefix:prefix + n] = vn
+        return F.scaled_dot_product_attention(q, kc[:, :, :prefix + n], vc[:, :, :prefix + n],
+                                              attn_mask=dense, enable_gqa=True)
+
+    def sdpa_plain():  # the decode baseline: no mask at all
+        kc[:, :, prefix:prefix + n] = kn
+        vc[:, :, prefix:prefix + n] = vn
+        return F.scaled_dot_product_attention(q, kc[:, :, :prefix + n], vc[:, :, :prefix + n], enable_gqa=True)
+
+    fns = {"sdpa_dense_mask": sdpa_dense}
+    if n == 1:
+        fns["sdpa_decode"] = sdpa_plain
+    for b in backends_for("tree_attention", device):
+        fns[b] = (lambda b=b: ps_kernels.tree_attention(q, kn, vn, kc, vc, lens, packed, backend=b, validate=False))
+    return fns
+
+
+def bench_draft_attention(device, dtype, shape_name, prefix, r, m, batch=1):
+    Hq, Hkv, D = HEAD_SHAPES[shape_name]
+    T = r + m
+    S = prefix + T + 8
+    g = torch.Generator().manual_seed(prefix + 7 * r)
+    q = torch.randn(batch, Hq, T, D, generator=g).to(device, dtype)
+    kn = torch.randn(batch, Hkv, T, D, generator=g).to(device, dtype)
+    vn = torch.randn(batch, Hkv, T, D, generator=g).to(device, dtype)
+    kc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
+    vc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
+    lens = torch.full((batch,), prefix, dtype=torch.int64, device=device)
+    new_lens = torch.full((batch,), r, dtype=torch.int64, device=device)
+    dense = torch.zeros(T, prefix + T, dtype=torch.bool, device=device)
+    dense[:, :prefix] = True
+    dense[:r, prefix:prefix + r] = torch.ones(r, r, dtype=torch.bool, device=device).tril()
+    dense[r:, prefix:prefix + r] = True
+    dense[r:, prefix + r:] = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+
+    def sdpa_dense():
+        kc[:, :, prefix:prefix + r] = kn[:, :, :r]
+        vc[:, :, prefix:prefix + r] = vn[:, :, :r]
+        keys = torch.cat([kc[:, :, :prefix + r], kn[:, :, r:]], 2)
+        vals = torch.cat([vc[:, :, :prefix + r], vn[:, :, r:]], 2)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=dense, enable_gqa=True)
+
+    fns = {"sdpa_dense_mask": sdpa_dense}
+    for b in backends_for("draft_attention", device):
+        fns[b] = (lambda b=b: ps_kernels.draft_attention(q, kn, vn, kc, vc, lens, new_lens, m, backend=b, validate=False))
+    return fns
+
+
+def bench_tree_accept(device, batch, n, vocab, mode):
+    g = torch.Generator().manual_seed(n * 31 + batch)
+    parents = random_parents(n, g).to(device)
+    logits = torch.randn(batch, n, vocab, generator=g).to(device)
+    tokens = torch.randint(0, vocab, (batch, n), generator=g).to(device)
+    # make paths likely: each node's token is its parent's argmax with probability 1/2
+    am = logits.argmax(-1)
+    keep = torch.rand(batch, n, generator=g).to(device) < 0.5
+    tokens[:, 1:] = torch.where(keep[:, 1:], am.gather(1, parents[1:].clamp(min=0).expand(batch, -1)), tokens[:, 1:])
+    target = logits if mode == "greedy" else torch.softmax(logits, -1)
+    uniforms = torch.rand(batch, n, generator=g).to(device) if mode == "sample" else None
+    fns = {"python_loop": lambda: ref.tree_accept(tokens, parents, target, mode, None, uniforms)}
+    for b in backends_for("tree_accept", device):
+        fns[b] = (lambda b=b: ps_kernels.tree_accept(tokens, parents, target, mode=mode, uniforms=uniforms,
+                                                     backend=b, validate=False))
+    return fns
+
+
+def cases(quick: bool):
+    prefixes = [128, 1024, 4096] if quick else [128, 512, 1024, 2048, 4096]
+    nodes = [1, 16, 64] if quick else [1, 4, 16, 64, 128]
+    for shape in HEAD_SHAPES:
+        for p in prefixes:
+            for n in nodes:
+                yield "tree_attention", dict(shape_name=shape, prefix=p, n=n)
+    for shape in HEAD_SHAPES:
+        for p in ([128, 1024] if quick else [128, 1024, 4096]):
+            for r in (1, 4):
+                yield "draft_attention", dict(shape_name=shape, prefix=p, r=r, m=3)
+    for mode in ("greedy", "sample"):
+        for batch, n in ((1, 16), (8, 16), (8, 64)):
+            yield "tree_accept", dict(batch=batch, n=n, vocab=49152, mode=mode)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ops", default="tree_attention,draft_attention,tree_accept")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    wanted = set(args.ops.split(","))
+    todo = [c for c in cases(args.quick or harness.quick()) if c[0] in wanted]
+    rows = []
+    for i, (op, params) in enumerate(todo, 1):
+        harness.progress(i, len(todo), f"{op} {params}")
+        if op == "tree_attention":
+            fns = bench_tree_attention(device, dtype, **params)
+        elif op == "draft_attention":
+            fns = bench_draft_attention(device, dtype, **params)
+        else:
+            fns = bench_tree_accept(device, **params)
+        times = {name: harness.measure(fn, device, reps=10, min_seconds=0.1)["median_s"] for name, fn in fns.items()}
+        base = "python_loop" if op == "tree_accept" else "sdpa_dense_mask"
+        row = {"op": op, **params, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
+        for k, v in times.items():
+            if k != base:
+                row[f"{k}_speedup"] = times[base] / v
+        rows.append(row)
+        print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
+    meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES}
+    name = f"kernels_{device.type}"
+    jpath, _ = harness.write_results(name, rows, meta)
+    plot(rows, harness.RESULTS / f"{name}.png", meta)
+    print(f"wrote {jpath}")
+
+
+def plot(rows, path, meta):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ta = [r for r in rows if r["op"] == "tree_attention"]
+    shapes = sorted({r["shape_name"] for r in ta})
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for n in sorted({r["n"] for r in ta}):
+            rs = sorted((r for r in ta if r["shape_name"] == shape and r["n"] == n), key=lambda r: r["prefix"])
+            keys = [k for k in rs[0] if k.endswith("_speedup") and k != "sdpa_decode_speedup"]
+            for k in keys:
+                ax.plot([r["prefix"] for r in rs], [r[k] for r in rs], "o-", label=f"{k[:-8]} N={n}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prefix length")
+        ax.set_ylabel("speedup over SDPA + dense mask")
+        ax.set_title(f"tree_attention {shape} {meta['dtype']}\n{meta['device']}", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+// Torch binding and schema of tree_attention (the CPU kernel is attention.h; the CUDA one
+// registers its impl for the same schema in csrc/cuda/tree_attention_binding.cpp).
+#include <torch/library.h>
+
+#include "attention_binding.h"
+
+namespace {
+
+namespace attn = ps_kernels::cpu::attention;
+
+// tree_mask: None (causal) or contiguous int64 [B, N, ceil(N / 64)] (a shared [N, W] mask is
+// expanded by the Python op).
+void tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k_cache,
+                        at::Tensor v_cache, const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask,
+                        double scale, at::Tensor out, at::Tensor lse) {
+  attn::check_contract(q, k_new, v_new, k_cache, v_cache, cache_lens, out, lse);
+  const int64_t B = q.size(0), N = q.size(2), W = (N + 63) / 64;
+  TORCH_CHECK(k_cache.size(2) >= N, "k_cache: expected room for ", N, " tree rows, got S = ", k_cache.size(2));
+  if (tree_mask.has_value()) {
+    TORCH_CHECK(tree_mask->scalar_type() == at::kLong && tree_mask->is_contiguous() &&
+                    tree_mask->sizes() == at::IntArrayRef({B, N, W}),
+                "tree_mask: expected contiguous int64 [", B, ", ", N, ", ", W, "], got ", tree_mask->scalar_type(),
+                " ", tree_mask->sizes());
+  }
+  attn::with_problem(q, k_new, v_new, k_cache, v_cache, cache_lens, scale, out, lse, [&](const auto& p) {
+    const auto seq_rows = [N](int64_t) { return attn::SeqRows{N, N, 0, N}; };
+    if (tree_mask.has_value()) {
+      attn::run_items(p, seq_rows, attn::TreeBitsPolicy{tree_mask->data_ptr<int64_t>(), N, W});
+    } else {
+      attn::run_items(p, seq_rows, attn::CausalPolicy{});
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ps_kernels_C, m) {
+  m.def("tree_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_lens, Tensor? tree_mask, float scale, Tensor(c!) out, Tensor(d!) lse) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ps_kernels_C, CPU, m) { m.impl("tree_attention", &tree_attention_cpu); }

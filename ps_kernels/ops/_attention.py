@@ -1,0 +1,74 @@
+"""What tree_attention and draft_attention share: the argument checks on (q, new K/V, cache),
+the default scale, the output buffers, and the cache-capacity check.
+
+Contract between these ops and their backends (reference, native ``ps_kernels_C``, Triton):
+``q``, ``k_new``, ``v_new`` arrive contiguous (the op copies them when they are not), the
+caches contiguous (checked: they are views ``kv[l, 0]`` / ``kv[l, 1]`` of the contiguous
+``[L, 2, B, H_kv, S, D]`` cache), ``cache_lens`` contiguous int64, ``scale`` resolved to a float,
+and ``out`` ``[B, Hq, N, D]`` (q's dtype) / ``lse`` ``[B, Hq, N]`` fp32 preallocated contiguous.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks
+
+
+def check_inputs(q, k_new, v_new, k_cache, v_cache, cache_lens, rows: str) -> tuple[int, int, int, int, int, int]:
+    """Shapes, dtypes and devices of the arguments both ops share; `rows` names q's dim 2 in
+    messages ("N" tree nodes, "T" draft rows). Returns (B, Hq, Hkv, rows, D, S)."""
+    _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    dev, dt = q.device, (q.dtype,)
+    _checks.tensor("k_new", k_new, ndim=4, dtypes=dt, device=dev)
+    _checks.tensor("v_new", v_new, ndim=4, dtypes=dt, device=dev)
+    _checks.tensor("k_cache", k_cache, ndim=4, dtypes=dt, device=dev, contiguous=True)
+    _checks.tensor("v_cache", v_cache, ndim=4, dtypes=dt, device=dev, contiguous=True)
+    _checks.tensor("cache_lens", cache_lens, ndim=1, dtypes=(torch.int64,), device=dev, contiguous=True)
+    B, Hq, N, D = q.shape
+    Hkv = k_new.shape[1]
+    _checks.shape("k_new", k_new, (B, None, N, D), f"(B, Hkv, {rows}, D) with B, {rows}, D of q")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"k_new: expected a number of KV heads that divides q's {Hq} query heads "
+                         f"(grouped-query attention), got {Hkv}")
+    _checks.shape("v_new", v_new, tuple(k_new.shape), "(the shape of k_new)")
+    _checks.shape("k_cache", k_cache, (B, Hkv, None, D), "(B, Hkv, S, D) with B, Hkv, D of k_new")
+    _checks.shape("v_cache", v_cache, tuple(k_cache.shape), "(the shape of k_cache)")
+    _checks.shape("cache_lens", cache_lens, (B,), "(one per sequence of q)")
+    return B, Hq, Hkv, N, D, k_cache.shape[2]
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """None -> 1/sqrt(D); otherwise a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale: expected None or a finite float, got {scale!r}")
+    return float(scale)
+
+
+def contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.contiguous() for t in tensors)
+
+
+def empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, N, D] in q's dtype and lse [B, Hq, N] fp32, both contiguous."""
+    B, Hq, N, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+
+
+def cache_room_error(base: torch.Tensor, need: torch.Tensor, capacity: int, need_what: str) -> str | None:
+    """Host tensors base = cache_lens, need = rows written per sequence. The message for the
+    first sequence whose prefix is negative or whose rows do not fit, or None."""
+    bad = (base < 0).nonzero()
+    if len(bad):
+        b = int(bad[0])
+        return f"cache_lens: expected non-negative prefix lengths, got cache_lens[{b}] = {int(base[b])}"
+    over = (base + need > capacity).nonzero()
+    if len(over):
+        b = int(over[0])
+        return (f"cache_lens: expected cache_lens[b] + {need_what} <= {capacity} (the cache capacity "
+                f"S = k_cache.shape[2]), got cache_lens[{b}] + {int(need[b])} = {int(base[b] + need[b])}")
+    return None

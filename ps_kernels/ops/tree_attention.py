@@ -1,0 +1,193 @@
+"""tree_attention: the target's verification attention over a token tree, with the tree's K/V
+appended to the cache in the same call.
+
+Each of the N tree nodes attends every committed prefix row of its sequence and the nodes its
+packed mask allows (its ancestors and itself); ``tree_mask=None`` is the causal chain. The
+nodes' K/V are written to cache rows ``cache_lens[b] .. cache_lens[b] + N - 1``;
+``cache_lens`` is left alone (``kv_rollback`` advances it once the tree is accepted).
+
+Mask format: ``[N, W]`` (shared by the batch) or ``[B, N, W]`` int64, ``W = ceil(N / 64)``;
+bit ``j % 64`` of word ``j // 64`` of row ``i`` set <=> node ``i`` attends node ``j``. Build it
+with ``tree_mask_from_parents(parents)`` once per tree shape. Backends receive it as a
+contiguous ``[B, N, W]`` tensor (a shared mask is expanded and copied: ``B * N * W`` words,
+negligible next to the attention) or None for causal; see ``_attention`` for the rest of the
+backend contract.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend, _checks
+from .. import reference as _ref
+from . import _attention
+
+OP = "tree_attention"
+
+
+def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+         cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "reference":
+        return _ref.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse=True)
+    out, lse = _attention.empty_outputs(q)
+    if backend in ("cpu", "cuda"):
+        torch.ops.ps_kernels_C.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out, lse)
+    elif backend == "triton":
+        from ..triton_kernels.tree_attention import tree_attention as _triton
+        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out, lse)
+    else:  # resolved by _backend.select; anything else is a bug
+        raise AssertionError(backend)
+    return out, lse
+
+
+_tree_attention_op = torch.library.custom_op("ps_kernels::tree_attention", _run, mutates_args=("k_cache", "v_cache"))
+
+
+@_tree_attention_op.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, backend):
+    return _attention.empty_outputs(q)
+
+
+def _bad_tree_rows(words: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """words [B', N, W] -> ([B', N] bool each) rows missing their own bit, rows with a bit
+    j > i among the N nodes, rows with a bit beyond node N - 1 (the last word's padding)."""
+    allowed = _ref.unpack_tree_mask(words, n, words.shape[0], words.device)  # [B', N, N]
+    i = torch.arange(n, device=words.device)
+    no_self = ~allowed[:, i, i]
+    later = (allowed & (i.unsqueeze(0) > i.unsqueeze(1))).any(-1)
+    if n % 64:  # arithmetic shift: any bit at or above n % 64 (the sign bit too) leaves a non-zero
+        beyond = (words[..., -1] >> (n % 64)) != 0
+    else:
+        beyond = torch.zeros_like(no_self)
+    return no_self, later, beyond
+
+
+def _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, check_values: bool):
+    B, _, _, N, _, S = _attention.check_inputs(q, k_new, v_new, k_cache, v_cache, cache_lens, rows="N")
+    if N == 0:
+        raise ValueError(f"q: expected at least one tree node (N = q.shape[2] >= 1), got shape {tuple(q.shape)}")
+    W = (N + 63) // 64
+    if tree_mask is not None:
+        _checks.tensor("tree_mask", tree_mask, ndim=(2, 3), dtypes=(torch.int64,), device=q.device)
+        expected = (N, W) if tree_mask.dim() == 2 else (B, N, W)
+        _checks.shape("tree_mask", tree_mask, expected,
+                      f"(N, W) or (B, N, W) packed bits, N = {N} nodes, W = ceil(N / 64) = {W}")
+    if not check_values or B == 0:
+        return
+    flags = []
+    if tree_mask is not None:
+        words = tree_mask if tree_mask.dim() == 3 else tree_mask.unsqueeze(0)
+        flags = [f.flatten().to(torch.int64) for f in _bad_tree_rows(words, N)]
+    host = torch.cat([cache_lens, *flags]).cpu()  # the one host sync
+    msg = _attention.cache_room_error(host[:B], torch.full((B,), N), S, f"N ({N} tree nodes)")
+    if msg:
+        raise ValueError(msg)
+    if flags:
+        rows = words.shape[0] * N
+        for k, what in enumerate(("its own bit i unset", "a bit j > i set (a later node)",
+                                  f"a bit set beyond node {N - 1} (the last word's padding)")):
+            bad = host[B + k * rows:B + (k + 1) * rows].nonzero()
+            if len(bad):
+                b, i = divmod(int(bad[0]), N)
+                where = f"row {i}" + (f" of sequence {b}" if tree_mask.dim() == 3 else "")
+                raise ValueError(f"tree_mask: expected a tree mask in topological order (row i sets bit i "
+                                 f"and no bit j > i), got {where} with {what}")
+
+
+# Measured on an H200 (bf16, 2026-11-28): with 32+ query rows per KV head (GQA group x N) the
+# Triton kernel's tensor-core tiles beat the CUDA kernel 5-11x (B=8, Hq 32/Hkv 8, N 64, prefix
+# 2048: 165 vs 1421 us); below that CUDA wins (B=4, Hq 9/Hkv 3, N 16: 71 vs 210 us).
+_TRITON_FIRST_ROWS = 32
+
+
+def _auto_order(q: torch.Tensor, kv_heads: int):
+    if q.device.type != "cuda":
+        return None
+    rows = q.shape[2] * (q.shape[1] // kv_heads)
+    return ("triton", "cuda", "reference") if rows >= _TRITON_FIRST_ROWS else None
+
+
+def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, cache_lens: torch.Tensor, tree_mask: torch.Tensor | None = None, *,
+                   scale: float | None = None, return_lse: bool = False, backend: str | None = None,
+                   validate: bool = True):
+    """Attention of N tree nodes over each sequence's cache prefix and their tree ancestors.
+
+    Args:
+        q: ``[B, Hq, N, D]`` fp32/fp16/bf16, the nodes' queries (rotary already applied).
+        k_new, v_new: ``[B, Hkv, N, D]`` the nodes' keys/values, ``Hq % Hkv == 0`` (query head
+            ``h`` uses KV head ``h // (Hq // Hkv)``); written to the cache rows after the prefix.
+        k_cache, v_cache: ``[B, Hkv, S, D]`` contiguous, one layer's cache (``kv[l, 0]``, ``kv[l, 1]``).
+        cache_lens: ``[B]`` int64 committed prefix rows (0 allowed), ``cache_lens[b] + N <= S``.
+        tree_mask: ``[N, W]`` / ``[B, N, W]`` int64 packed bits (module docstring), or None
+            for causal. Row i must set bit i and no bit j > i.
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp of the scaled scores.
+        backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+        validate: check values (cache room, mask is a tree; one host sync); pass False in hot
+            loops whose masks come from ``tree_mask_from_parents``.
+
+    Returns:
+        ``out [B, Hq, N, D]`` in q's dtype, and with ``return_lse`` also ``lse [B, Hq, N]`` fp32.
+
+    Example::
+
+        >>> B, Hq, Hkv, S, D = 1, 9, 3, 512, 64
+        >>> k_cache, v_cache = torch.zeros(B, Hkv, S, D), torch.zeros(B, Hkv, S, D)
+        >>> parents = torch.tensor([-1, 0, 0, 1])            # root, two children, a grandchild
+        >>> mask = tree_mask_from_parents(parents)           # [4, 1]
+        >>> q, k, v = torch.randn(B, Hq, 4, D), torch.randn(B, Hkv, 4, D), torch.randn(B, Hkv, 4, D)
+        >>> out = tree_attention(q, k, v, k_cache, v_cache, torch.tensor([100]), mask)
+        >>> out.shape
+        torch.Size([1, 9, 4, 64])
+    """
+    _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, validate)
+    scale = _attention.check_scale(scale, q.shape[-1])
+    name = _backend.select(OP, q.device, backend, _auto_order(q, k_new.shape[1]))
+    if tree_mask is not None and tree_mask.dim() == 2:
+        tree_mask = tree_mask.expand(q.shape[0], -1, -1)
+    mask = None if tree_mask is None else tree_mask.contiguous()
+    q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
+    # eager calls skip the custom-op dispatcher (~50 us of Python, more than a decode step's
+    # kernel); torch.compile traces the registered op
+    run = _tree_attention_op if torch.compiler.is_compiling() else _run
+    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, name)
+    return (out, lse) if return_lse else out
+
+
+def pack_tree_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """``[..., N, N]`` bool (row i: the nodes node i attends) -> ``[..., N, ceil(N / 64)]`` int64
+    packed bits, the ``tree_mask`` format."""
+    _checks.tensor("allowed", allowed, ndim=(2, 3), dtypes=(torch.bool,))
+    if allowed.shape[-1] != allowed.shape[-2]:
+        raise ValueError(f"allowed: expected a square [..., N, N] mask, got shape {tuple(allowed.shape)}")
+    return _ref.pack_tree_mask(allowed)
+
+
+def tree_mask_from_parents(parents: torch.Tensor) -> torch.Tensor:
+    """``parents [N]`` or ``[B, N]`` (``parents[..., 0] = -1``, ``0 <= parents[i] < i``) -> the
+    packed ancestor-or-self mask ``[N, W]`` / ``[B, N, W]``. Build it once per tree shape.
+
+    Example::
+
+        >>> tree_mask_from_parents(torch.tensor([-1, 0, 0, 1]))
+        tensor([[ 1],
+                [ 3],
+                [ 5],
+                [11]])
+    """
+    _checks.tensor("parents", parents, ndim=(1, 2), dtypes=_checks.INDEX_DTYPES)
+    n = parents.shape[-1]
+    if n == 0:
+        raise ValueError("parents: expected at least the root (N >= 1), got an empty tensor")
+    p = parents.to(torch.int64).cpu().reshape(-1, n)
+    i = torch.arange(n)
+    bad = torch.where(i == 0, p != -1, (p < 0) | (p >= i)).nonzero()
+    if len(bad):
+        b, j = (int(x) for x in bad[0])
+        where = f"parents[{b}, {j}]" if parents.dim() == 2 else f"parents[{j}]"
+        raise ValueError(f"parents: expected parents[..., 0] = -1 and 0 <= parents[..., i] < i (topological "
+                         f"order), got {where} = {int(p[b, j])}")
+    return _ref.tree_mask_from_parents(parents.to(torch.int64))

@@ -1,0 +1,211 @@
+"""tree="auto": a draft tree sized by a cost model, merging every source's candidates.
+
+Each step the builder gathers candidate nodes for every sequence from
+  - the per-depth candidates of a model drafter (beam-expanded like ``DynamicTree``: a node's
+    score is the summed draft log-probability of its path), and
+  - explicit chains (``DraftCandidates.paths``: prompt-lookup continuations), each prefix a node,
+merges them into one prefix-closed trie (a node reached by several sources keeps its best
+score), and keeps the n best nodes. Scores never increase along a path, so the best n nodes
+are prefix-closed. n maximises the expected tokens per second
+
+    (1 + sum of exp(score) over the kept nodes) / (draft_cost + verify_cost(n + 1))
+
+where ``verify_cost`` is the target's measured time for one forward over N tokens on this
+machine (``measure_verify_cost``). Verification width is cheap on a GPU and costly on a CPU, so
+the same drafter gets a wide tree there and a narrow one here. exp(score) is the draft's own
+estimate that the target accepts the node; ``AutoTree`` rescales it by the acceptance actually
+seen (``observe``), so an overconfident drafter does not buy wide trees for nothing.
+
+One host transfer per step (the candidates); the trie and the choice of n are a few hundred
+Python operations on host lists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from ps_kernels import tree_mask_from_parents
+
+from .drafters.base import DraftCandidates
+from .trees import Tree, TreeBuilder
+
+_COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+class AutoTree(TreeBuilder):
+    def __init__(self, verify_cost: dict[int, float], *, max_nodes: int = 32, depth: int | None = None,
+                 draft_cost: float | None = None):
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes: expected at least 1 (the root), got {max_nodes}")
+        if not verify_cost or 1 not in verify_cost:
+            raise ValueError(f"verify_cost: expected measured times including N = 1, got {verify_cost}")
+        self.sizes = sorted(verify_cost)
+        self.verify_cost = dict(verify_cost)
+        self.max_nodes = max_nodes
+        self.depth = depth
+        # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
+        # can overwrite this with what it measures
+        self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
+        self.calibration = 1.0        # observed accepted extra tokens / predicted, running ratio
+        self._predicted = 0.0
+        self.last_nodes = 1
+
+    # -- cost model -------------------------------------------------------------------------
+    def cost(self, n: int) -> float:
+        """Interpolated verify time for a tree of n nodes (root included)."""
+        sizes = self.sizes
+        if n <= sizes[0]:
+            return self.verify_cost[sizes[0]]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if n <= hi:
+                t = (n - lo) / (hi - lo)
+                return self.verify_cost[lo] * (1 - t) + self.verify_cost[hi] * t
+        lo, hi = sizes[-2], sizes[-1]  # extrapolate linearly past the last measurement
+        return self.verify_cost[hi] + (n - hi) * (self.verify_cost[hi] - self.verify_cost[lo]) / (hi - lo)
+
+    def choose_size(self, gains: list[list[float]]) -> int:
+        """gains[b]: acceptance estimates of sequence b's candidate nodes, best first. Returns
+        the number of draft nodes n (same for the batch) maximising expected tokens / time."""
+        limit = min(self.max_nodes - 1, max((len(g) for g in gains), default=0))
+        best_n, best_rate, expected = 0, len(gains) / (self.draft_cost + self.cost(1)), float(len(gains))
+        for n in range(1, limit + 1):
+            expected += sum(self.calibration * g[n - 1] for g in gains if len(g) >= n)
+            rate = expected / (self.draft_cost + self.cost(n + 1))
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def observe(self, accept_lens: torch.Tensor) -> None:
+        """Rescale the draft's acceptance estimates by what was accepted (one host read; the
+        engine calls this after each step). calibration tracks observed / predicted extra tokens
+        with an exponential average, capped at 1 (never trust a drafter more than it claims)."""
+        if self._predicted > 0:
+            seen = float((accept_lens - 1).clamp(min=0).sum())
+            ratio = seen / (self._predicted * self.calibration)
+            self.calibration = min(1.0, max(0.05, self.calibration * (0.9 + 0.1 * ratio)))
+
+    # -- candidates -> trie ----------------------------------------------------------------
+    def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
+        """Per sequence: {token path: score} of the `width` best paths at every depth."""
+        tokens, logprobs = candidates.tokens, candidates.logprobs
+        B, k, m = tokens.shape
+        k = k if self.depth is None else min(self.depth, k)
+        lp = logprobs[:, :k].double().clamp(min=-1e4)
+        scores = torch.zeros(B, 1, dtype=torch.float64, device=tokens.device)
+        levels = []
+        for d in range(k):
+            expanded = (scores[:, :, None] + lp[:, d, None, :]).reshape(B, -1)
+            w = min(width, expanded.shape[1])
+            scores, flat = expanded.topk(w, dim=1)
+            levels.append((scores, flat // m, tokens[:, d].gather(1, flat % m)))
+        host = [(s.tolist(), p.tolist(), t.tolist()) for s, p, t in levels]  # the step's host transfer
+        out = []
+        for b in range(B):
+            nodes: dict[tuple, float] = {}
+            prev: list[tuple] = [()]
+            for scores_d, parents_d, tokens_d in host:
+                cur = []
+                for score, par, tok in zip(scores_d[b], parents_d[b], tokens_d[b]):
+                    path = prev[par] + (tok,)
+                    cur.append(path)
+                    if score > -1e3:
+                        nodes[path] = max(score, nodes.get(path, -math.inf))
+                prev = cur
+            out.append(nodes)
+        return out
+
+    def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
+        B = root.shape[0]
+        width = self.max_nodes - 1
+        use_per_depth = candidates is not None and width > 0 and not candidates.per_depth_in_paths
+        tries = self._beam_paths(candidates, width) if use_per_depth else [dict() for _ in range(B)]
+        if candidates is not None and candidates.paths is not None:
+            for b, chains in enumerate(candidates.paths):
+                for chain, chain_logprobs in chains:
+                    score = 0.0
+                    for d, (tok, lp) in enumerate(zip(chain, chain_logprobs)):
+                        if self.depth is not None and d >= self.depth:
+                            break
+                        score += lp
+                        path = tuple(chain[:d + 1])
+                        tries[b][path] = max(score, tries[b].get(path, -math.inf))
+        # best first; ties: shallower first, so the kept set is prefix-closed
+        ranked = [sorted(t.items(), key=lambda kv: (-kv[1], len(kv[0]))) for t in tries]
+        n = self.choose_size([[math.exp(s) for _, s in r] for r in ranked])
+        self._predicted = sum(math.exp(s) for r in ranked for _, s in r[:n])
+        self.last_nodes = n + 1
+        return self._tensors(root, [r[:n] for r in ranked], n)
+
+    @staticmethod
+    def _tensors(root: torch.Tensor, kept: list[list[tuple[tuple, float]]], n: int) -> Tree:
+        B, N = root.shape[0], n + 1
+        tokens = [[0] * N for _ in range(B)]
+        parents = [[-1] + [0] * n for _ in range(B)]
+        depths = [[0] * N for _ in range(B)]
+        for b, nodes in enumerate(kept):
+            ordered = sorted((path for path, _ in nodes), key=len)  # parents before children
+            index = {(): 0}
+            for i, path in enumerate(ordered, 1):
+                index[path] = i
+                tokens[b][i] = path[-1]
+                parents[b][i] = index[path[:-1]]
+                depths[b][i] = len(path)
+            # a sequence with fewer candidates than n pads with leaves under the root that the
+            # walk can never take ahead of a real child (same token as the root's first child)
+            for i in range(len(ordered) + 1, N):
+                tokens[b][i] = tokens[b][1] if len(ordered) else 0
+        dev = root.device
+        tok = torch.tensor(tokens, dtype=torch.int64, device=dev)
+        tok[:, 0] = root
+        par = torch.tensor(parents, dtype=torch.int64, device=dev)
+        dep = torch.tensor(depths, dtype=torch.int64, device=dev)
+        return Tree(tok, par, dep, tree_mask_from_parents(par) if N > 1 else None)
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True) -> "AutoTree":
+        return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth)
+
+
+def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 5,
+                        cache: bool = True) -> dict[int, float]:
+    """Median seconds of one target forward (LM head included) over N new tokens on a
+    `prefix`-token cache, for each N in `sizes`. Cached per (model shape, dtype, device, threads)."""
+    from .hf import TargetModel
+    from .models import cache_dir
+
+    target = TargetModel(model)
+    dev = target.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    key = (f"{model.config.model_type}-L{target.num_layers}-d{target.hidden_size}-V{target.vocab_size}-"
+           f"{str(target.dtype).replace('torch.', '')}-{name}").replace(" ", "_").replace("/", "_")
+    path = cache_dir() / "verify_cost" / f"{key}.json"
+    if cache and path.exists():
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    kv = target.new_cache(1, prefix + max(sizes) + 1)
+    ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), device=dev)
+    with torch.no_grad(), target.attention():
+        target.forward(ids[:, :prefix], torch.arange(prefix, device=dev)[None], kv, None)
+        kv.lens.fill_(prefix)
+        costs = {}
+        for n in sizes:
+            x = ids[:, prefix:prefix + n]
+            pos = torch.arange(prefix, prefix + n, device=dev)[None]
+            times = []
+            for _ in range(repeats + 1):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                target.logits(target.forward(x, pos, kv, None))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t0)
+            costs[n] = sorted(times[1:])[len(times[1:]) // 2]
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(costs))
+    return costs

@@ -1,0 +1,118 @@
+"""Shared benchmark harness (benchmarks/*.py and `parallelspec bench`): timing (medians),
+machine info, JSON/CSV writers, markdown tables.
+
+Every benchmark compares its candidates side by side in ONE run on the same inputs and
+reports medians and ratios (these machines are noisy)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+def default_results_dir() -> Path:
+    """benchmarks/results of the source checkout when running from one, else ./benchmarks/results."""
+    repo = Path(__file__).resolve().parents[2] / "benchmarks"
+    return (repo if repo.is_dir() else Path.cwd() / "benchmarks") / "results"
+
+
+RESULTS = default_results_dir()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def machine_info(device: torch.device) -> dict:
+    import ps_kernels
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "backends": ps_kernels.backends(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20,
+            min_seconds: float = 0.2, max_reps: int = 2000) -> dict:
+    """Median/min/p90 seconds of fn() over at least `reps` runs and `min_seconds` of runtime."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median_s": statistics.median(times), "min_s": times[0],
+            "p90_s": times[int(0.9 * (len(times) - 1))], "reps": len(times)}
+
+
+def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out_dir / f"{name}.json", out_dir / f"{name}.csv"
+    jpath.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return jpath, cpath
+
+
+def progress(i: int, n: int, label: str) -> None:
+    print(f"[{i}/{n}] {label}", file=sys.stderr, flush=True)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header). Floats get 3 significant digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def quick() -> bool:
+    return os.environ.get("PS_BENCH_QUICK") == "1"

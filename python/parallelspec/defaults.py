@@ -1,0 +1,50 @@
+"""What the CLI and the demo load by default: the embedded target and the drafters shipped
+with the package (python/parallelspec/assets/)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED = {
+    "parallel": ASSETS / "smollm2-135m-instruct-parallel",
+    "eagle": ASSETS / "smollm2-135m-instruct-eagle",
+}
+DRAFTER_CHOICES = ("default", "parallel", "eagle", "ngram", "hybrid", "none")
+
+
+def load_drafter(spec: str, model, *, ngram_tokens: int = 4):
+    """A drafter from a name or a path.
+
+    spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" (the shipped
+    drafter for the embedded target), "hybrid" (prompt lookup + the shipped parallel drafter
+    in one tree), "default" (the best measured for the embedded target), or a directory saved
+    with ``save_pretrained``.
+    """
+    from .drafters import EagleDrafter, HybridDrafter, NgramDrafter, ParallelDrafter
+
+    if spec == "none":
+        return None
+    if spec == "ngram":
+        return NgramDrafter(num_tokens=ngram_tokens)
+    if spec == "default":
+        spec = DEFAULT_DRAFTER
+    if spec == "hybrid":
+        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter("parallel", model)])
+    path = SHIPPED.get(spec, Path(spec))
+    if not path.exists():
+        where = f"the shipped '{spec}' drafter at {path}" if spec in SHIPPED else f"{path}"
+        raise FileNotFoundError(f"drafter: {where} does not exist; expected one of {DRAFTER_CHOICES} "
+                                "or a directory written by save_pretrained")
+    config = path / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"drafter: {path} has no config.json (not a saved drafter)")
+    import json
+    kind = json.loads(config.read_text()).get("kind")
+    cls = {"parallel": ParallelDrafter, "eagle": EagleDrafter}.get(kind)
+    if cls is None:
+        raise ValueError(f"drafter: {config} records kind {kind!r}; expected 'parallel' or 'eagle'")
+    return cls.from_pretrained(path, target=model)
+
+
+#: chosen from benchmarks/results/e2e_cpu.json (see README)
+DEFAULT_DRAFTER = "hybrid"

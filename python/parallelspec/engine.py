@@ -1,0 +1,269 @@
+"""The speculative decoding loop: prefill, draft, build a tree, verify, accept, roll back.
+
+Each step is a handful of small functions over ps_kernels ops and whole-batch tensors:
+
+    candidates = drafter.step(new tokens, their features, lens)   # propose
+    tree       = builder.build(root, candidates)                   # tokens, parents, mask
+    hidden     = target.forward(tree.tokens, lens + depths, ...)  # one pass over N nodes
+    accept_index, accept_lens, next_token = tree_accept(...)      # on the device
+    cache.commit(accept_index, accept_lens)                        # kv_rollback
+
+Every sequence of the batch accepts its own number of tokens and stops at its own EOS; a
+finished sequence keeps running (shapes stay static) but commits nothing more, to the cache
+or to the drafter (its step() lens are 0 from then on). A step has one
+host sync (are all sequences done?), plus one when a streamer or user stopping criteria need
+the tokens; none per tree node. With no drafter the tree is the root alone: plain decoding
+through the same code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ps_kernels
+import torch
+
+from .drafters.base import Drafter
+from .hf import TargetModel
+from .sampling import SamplingParams, probabilities, sample
+from .trees import RootOnly, Tree, TreeBuilder
+
+
+@dataclass
+class DecodeSettings:
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: tuple[int, ...] = ()
+    stopping_criteria: list = field(default_factory=list)  # transformers StoppingCriteria, called per sequence
+    streamer: object | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generate() call. accept_histogram[a] = how many (sequence, step) pairs
+    accepted a tokens (the bonus/next token included, so a >= 1); finished sequences not counted."""
+    steps: int = 0
+    accept_histogram: list[int] = field(default_factory=list)
+    prefill_time: float = 0.0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    total_time: float = 0.0
+    new_tokens: int = 0
+    tree_size: int = 1
+
+    @property
+    def mean_accepted(self) -> float:
+        n = sum(self.accept_histogram)
+        return sum(a * c for a, c in enumerate(self.accept_histogram)) / n if n else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_time if self.total_time else 0.0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "mean_accepted": self.mean_accepted, "accept_histogram": self.accept_histogram,
+                "new_tokens": self.new_tokens, "tree_size": self.tree_size, "prefill_time": self.prefill_time,
+                "draft_time": self.draft_time, "verify_time": self.verify_time, "total_time": self.total_time,
+                "tokens_per_second": self.tokens_per_second}
+
+
+class _Clock:
+    """Wall time of the loop's phases. On a GPU the phases' work is asynchronous, so the clock
+    synchronises at each boundary (only when stats were asked for)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.sync = enabled and device.type == "cuda"
+        self.enabled = enabled
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if not self.enabled:
+            return 0.0
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded [B, T] prompts -> rows starting at column 0 ([B, P], P = longest prompt; the
+    tail of shorter rows repeats their last token and is never committed), lens [B], P."""
+    B, T = input_ids.shape
+    lens = attention_mask.sum(dim=1).to(torch.int64)
+    longest = int(lens.max())
+    cols = (T - lens)[:, None] + torch.arange(longest, device=input_ids.device)
+    return input_ids.gather(1, cols.clamp(max=T - 1)), lens, longest
+
+
+def shift_in(tokens: torch.Tensor, lens: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
+    """The EAGLE shift: row b of the result is tokens[b, 1:lens[b]] followed by next_token[b]
+    (entries past lens[b] are arbitrary)."""
+    out = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
+    return out.scatter(1, (lens - 1)[:, None], next_token[:, None])
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, d], index [B, A] -> [B, A, d]."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def prefill(target: TargetModel, cache, rows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Commit every prompt token (causal attention from cache row 0); returns the hidden states [B, P, d]."""
+    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+    cache.lens.zero_()
+    hidden = target.forward(rows, positions, cache, None)
+    cache.lens.copy_(lens)
+    return hidden
+
+
+def verify(target: TargetModel, cache, tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target pass over the tree: hidden states [B, N, d] and fp32 logits [B, N, V]."""
+    positions = cache.lens[:, None] + tree.depths
+    hidden = target.forward(tree.tokens, positions, cache, tree.mask)
+    return hidden, target.logits(hidden)
+
+
+def accept(tree: Tree, logits: torch.Tensor, sampling: SamplingParams):
+    """(accept_index [B, N], accept_lens [B], next_token [B]) by greedy matching or lossless
+    recursive rejection against the processed target distribution. Draft tokens are treated
+    as deterministic candidates (DraftCandidates carries no draft distributions)."""
+    if not sampling.do_sample:
+        return ps_kernels.tree_accept(tree.tokens, tree.parents, logits, mode="greedy", validate=False)
+    uniforms = torch.rand(tree.tokens.shape, device=logits.device)
+    return ps_kernels.tree_accept(tree.tokens, tree.parents, probabilities(logits, sampling), mode="sample",
+                                  uniforms=uniforms, validate=False)
+
+
+def first_token(target: TargetModel, hidden: torch.Tensor, lens: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    last = gather_rows(hidden, (lens - 1)[:, None])  # [B, 1, d]: logits only where needed
+    logits = target.logits(last)[:, 0]
+    return sample(probabilities(logits, sampling)) if sampling.do_sample else logits.argmax(dim=-1)
+
+
+class _Output:
+    """Generated tokens per sequence, EOS / max_new_tokens / stopping criteria bookkeeping."""
+
+    def __init__(self, input_ids: torch.Tensor, settings: DecodeSettings, slack: int):
+        B, dev = input_ids.shape[0], input_ids.device
+        self.input_ids = input_ids
+        self.settings = settings
+        self.limit = settings.max_new_tokens
+        # slack columns: a step writes all N emitted tokens before knowing how many count
+        self.tokens = torch.zeros(B, self.limit + slack, dtype=torch.int64, device=dev)
+        self.lens = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.int64, device=dev)
+
+    def ensure_slack(self, width: int) -> None:
+        if self.tokens.shape[1] < self.limit + width:
+            grown = self.tokens.new_zeros(self.tokens.shape[0], self.limit + width)
+            grown[:, :self.tokens.shape[1]] = self.tokens
+            self.tokens = grown
+
+    def record(self, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Append the first counts[b] tokens of emitted[b] to every live sequence, cut at its
+        first EOS and at max_new_tokens. Returns (still live [B], all finished)."""
+        live = ~self.finished
+        n = emitted.shape[1]
+        col = torch.arange(n, device=emitted.device)
+        valid = col[None, :] < counts[:, None]
+        is_eos = valid & torch.isin(emitted, self.eos) if len(self.eos) else torch.zeros_like(valid)
+        hit_eos = is_eos.any(dim=1)
+        upto = torch.where(hit_eos, is_eos.to(torch.int8).argmax(dim=1) + 1, counts)
+        room = self.limit - self.lens
+        keep = torch.minimum(upto, room) * live
+        self.ensure_slack(n)
+        self.tokens.scatter_(1, self.lens[:, None] + col, emitted)  # columns past lens + keep are scratch
+        before = self.lens
+        self.lens = self.lens + keep
+        self.finished = self.finished | (hit_eos & (upto <= room)) | (self.lens >= self.limit)
+        if self.settings.stopping_criteria or self.settings.streamer is not None:
+            self._host_side(before, keep)
+        return ~self.finished, bool(self.finished.all())
+
+    def _host_side(self, before: torch.Tensor, keep: torch.Tensor) -> None:
+        """User stopping criteria (token by token, each sequence alone, as transformers would see
+        it) and the streamer. One host sync."""
+        before_h, keep_h = before.tolist(), keep.tolist()
+        for b, (start, n) in enumerate(zip(before_h, keep_h)):
+            for j in range(n if self.settings.stopping_criteria else 0):
+                ids = torch.cat([self.input_ids[b], self.tokens[b, :start + j + 1]])[None]
+                if any(bool(c(ids, None).all()) for c in self.settings.stopping_criteria):
+                    keep_h[b] = j + 1
+                    self.lens[b] = start + j + 1
+                    self.finished[b] = True
+                    break
+        if self.settings.streamer is not None:
+            self.settings.streamer.put(self.tokens[0, before_h[0]:before_h[0] + keep_h[0]].cpu())
+
+    def padded(self, pad_token_id: int) -> torch.Tensor:
+        """[B, longest] new tokens, shorter sequences padded (like transformers' generate)."""
+        longest = int(self.lens.max())
+        col = torch.arange(longest, device=self.tokens.device)
+        return torch.where(col[None, :] < self.lens[:, None], self.tokens[:, :longest], pad_token_id)
+
+
+def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Drafter | None,
+           builder: TreeBuilder, settings: DecodeSettings, stats: GenerationStats | None = None,
+           pad_token_id: int = 0) -> torch.Tensor:
+    """Generate up to settings.max_new_tokens for each left-padded prompt; returns the new
+    tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id)."""
+    builder = builder if drafter is not None else RootOnly()
+    clock = _Clock(target.device, stats is not None)
+    start = time.perf_counter()
+    rows, lens, longest = pack_prompts(input_ids, attention_mask)
+    B = rows.shape[0]
+    cache = target.new_cache(B, longest + settings.max_new_tokens)
+    out = _Output(input_ids, settings, slack=1)
+    if settings.streamer is not None:
+        settings.streamer.put(input_ids.cpu())
+    with torch.no_grad(), target.attention():
+        hidden = prefill(target, cache, rows, lens)
+        root = first_token(target, hidden, lens, settings.sampling)
+        _, done = out.record(root[:, None], torch.ones_like(lens))
+        if drafter is not None and not done:
+            # a live sequence has committed fewer than longest + max_new_tokens - 1 tokens
+            drafter.reset(B, longest + settings.max_new_tokens, target.device, target.dtype)
+            new_tokens, new_features, new_lens = shift_in(rows, lens, root), hidden, lens
+        histogram = torch.zeros(2, dtype=torch.int64, device=target.device)  # [a] = (sequence, step) pairs
+        if stats is not None:
+            stats.prefill_time = clock.lap()
+        while not done:
+            candidates = None
+            if drafter is not None:
+                features = new_features if drafter.needs_features else None
+                candidates = drafter.step(new_tokens, features, new_lens)
+            tree = builder.build(root, candidates)
+            # the tree goes after the committed rows
+            cache.reserve(longest + settings.max_new_tokens - 1 + tree.size)
+            if stats is not None:
+                stats.draft_time += clock.lap()
+            hidden, logits = verify(target, cache, tree)
+            accept_index, accept_lens, next_token = accept(tree, logits, settings.sampling)
+            path = accept_index.clamp(min=0)
+            emitted = shift_in(tree.tokens.gather(1, path), accept_lens, next_token)
+            was_live = ~out.finished
+            live, done = out.record(emitted, accept_lens)
+            # finished sequences stop growing: committed rows stay below longest + max_new - 1
+            cache.commit(accept_index, accept_lens * live)
+            builder.observe(accept_lens * live)
+            if drafter is not None:  # finished sequences feed nothing (lens 0): the drafter stops growing too
+                new_tokens, new_features, new_lens = emitted, gather_rows(hidden, path), accept_lens * live
+            root = next_token
+            if stats is not None:
+                stats.verify_time += clock.lap()
+                stats.steps += 1
+                stats.tree_size = tree.size
+                if histogram.shape[0] <= tree.size:
+                    histogram = torch.cat([histogram, histogram.new_zeros(tree.size + 1 - histogram.shape[0])])
+                histogram.scatter_add_(0, accept_lens, was_live.to(torch.int64))
+    if settings.streamer is not None:
+        settings.streamer.end()
+    result = out.padded(pad_token_id)
+    if stats is not None:
+        stats.new_tokens = int(out.lens.sum())
+        stats.accept_histogram = histogram.tolist()
+        stats.total_time = time.perf_counter() - start
+    return result
+

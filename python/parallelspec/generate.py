@@ -1,0 +1,254 @@
+"""A drop-in generate() for transformers causal LMs, and the ways to plug it into model.generate.
+
+    out = parallelspec.generate(model, input_ids, drafter, attention_mask=mask, max_new_tokens=64)
+
+takes transformers' usual generation arguments with the same meanings (the model's own
+generation_config supplies the defaults, exactly as model.generate resolves them) and returns
+the same things: a tensor of prompt + new tokens, or a GenerateDecoderOnlyOutput with
+``return_dict_in_generate=True``. Options it cannot honour losslessly raise a ValueError naming
+the option.
+
+Three ways in:
+- ``parallelspec.generate(model, ...)``;
+- ``parallelspec.patch(model, drafter, **options)``: ``model.generate`` runs ours until
+  ``parallelspec.unpatch(model)``;
+- transformers' ``custom_generate`` hook: ``model.generate(ids, custom_generate=
+  parallelspec.custom_generate, drafter=d, ...)`` (a callable: transformers prepares the
+  generation config, logits processors and stopping criteria and hands them over), or
+  ``custom_generate=parallelspec.CUSTOM_GENERATE_DIR, trust_remote_code=True`` (a local
+  directory holding ``custom_generate/generate.py``, which calls ``generate`` below).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from .drafters.base import Drafter
+from .engine import DecodeSettings, GenerationStats, decode
+from .hf import TargetModel
+from .sampling import SamplingParams
+from .trees import TreeBuilder, make_tree_builder
+
+#: pass as model.generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, drafter=...)
+CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
+
+# Generation options whose non-default values change the output in ways the loop does not
+# reproduce: (name, test that the value is inactive)
+_UNSUPPORTED = (
+    ("num_beams", lambda v: v in (None, 1)),
+    ("num_return_sequences", lambda v: v in (None, 1)),
+    ("num_beam_groups", lambda v: v in (None, 1)),
+    ("diversity_penalty", lambda v: not v),
+    ("penalty_alpha", lambda v: v is None),
+    ("dola_layers", lambda v: v is None),
+    ("repetition_penalty", lambda v: v in (None, 1.0)),
+    ("encoder_repetition_penalty", lambda v: v in (None, 1.0)),
+    ("no_repeat_ngram_size", lambda v: not v),
+    ("encoder_no_repeat_ngram_size", lambda v: not v),
+    ("bad_words_ids", lambda v: v is None),
+    ("force_words_ids", lambda v: v is None),
+    ("constraints", lambda v: v is None),
+    ("sequence_bias", lambda v: v is None),
+    ("suppress_tokens", lambda v: v is None),
+    ("begin_suppress_tokens", lambda v: v is None),
+    ("forced_bos_token_id", lambda v: v is None),
+    ("forced_eos_token_id", lambda v: v is None),
+    ("min_length", lambda v: not v),
+    ("min_new_tokens", lambda v: not v),
+    ("min_p", lambda v: v is None),
+    ("top_h", lambda v: v is None),
+    ("typical_p", lambda v: v in (None, 1.0)),
+    ("epsilon_cutoff", lambda v: not v),
+    ("eta_cutoff", lambda v: not v),
+    ("exponential_decay_length_penalty", lambda v: v is None),
+    ("guidance_scale", lambda v: v in (None, 1.0)),
+    ("watermarking_config", lambda v: v is None),
+    ("stop_strings", lambda v: v is None),
+    ("max_time", lambda v: v is None),
+    ("token_healing", lambda v: not v),
+    ("output_scores", lambda v: not v),
+    ("output_logits", lambda v: not v),
+    ("output_attentions", lambda v: not v),
+    ("output_hidden_states", lambda v: not v),
+    ("prompt_lookup_num_tokens", lambda v: v is None),
+    ("cache_implementation", lambda v: v is None),
+)
+# model_kwargs that transformers' generate builds itself and we may receive through custom_generate
+_IGNORED_MODEL_KWARGS = ("use_cache", "position_ids", "cache", "past_key_values", "logits_to_keep")
+
+
+def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | None = None,
+             attention_mask: torch.Tensor | None = None, generation_config=None, *,
+             tree: str | TreeBuilder = "chain", tree_depth: int | None = None, tree_nodes: int | None = None,
+             tree_choices=None, return_stats: bool = False, stopping_criteria=None, streamer=None,
+             logits_processor=None, **kwargs):
+    """Speculative decoding with `drafter` (None = plain decoding through the same loop).
+
+    Args:
+        model: a transformers causal LM (Llama, Qwen2, Qwen3, Mistral families).
+        input_ids: [B, T] prompts, left-padded when B > 1 (``inputs=`` is accepted too).
+        drafter: a parallelspec Drafter built for this model, or None.
+        attention_mask: [B, T] 1 = token, 0 = left padding (inferred from pad_token_id like
+            transformers when omitted).
+        generation_config / kwargs: max_new_tokens, max_length, do_sample, temperature, top_k,
+            top_p, eos_token_id, pad_token_id, return_dict_in_generate, as in transformers.
+        stopping_criteria: extra transformers StoppingCriteria, checked token by token.
+        streamer: a transformers streamer (batch size 1, as theirs).
+        tree: "chain" (top-1 per depth), "static" (``tree_choices`` paths), "dynamic"
+            (``tree_nodes`` best paths incl. the root, up to ``tree_depth``) or a TreeBuilder.
+        return_stats: also return a GenerationStats (accepted lengths, steps, times).
+
+    Returns: [B, T + G] prompt + new tokens (or GenerateDecoderOnlyOutput), and the stats when
+    return_stats.
+    """
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    if input_ids is None:
+        raise ValueError("input_ids: expected a [batch, length] tensor of prompt token ids, got None")
+    if logits_processor:
+        raise ValueError(f"logits_processor: custom logits processors are not supported, got {list(logits_processor)}")
+    target = TargetModel(model)
+    config, extra = _resolve_config(model, generation_config, kwargs)
+    unknown = sorted(k for k, v in extra.items() if k not in _IGNORED_MODEL_KWARGS and v is not None)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a generation option parallelspec.generate supports "
+                         f"(unsupported arguments: {unknown})")
+    input_ids, attention_mask = _check_inputs(input_ids, attention_mask, config, target)
+    settings, pad = _settings(config, input_ids, stopping_criteria, streamer)
+    target.check_length(int(attention_mask.sum(dim=1).max()), input_ids.shape[1] + settings.max_new_tokens)
+    if drafter is not None:
+        if not isinstance(drafter, Drafter):
+            raise TypeError(f"drafter: expected a parallelspec Drafter or None, got {type(drafter).__name__}")
+        drafter.check_target(model)
+    builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices)
+    stats = GenerationStats() if return_stats else None
+    new_tokens = decode(target, input_ids, attention_mask, drafter, builder, settings, stats, pad)
+    sequences = torch.cat([input_ids, new_tokens], dim=1)
+    result = sequences
+    if config.return_dict_in_generate:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+        result = GenerateDecoderOnlyOutput(sequences=sequences)
+    return (result, stats) if return_stats else result
+
+
+def _resolve_config(model, generation_config, kwargs: dict):
+    """transformers' own resolution (argument > generation_config > model.generation_config >
+    global defaults); returns (config, leftover kwargs)."""
+    config, extra = model._prepare_generation_config(generation_config, **kwargs)
+    for name, inactive in _UNSUPPORTED:
+        value = getattr(config, name, None)
+        if not inactive(value):
+            raise ValueError(f"{name}={value!r} is not supported by parallelspec.generate (only greedy decoding "
+                             "and sampling with temperature/top_k/top_p are)")
+    return config, extra
+
+
+def _check_inputs(input_ids, attention_mask, config, target: TargetModel):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        got = (f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids: expected an int64 tensor [batch, length], got {got}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a non-empty prompt per sequence, got shape {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(device=target.device, dtype=torch.int64)
+    if attention_mask is None:
+        pad, eos = config.pad_token_id, _as_list(config.eos_token_id)
+        if pad is not None and pad not in eos and bool((input_ids == pad).any()):  # transformers' inference rule
+            attention_mask = input_ids.ne(pad).long()
+        else:
+            attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.int64)
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask: expected only 0 (padding) and 1 (token) entries")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        b = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
+        raise ValueError(f"attention_mask: expected left padding (zeros, then ones), got row {b} = {mask[b].tolist()}; "
+                         "use tokenizer.padding_side = 'left'")
+    if bool((mask.sum(dim=1) == 0).any()):
+        b = int((mask.sum(dim=1) == 0).nonzero()[0])
+        raise ValueError(f"input_ids: sequence {b} is empty (its attention_mask row is all zeros)")
+    return input_ids, mask
+
+
+def _as_list(token_ids) -> list[int]:
+    if token_ids is None:
+        return []
+    if isinstance(token_ids, torch.Tensor):
+        return [int(t) for t in token_ids.reshape(-1).tolist()]
+    return [int(t) for t in token_ids] if isinstance(token_ids, (list, tuple)) else [int(token_ids)]
+
+
+def _settings(config, input_ids: torch.Tensor, stopping_criteria, streamer) -> tuple[DecodeSettings, int]:
+    T = input_ids.shape[1]
+    if config.max_new_tokens is not None:
+        max_new = config.max_new_tokens
+        what = f"max_new_tokens={max_new}"
+    else:
+        max_new = config.max_length - T
+        what = f"max_length={config.max_length} with a prompt of {T} columns"
+    if max_new < 1:
+        raise ValueError(f"max_new_tokens: expected at least 1 token to generate, got {what}")
+    sampling = SamplingParams(do_sample=bool(config.do_sample), temperature=config.temperature,
+                              top_k=config.top_k, top_p=config.top_p)
+    eos = _as_list(config.eos_token_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"streamer: transformers streamers take batch size 1, got a batch of {input_ids.shape[0]}")
+    criteria = [c for c in (stopping_criteria or []) if not _is_builtin_criterion(c)]
+    return DecodeSettings(max_new, sampling, tuple(eos), criteria, streamer), int(pad)
+
+
+def _is_builtin_criterion(criterion) -> bool:
+    """The criteria transformers derives from the generation config (handled by the loop itself)."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    return isinstance(criterion, (EosTokenCriteria, MaxLengthCriteria))
+
+
+# -- plugging into model.generate -------------------------------------------------------------
+
+def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                    synced_gpus=False, streamer=None, drafter: Drafter | None = None, tree="chain",
+                    tree_depth=None, tree_nodes=None, tree_choices=None, **model_kwargs):
+    """For ``model.generate(ids, custom_generate=parallelspec.custom_generate, drafter=d, ...)``.
+
+    transformers has resolved the generation config and built the logits processors from it;
+    only the warpers we apply ourselves (temperature, top-k, top-p) may be among them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    own = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    extra = [type(p).__name__ for p in (logits_processor or []) if not isinstance(p, own)]
+    if extra:
+        raise ValueError(f"logits_processor: {extra[0]} is not supported by parallelspec (from the generation "
+                         f"options or logits_processor; unsupported: {extra})")
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    return generate(model, input_ids, drafter, attention_mask, generation_config, tree=tree, tree_depth=tree_depth,
+                    tree_nodes=tree_nodes, tree_choices=tree_choices, stopping_criteria=stopping_criteria,
+                    streamer=streamer, **model_kwargs)
+
+
+def patch(model, drafter: Drafter | None = None, **options) -> None:
+    """Make ``model.generate(...)`` run parallelspec.generate with this drafter and options
+    (per-call arguments override them) until ``unpatch(model)``."""
+    if drafter is not None:
+        drafter.check_target(model)
+    TargetModel(model)  # refuse unsupported architectures now, not at the first call
+
+    @functools.wraps(type(model).generate)
+    def patched_generate(inputs=None, generation_config=None, **kwargs):
+        merged = {"drafter": drafter, **options, **kwargs}
+        return generate(model, inputs, generation_config=generation_config, **merged)
+
+    patched_generate._parallelspec_patch = True
+    model.generate = patched_generate
+
+
+def unpatch(model) -> None:
+    """Undo patch(model); a model that is not patched is left as it is."""
+    if getattr(model.__dict__.get("generate"), "_parallelspec_patch", False):
+        del model.generate

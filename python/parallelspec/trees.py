@@ -1,0 +1,210 @@
+"""Token trees built from per-depth draft candidates (DraftCandidates [B, k, m]).
+
+A tree node below the root is a path of candidate indices (i_1, .., i_d): its token is
+``tokens[b, d-1, i_d]``, its draft score ``sum_j logprobs[b, j-1, i_j]`` (the per-depth
+distributions of a parallel drafter do not depend on the tokens chosen before). Node 0 is the
+root, the last committed token; nodes are in topological order (docs/DESIGN.md).
+
+- ``ChainTree``: top-1 at every depth.
+- ``StaticTree``: a fixed, prefix-closed list of paths (Medusa-style "choices").
+- ``DynamicTree``: per step, the best ``nodes - 1`` paths by draft score over the whole batch at
+  once (EAGLE-2-style global top-N), on the device with no host sync.
+
+Static shapes (chain, static) build their buffers once per (k, m, device) and only gather the
+tokens each step. Every builder returns a ``Tree`` whose N includes the root.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from ps_kernels import tree_mask_from_parents
+
+from .drafters.base import DraftCandidates
+
+
+@dataclass
+class Tree:
+    """One verification tree per sequence (shared shape N, root included).
+
+    tokens:  [B, N] int64
+    parents: [N] or [B, N] int64, parents[..., 0] = -1
+    depths:  [N] or [B, N] int64 (root 0); node i sits at position cache_lens[b] + depths[.., i]
+    mask:    [N, W] / [B, N, W] packed ancestor-or-self bits, or None (a chain: causal)
+    """
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+
+class TreeBuilder:
+    def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
+        raise NotImplementedError
+
+    def observe(self, accept_lens: torch.Tensor) -> None:
+        """What the last tree earned (tokens accepted per sequence, root included); builders that
+        adapt their size to it override this."""
+
+
+class RootOnly(TreeBuilder):
+    """No drafter: the tree is the root alone, so a step is one plain decoding step."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def build(self, root, candidates=None):
+        key = root.device
+        if key not in self._buffers:
+            self._buffers[key] = (torch.full((1,), -1, dtype=torch.int64, device=root.device),
+                                  torch.zeros(1, dtype=torch.int64, device=root.device))
+        parents, depths = self._buffers[key]
+        return Tree(root[:, None], parents, depths, None)
+
+
+class StaticTree(TreeBuilder):
+    """A fixed tree given as paths of candidate indices, e.g. [[0], [1], [0, 0], [0, 1], [0, 0, 0]].
+
+    Paths deeper than the drafter's k or with an index >= its m are dropped (which keeps the set
+    prefix-closed); the rest must be prefix-closed. Buffers are built once per (k, m, device)."""
+
+    def __init__(self, choices: Sequence[Sequence[int]]):
+        paths = sorted({tuple(int(i) for i in p) for p in choices}, key=lambda p: (len(p), p))
+        if not paths:
+            raise ValueError("tree_choices: expected at least one path, got none")
+        for p in paths:
+            if len(p) == 0 or min(p) < 0:
+                raise ValueError(f"tree_choices: expected non-empty paths of non-negative candidate indices, got {list(p)}")
+            if len(p) > 1 and p[:-1] not in paths:
+                raise ValueError(f"tree_choices: the paths must be prefix-closed, but {list(p)} is there and its "
+                                 f"prefix {list(p[:-1])} is not")
+        self.paths = paths
+        self._buffers: dict = {}
+
+    def _buffers_for(self, k: int, m: int, device: torch.device):
+        key = (k, m, device)
+        if key not in self._buffers:
+            paths = [p for p in self.paths if len(p) <= k and max(p) < m]
+            if not paths:
+                raise ValueError(f"tree_choices: no path fits the drafter's candidates (depth {k}, {m} per depth)")
+            node_of = {(): 0}
+            parents, depths, gather = [-1], [0], []
+            for p in paths:  # sorted by length: a parent is numbered before its children
+                node_of[p] = len(parents)
+                parents.append(node_of[p[:-1]])
+                depths.append(len(p))
+                gather.append((len(p) - 1) * m + p[-1])  # into tokens.view(B, k * m)
+            parents_t = torch.tensor(parents, dtype=torch.int64, device=device)
+            is_chain = all(par == i - 1 for i, par in enumerate(parents))
+            mask = None if is_chain else tree_mask_from_parents(parents_t)
+            self._buffers[key] = (parents_t, torch.tensor(depths, dtype=torch.int64, device=device),
+                                  torch.tensor(gather, dtype=torch.int64, device=device), mask)
+        return self._buffers[key]
+
+    def build(self, root, candidates):
+        B, k, m = candidates.tokens.shape
+        parents, depths, gather, mask = self._buffers_for(k, m, root.device)
+        tokens = torch.cat([root[:, None], candidates.tokens.reshape(B, k * m)[:, gather]], dim=1)
+        return Tree(tokens, parents, depths, mask)
+
+
+class ChainTree(TreeBuilder):
+    """Top-1 candidate at each of the first `depth` depths (all of the drafter's by default)."""
+
+    def __init__(self, depth: int | None = None):
+        if depth is not None and depth < 1:
+            raise ValueError(f"tree_depth: expected at least 1, got {depth}")
+        self.depth = depth
+        self._static: dict[int, StaticTree] = {}
+
+    def build(self, root, candidates):
+        k = candidates.depth if self.depth is None else min(self.depth, candidates.depth)
+        if k not in self._static:
+            self._static[k] = StaticTree([[0] * d for d in range(1, k + 1)])
+        return self._static[k].build(root, candidates)
+
+
+#: a default static tree (10 nodes with the root): wide near the root, where acceptance is likeliest
+DEFAULT_STATIC_CHOICES = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0))
+
+# floor for draft log-probabilities (empty slots are -inf): keeps scores finite, so the
+# tie-break below still orders paths made of empty slots
+_LOGPROB_FLOOR = -1e4
+# per-depth penalty: a child scores strictly below its parent even when its own log-probability
+# is 0, which makes every top-N set by score prefix-closed
+_DEPTH_EPS = 1e-6
+
+
+class DynamicTree(TreeBuilder):
+    """EAGLE-2-style: the `nodes - 1` best paths by summed draft log-probability (plus the root),
+    up to `depth` deep (the drafter's k by default).
+
+    Level by level, a beam keeps the best `nodes - 1` partial paths of each depth (a path in the
+    global top set has every prefix in it and in the beams, so the beams lose nothing); the global
+    top set is then chosen among all levels' beams. Vectorised over the batch; every sequence
+    gets its own tree of the same size N."""
+
+    def __init__(self, nodes: int = 16, depth: int | None = None):
+        if nodes < 2:
+            raise ValueError(f"tree_nodes: expected at least 2 (root + 1), got {nodes}")
+        if depth is not None and depth < 1:
+            raise ValueError(f"tree_depth: expected at least 1, got {depth}")
+        self.nodes = nodes
+        self.depth = depth
+
+    def build(self, root, candidates):
+        tokens, logprobs = candidates.tokens, candidates.logprobs
+        B, k, m = tokens.shape
+        k = k if self.depth is None else min(self.depth, k)
+        width = self.nodes - 1
+        dev = root.device
+        lp = logprobs[:, :k].to(torch.float64).clamp(min=_LOGPROB_FLOOR)
+        level_scores, level_choice, level_parent = [], [], []
+        scores = torch.zeros(B, 1, dtype=torch.float64, device=dev)  # the root's beam
+        for d in range(k):
+            expanded = (scores[:, :, None] + lp[:, d, None, :] - _DEPTH_EPS).reshape(B, -1)  # [B, w*m]
+            w = min(width, expanded.shape[1])
+            scores, flat = expanded.topk(w, dim=1)  # sorted: the beam's order is by score
+            level_scores.append(scores)
+            level_choice.append(flat % m)
+            level_parent.append(flat // m)  # position in the previous level's beam
+        sizes = [s.shape[1] for s in level_scores]
+        offsets = [sum(sizes[:d]) for d in range(k)]
+        all_scores = torch.cat(level_scores, dim=1)  # [B, T], levels in depth order
+        n = min(width, all_scores.shape[1])
+        chosen = all_scores.topk(n, dim=1).indices.sort(dim=1).values  # depth-major: topological
+        level_of = torch.cat([torch.full((s,), d, dtype=torch.int64, device=dev) for d, s in enumerate(sizes)])
+        offset_of = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        choice = torch.cat(level_choice, dim=1).gather(1, chosen)
+        parent_pos = torch.cat(level_parent, dim=1).gather(1, chosen)
+        depth0 = level_of[chosen]  # 0-based depth of each chosen node
+        # node number of every beam entry that was chosen (0 = not chosen / the root)
+        node_of = torch.zeros(B, all_scores.shape[1], dtype=torch.int64, device=dev)
+        node_of.scatter_(1, chosen, torch.arange(1, n + 1, dtype=torch.int64, device=dev).expand(B, n))
+        parent_entry = (offset_of[(depth0 - 1).clamp(min=0)] + parent_pos).clamp(max=all_scores.shape[1] - 1)
+        parents = torch.where(depth0 == 0, 0, node_of.gather(1, parent_entry))
+        node_tokens = tokens.reshape(B, -1).gather(1, depth0 * m + choice)
+        minus_one = torch.full((B, 1), -1, dtype=torch.int64, device=dev)
+        parents = torch.cat([minus_one, parents], dim=1)
+        depths = torch.cat([torch.zeros_like(minus_one), depth0 + 1], dim=1)
+        return Tree(torch.cat([root[:, None], node_tokens], dim=1), parents, depths,
+                    tree_mask_from_parents(parents))
+
+
+def make_tree_builder(tree: str | TreeBuilder, *, depth: int | None = None, nodes: int | None = None,
+                      choices: Sequence[Sequence[int]] | None = None) -> TreeBuilder:
+    """tree: "chain" | "static" | "dynamic" or a TreeBuilder; the options apply to the named kinds."""
+    if isinstance(tree, TreeBuilder):
+        return tree
+    if tree == "chain":
+        return ChainTree(depth)
+    if tree == "static":
+        return StaticTree(DEFAULT_STATIC_CHOICES if choices is None else choices)
+    if tree == "dynamic":
+        return DynamicTree(16 if nodes is None else nodes, depth)
+    raise ValueError(f"tree: expected 'chain', 'static', 'dynamic' or a TreeBuilder, got {tree!r}")

@@ -1,0 +1,103 @@
+"""Tiny random HF models and test drafters for the decoding-loop tests."""
+from __future__ import annotations
+
+import torch
+
+from parallelspec.drafters.base import DraftCandidates, Drafter
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_model(arch: str = "llama", vocab: int = 256, layers: int = 2, seed: int = 0):
+    """A few-layer random model of the family; initializer_range is raised so the logits are
+    peaked enough that argmax ties (which any change of summation order may flip) are absent.
+    No special tokens: EOS only where a test asks for it."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.1, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None)
+    config = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=24, **common),
+        "mistral": lambda: tf.MistralConfig(sliding_window=None, **common),
+    }[arch]()
+    model_cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
+                 "mistral": tf.MistralForCausalLM}[arch]
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def left_padded(lengths, vocab: int, pad: int = 0, seed: int = 1):
+    """Random prompts of the given lengths, left-padded: (input_ids [B, T], attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad, dtype=torch.int64)
+    mask = torch.zeros(len(lengths), T, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(1, vocab, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask
+
+
+class OracleDrafter(Drafter):
+    """Proposes, per depth, the true continuation (known in advance) with probability p_true,
+    and random tokens elsewhere: any candidates must give the target's output,
+    and the true ones make long acceptances (and rollbacks) happen.
+
+    It also checks the step() contract against the reference: the tokens it is given extend the
+    committed sequence (EAGLE shift: x_2.., then each step's accepted tokens and next token) and,
+    when `hidden` is given, the features are the target's hidden states one position earlier."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int, depth: int = 4, width: int = 3, p_true: float = 0.7,
+                 hidden: list[torch.Tensor] | None = None, check_lens: list[int] | None = None, seed: int = 0):
+        self.sequences, self.vocab, self.depth, self.width, self.p_true = sequences, vocab, depth, width, p_true
+        # the contract is checked while a sequence is live: up to its output's length
+        self.check_lens = check_lens or [len(s) for s in sequences]
+        self.hidden = hidden
+        self.needs_features = hidden is not None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.checked_tokens = 0
+
+    def reset(self, batch_size, max_len, device, dtype):
+        assert batch_size == len(self.sequences)
+        self.lens = [1] * batch_size  # tokens received so far + the first prompt token
+
+    def check_target(self, model):
+        if model.config.vocab_size != self.vocab:
+            raise ValueError(f"drafter: built for vocab {self.vocab}, the model has {model.config.vocab_size}")
+
+    def step(self, tokens, features, lens):
+        B = tokens.shape[0]
+        out = torch.randint(0, self.vocab, (B, self.depth, self.width), generator=self.generator)
+        logprobs = -torch.rand(B, self.depth, self.width, generator=self.generator) * 3
+        for b in range(B):
+            ref, start, n = self.sequences[b], self.lens[b], int(lens[b])
+            usable = max(0, min(n, self.check_lens[b] - start))  # past it: a finished sequence's filler
+            got = tokens[b, :usable].tolist()
+            assert got == ref[start:start + usable], f"sequence {b}: drafter got {got}, expected {ref[start:start + usable]}"
+            if self.hidden is not None:
+                want = self.hidden[b][start - 1:start - 1 + usable]
+                torch.testing.assert_close(features[b, :usable], want, atol=1e-4, rtol=1e-4)
+            self.checked_tokens += usable
+            self.lens[b] += n
+            for d in range(self.depth):
+                pos = self.lens[b] + d
+                if pos < len(ref) and float(torch.rand((), generator=self.generator)) < self.p_true:
+                    # mostly the top slot (what a chain follows), sometimes another (trees branch)
+                    slot = 0 if float(torch.rand((), generator=self.generator)) < 0.7 else \
+                        int(torch.randint(0, self.width, (), generator=self.generator))
+                    out[b, d, slot] = ref[pos]
+        return DraftCandidates(out, logprobs)
+
+
+def hf_greedy(model, ids, mask, max_new_tokens, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+
+def unpadded_rows(sequences: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Per sequence: prompt tokens (without left padding) + the generated tokens."""
+    T = mask.shape[1]
+    return [sequences[b, T - int(mask[b].sum()):].tolist() for b in range(sequences.shape[0])]

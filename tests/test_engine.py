@@ -1,0 +1,118 @@
+"""Lossless greedy decoding: parallelspec.generate is token-for-token model.generate(do_sample=False)
+at fp32, for every drafter (none, n-gram, any candidates), tree kind, batch size and supported
+architecture; EOS and max_new_tokens exact."""
+import pytest
+import torch
+
+import parallelspec as ps
+from engine_helpers import ARCHS, OracleDrafter, hf_greedy, left_padded, tiny_model, unpadded_rows
+
+VOCAB = 256
+NEW = 16
+TREES = {
+    "chain": {},
+    "static": {"tree_choices": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]},
+    "dynamic": {"tree_nodes": 12},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: intra-op threads only add overhead on this shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def case(request):
+    """(model, input_ids, mask, reference output with a few extra tokens) for a batch of 4
+    left-padded prompts of different lengths."""
+    torch.set_num_threads(1)
+    model = tiny_model(request.param, VOCAB)
+    ids, mask = left_padded([5, 9, 1, 7], VOCAB)
+    reference = hf_greedy(model, ids, mask, NEW + 6)
+    return model, ids, mask, reference
+
+
+def _drafter(kind, model, ids, mask, reference, rows=slice(None)):
+    if kind is None:
+        return None
+    if kind == "ngram":
+        return ps.NgramDrafter(num_tokens=4)
+    sequences = unpadded_rows(reference[rows], mask[rows])
+    hidden = [model.model(torch.tensor([s])).last_hidden_state[0] for s in sequences] if kind == "oracle+features" else None
+    check_lens = [int(n) + NEW for n in mask[rows].sum(dim=1)]
+    return OracleDrafter(sequences, VOCAB, hidden=hidden, check_lens=check_lens)
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("drafter", [None, "ngram", "oracle", "oracle+features"])
+def test_greedy_batch_matches_hf(case, drafter, tree):
+    if drafter is None and tree != "chain":
+        pytest.skip("no drafter: the tree is the root alone whatever its kind")
+    model, ids, mask, reference = case
+    d = _drafter(drafter, model, ids, mask, reference)
+    out, stats = ps.generate(model, ids, d, attention_mask=mask, max_new_tokens=NEW, tree=tree, return_stats=True,
+                             **TREES[tree])
+    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+    assert sum(a * c for a, c in enumerate(stats.accept_histogram)) >= NEW  # every live step counted
+    if isinstance(d, OracleDrafter):
+        assert stats.mean_accepted > 1.5, "the oracle's true candidates should be accepted"
+        assert d.checked_tokens > 0
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+def test_greedy_single_sequence_matches_hf(case, tree):
+    model, ids, mask, reference = case
+    row = slice(1, 2)  # the longest prompt, alone: no padding
+    prompt = ids[row, -9:]
+    d = _drafter("oracle", model, ids, mask, reference, row)
+    out = ps.generate(model, prompt, d, max_new_tokens=NEW, tree=tree, **TREES[tree])
+    torch.testing.assert_close(out, reference[row, -(9 + 6 + NEW):-6], rtol=0, atol=0)
+
+
+def test_eos_per_sequence_and_padding_match_hf():
+    model = tiny_model("llama", VOCAB)
+    ids, mask = left_padded([5, 9, 1, 7], VOCAB)
+    free = hf_greedy(model, ids, mask, NEW)
+    eos = int(free[1, ids.shape[1] + 3])  # sequence 1 stops after 4 new tokens, others when they meet it
+    reference = hf_greedy(model, ids, mask, NEW, eos_token_id=eos, pad_token_id=0)
+    assert reference.shape[1] <= ids.shape[1] + NEW
+    for drafter in (None, ps.NgramDrafter()):
+        for tree in ("chain", "dynamic"):
+            out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos,
+                              pad_token_id=0, tree=tree)
+            torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_all_sequences_stop_early_at_eos():
+    model = tiny_model("qwen2", VOCAB)
+    ids, mask = left_padded([4, 6], VOCAB)
+    free = hf_greedy(model, ids, mask, 3)
+    eos = [int(free[0, -1]), int(free[1, -1])]  # each sequence's third token
+    reference = hf_greedy(model, ids, mask, NEW, eos_token_id=eos, pad_token_id=0)
+    out = ps.generate(model, ids, ps.NgramDrafter(), attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos,
+                      pad_token_id=0)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    assert out.shape[1] <= ids.shape[1] + 3
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7])
+def test_max_new_tokens_exact(max_new):
+    model = tiny_model("llama", VOCAB)
+    ids, mask = left_padded([5, 3], VOCAB)
+    reference = hf_greedy(model, ids, mask, max_new)
+    sequences = unpadded_rows(hf_greedy(model, ids, mask, max_new + 6), mask)
+    out = ps.generate(model, ids, OracleDrafter(sequences, VOCAB, p_true=1.0), attention_mask=mask,
+                      max_new_tokens=max_new)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_max_length_counts_the_prompt_columns():
+    model = tiny_model("llama", VOCAB)
+    ids, mask = left_padded([5, 3], VOCAB)
+    reference = model.generate(ids, attention_mask=mask, max_length=12, do_sample=False)
+    out = ps.generate(model, ids, attention_mask=mask, max_length=12)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)

@@ -1,0 +1,104 @@
+"""Multi-source trees (HybridDrafter + AutoTree): lossless whatever the sources propose, the
+merged tree is a deduplicated prefix-closed trie of the best-scored nodes, and its size follows
+the verify-cost curve."""
+import math
+
+import pytest
+import torch
+
+import parallelspec as ps
+from parallelspec.autotree import AutoTree
+from parallelspec.drafters import DraftCandidates, HybridDrafter, NgramDrafter
+from ps_kernels import reference as ref
+
+from engine_helpers import OracleDrafter, hf_greedy, left_padded, tiny_model, unpadded_rows
+
+VOCAB, NEW = 256, 16
+FLAT = {1: 1.0, 64: 1.05}            # verification width almost free (a GPU)
+STEEP = {1: 1.0, 2: 3.0, 64: 200.0}  # every extra node costs two steps (never worth it)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("cost", [FLAT, STEEP], ids=["flat", "steep"])
+def test_hybrid_greedy_matches_hf(arch, cost):
+    torch.set_num_threads(1)
+    model = tiny_model(arch, VOCAB)
+    ids, mask = left_padded([5, 9, 1, 7], VOCAB)
+    reference = hf_greedy(model, ids, mask, NEW + 6)
+    oracle = OracleDrafter(unpadded_rows(reference, mask), VOCAB, check_lens=[int(n) + NEW for n in mask.sum(1)])
+    drafter = HybridDrafter([NgramDrafter(num_tokens=3), oracle])
+    tree = AutoTree(cost, max_nodes=24)
+    out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=tree, return_stats=True)
+    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+    if cost is STEEP:
+        assert stats.mean_accepted == 1.0, "a tree that costs more than it can gain must not be drafted"
+    else:
+        assert stats.mean_accepted > 1.3, "the oracle's true candidates should be accepted"
+
+
+def _cands(per_depth_tokens, per_depth_logprobs, paths=None, chained=False):
+    return DraftCandidates(torch.tensor(per_depth_tokens), torch.tensor(per_depth_logprobs, dtype=torch.float32),
+                           paths, per_depth_in_paths=chained)
+
+
+def _paths(tree: ps.Tree, b: int = 0) -> dict[int, tuple]:
+    parents = tree.parents[b] if tree.parents.dim() == 2 else tree.parents
+    out = {0: ()}
+    for i in range(1, tree.size):
+        out[i] = out[int(parents[i])] + (int(tree.tokens[b, i]),)
+    return out
+
+
+def test_merged_trie_dedupes_and_keeps_best_nodes_prefix_closed():
+    # per-depth: depth 1 {7: p .6, 8: p .3}, depth 2 {9: .5, 3: .1}; a chain 7 -> 9 -> 4 from lookup
+    c = _cands([[[7, 8], [9, 3]]], [[[math.log(.6), math.log(.3)], [math.log(.5), math.log(.1)]]],
+               paths=[[([7, 9, 4], [math.log(.9), math.log(.9), math.log(.9)])]])
+    tree = AutoTree(FLAT, max_nodes=6).build(torch.tensor([1]), c)
+    paths = _paths(tree)
+    assert tree.tokens[0, 0] == 1 and tree.size == 6
+    kept = set(paths.values()) - {()}
+    assert len(kept) == 5, f"duplicates must merge: {kept}"
+    # best five: (7) .9, (7,9) .81, (7,9,4) .729, (8) .3, (8,9) .15 ; (7,3) .06 is dropped
+    assert kept == {(7,), (7, 9), (7, 9, 4), (8,), (8, 9)}
+    for node, path in paths.items():  # prefix-closed, parents before children
+        if node:
+            parent = int(tree.parents[0, node])
+            assert parent < node and paths[parent] == path[:-1]
+    bits = ref.unpack_tree_mask(tree.mask, tree.size, 1, "cpu")[0]
+    assert torch.equal(bits, ref.unpack_tree_mask(ref.tree_mask_from_parents(tree.parents[0]), tree.size, 1, "cpu")[0])
+
+
+def test_size_follows_cost_curve():
+    c = _cands([[[7], [9]]], [[[math.log(.9)], [math.log(.8)]]])
+    assert AutoTree(STEEP, max_nodes=8).build(torch.tensor([1]), c).size == 1
+    assert AutoTree(FLAT, max_nodes=8).build(torch.tensor([1]), c).size == 3
+    # interpolation between measured sizes, linear extrapolation past the last
+    t = AutoTree({1: 1.0, 5: 2.0, 9: 4.0})
+    assert t.cost(3) == pytest.approx(1.5) and t.cost(13) == pytest.approx(6.0)
+
+
+def test_chain_source_alone_is_not_counted_twice():
+    nd = NgramDrafter(num_tokens=3)
+    nd.reset(1, 64, torch.device("cpu"), torch.float32)
+    c = nd.step(torch.tensor([[5, 6, 7, 8, 5, 6]]), None, torch.tensor([6]))
+    assert c.per_depth_in_paths and c.paths[0][0][0] == [7, 8, 5]
+    tree = AutoTree(FLAT, max_nodes=16).build(torch.tensor([6]), c)
+    assert set(_paths(tree).values()) - {()} <= {p[:d] for chain, _ in c.paths[0] for p in [tuple(chain)]
+                                                  for d in range(1, len(chain) + 1)}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="verify_cost"):
+        AutoTree({2: 1.0})
+    with pytest.raises(ValueError, match="max_nodes"):
+        AutoTree(FLAT, max_nodes=0)
+    with pytest.raises(TypeError, match="drafters"):
+        HybridDrafter([])
