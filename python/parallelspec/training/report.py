@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     if args.drafter:
         target, _ = load_target(None)
         for path in args.drafter:
-            kind = json.loads((Path(path) / "config.json").read_text())["drafter"]
+            kind = json.loads((Path(path) / "config.json").read_text())["kind"]
             cls = ParallelDrafter if kind == "parallel" else EagleDrafter
             d = cls.from_pretrained(path, target)
             print(json.dumps({"drafter": path, "step_ms": round(1e3 * step_latency(d), 2)}))
