@@ -13,7 +13,7 @@ The draft vocabulary is a list of target ids (``draft_to_target``); ``None`` mea
 Attention runs through a callback, so that one definition of the network serves
   * inference: ``ps_kernels.draft_attention`` over the drafter's KV cache (kv[l, 0] / kv[l, 1]
     are its k_cache / v_cache: contiguous views), and
-  * training: SDPA over a whole sequence with a dense boolean mask (``group_mask``), where
+  * training: SDPA over a whole sequence with a dense boolean mask (``group_layout``), where
     every anchor gets its own group of extra slots (mask slots for the parallel drafter, the
     drafter's own autoregressive steps for the EAGLE-style one).
 """

@@ -204,14 +204,14 @@ def forward_losses(model, net, cfg: TrainConfig, batch: dict, anchors: torch.Ten
 def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: int = 8) -> dict:
     """Held-out per-depth top-1 agreement (every anchor in the generated region), the share of
     positions whose target top-1 is among the drafter's top 4 (what a tree of width 4 per depth
-    could catch), and the accepted tokens per greedy chain step, 1 + leading depths that agree,
-    over anchors whose k labels all exist."""
+    could catch), the accepted tokens per greedy chain step, 1 + leading depths that agree,
+    over anchors whose k labels all exist, and the share of target choices in the draft vocabulary."""
     was_training = net.training
     net.eval()
     agree_sum = torch.zeros(cfg.depth, dtype=torch.float64)
     count = torch.zeros(cfg.depth, dtype=torch.float64)
     top4_sum = torch.zeros(cfg.depth, dtype=torch.float64)
-    chain_sum, chain_n = 0.0, 0
+    chain_sum, chain_n, in_vocab = 0.0, 0, 0
     seqs = list(range(min(cfg.eval_sequences, len(data))))
     for s in range(0, len(seqs), batch_size):
         batch = data.batch(seqs[s:s + batch_size], device)
@@ -229,6 +229,7 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
         top = depth_logits.topk(min(4, depth_logits.shape[-1]), dim=-1).indices
         agree = top[..., 0] == want
         top4_sum += ((top == want[..., None]).any(-1) & valid).sum((0, 1)).double().cpu()
+        in_vocab += int(((want[..., 0] >= 0) & valid[..., 0]).sum())
         agree_sum += (agree & valid).sum((0, 1)).double().cpu()
         count += valid.sum((0, 1)).double().cpu()
         full = valid.all(-1)
@@ -238,8 +239,9 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
     net.train(was_training)
     top1 = (agree_sum / count.clamp(min=1)).tolist()
     top4 = (top4_sum / count.clamp(min=1)).tolist()
+    coverage = in_vocab / max(float(count[0]), 1.0)
     return {"heldout_top1": [round(x, 4) for x in top1], "heldout_top4": [round(x, 4) for x in top4],
-            "heldout_positions": int(count[0]),
+            "heldout_positions": int(count[0]), "heldout_vocab_coverage": round(coverage, 4),
             "chain_accept": round(chain_sum / max(chain_n, 1), 4)}
 
 
@@ -277,11 +279,11 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     t2d = target_to_draft(net.draft_to_target, net.cfg.vocab_size)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step, history = 0, []
+    step, history, seen_tokens = 0, [], 0
     if ckpt is not None:
         net.load_state_dict(ckpt["net"], strict=False)
         opt.load_state_dict(ckpt["opt"])
-        step, history = ckpt["step"], ckpt["history"]
+        step, history, seen_tokens = ckpt["step"], ckpt["history"], ckpt["tokens"]
         log(f"resumed from {ckpt_path} at step {step}")
     model = pdist.wrap(net)
     weights = torch.tensor(cfg.depth_weights or [1.0] * cfg.depth, dtype=torch.float32, device=device)
@@ -290,7 +292,6 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
             f"{net.draft_vocab_size} (covers {coverage:.1%} of the target's choices), {len(data)} sequences / "
             f"{data.generated_tokens()} generated tokens, world {world}")
     t0 = time.time()
-    seen_tokens = history[-1]["tokens"] if history else 0
     losses: list[float] = []
     first_step = step
     while step < cfg.steps:
@@ -340,14 +341,14 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(ev) + "\n")
         if rank == 0 and step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, net, opt, step, history, coverage)
+            save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens)
     if rank == 0:
         if heldout is not None and (not history or history[-1]["step"] != step):
             ev = evaluate(net, cfg, heldout, t2d, device)
             ev.update(step=step, tokens=seen_tokens, elapsed=round(time.time() - t0, 1))
             history.append(ev)
             log(json.dumps(ev))
-        save_checkpoint(ckpt_path, net, opt, step, history, coverage)
+        save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens)
         drafter = (ParallelDrafter if cfg.kind == "parallel" else EagleDrafter)(net)
         drafter.save_pretrained(out_dir / "drafter")
         summary = {"config": asdict(cfg), "steps": step, "train_sequences": len(data),
@@ -358,9 +359,9 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     return net, {"losses": losses}
 
 
-def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float) -> None:
+def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float, tokens: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "history": history, "tokens": tokens,
                 "draft_to_target": net.draft_to_target.cpu(), "coverage": coverage}, tmp)
     tmp.replace(path)
 
