@@ -157,6 +157,12 @@ def test_draft_vocab_counts_generated_choices(tmp_path):
         counts += torch.bincount(s["topk_ids"][s["start"] - 1:len(s["ids"]) - 1, 0].long(), minlength=V)
     assert torch.equal(counts[d2t], counts.sort(descending=True).values[:10])
     assert coverage == pytest.approx(float(counts[d2t].sum() / counts.sum()))
+    # a prior ranks what the generated text never chose, and mixes into the rest
+    seen = int((counts > 0).sum())
+    prior = torch.arange(V, 0, -1)                    # id 0 most frequent
+    d2t, _ = build_draft_vocab(data, seen + 5, prior, prior_weight=1e-6)
+    assert set(d2t[:seen].tolist()) == set(counts.nonzero().squeeze(1).tolist())
+    assert d2t[seen:].tolist() == [i for i in range(V) if counts[i] == 0][:5]
 
 
 def _free_port():
