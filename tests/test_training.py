@@ -136,6 +136,19 @@ def test_training_learns_and_saves(kind, tmp_path):
     assert loaded.net.draft_vocab_size == 64
 
 
+def test_main_train_cli(tmp_path):
+    from parallelspec.training.train import main_train
+
+    model, _, _ = tiny_shards(tmp_path)
+    model.save_pretrained(tmp_path / "target")
+    argv = ["--target", str(tmp_path / "target"), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--k", "2", "--draft-vocab", "50", "--steps", "3", "--batch", "2", "--warmup", "1", "--eval-sequences", "2"]
+    assert main_train(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["config"]["depth"] == 2
+    assert ParallelDrafter.from_pretrained(tmp_path / "run" / "drafter", model).net.draft_vocab_size == 50
+
+
 def test_resume_continues_the_same_run(tmp_path):
     model, tr, ho = tiny_shards(tmp_path)
     net_a, straight = train(small_cfg(), model, tr, ho, tmp_path / "a", log=lambda m: None)

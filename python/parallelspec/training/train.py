@@ -370,8 +370,9 @@ def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: fl
     tmp.replace(path)
 
 
-def main_train(argv=None) -> dict:
-    """`parallelspec train`: train a drafter on shards made by `parallelspec extract`."""
+def main_train(argv=None) -> int:
+    """`parallelspec train`: train a drafter on shards made by `parallelspec extract`; the
+    drafter goes to <out>/drafter, the curve to <out>/summary.json. Returns the exit code."""
     ap = argparse.ArgumentParser(prog="parallelspec train", description=main_train.__doc__)
     ap.add_argument("--target", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--data", required=True, help="directory of *-ext-*.pt shards (parallelspec extract)")
@@ -413,14 +414,14 @@ def main_train(argv=None) -> dict:
     try:
         from .extract import load_target
 
-        target, _ = load_target(args.target)
+        target, _ = load_target(args.target, with_tokenizer=False)
         data = Path(args.data)
-        _, summary = train(cfg, target, sorted(data.glob("train-ext-*.pt")), sorted(data.glob("heldout-ext-*.pt")),
+        train(cfg, target, sorted(data.glob("train-ext-*.pt")), sorted(data.glob("heldout-ext-*.pt")),
                         args.out, torch.device(args.device) if args.device else None,
                         log=lambda m: print(m, flush=True))
     finally:
         pdist.shutdown()
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
