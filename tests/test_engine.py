@@ -16,13 +16,7 @@ TREES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add overhead on this shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
