@@ -23,9 +23,9 @@ def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1):
 
 def training_logprobs(drafter, tokens, features, anchors):
     fwd = parallel_train_forward if isinstance(drafter, ParallelDrafter) else eagle_train_forward
-    real, _, slots = fwd(drafter.net, tokens, features, anchors)
+    real, slots = fwd(drafter.net, tokens, features, anchors)
     with torch.no_grad():
-        per_depth = torch.cat([real[:, anchors, None], slots], dim=2)      # [B, A, k, Vd]
+        per_depth = drafter.net.logits(torch.cat([real[:, anchors, None], slots], dim=2))   # [B, A, k, Vd]
         lp = torch.log_softmax(per_depth, dim=-1)
     return lp, drafter.net.draft_to_target
 
@@ -76,16 +76,16 @@ def test_real_rows_ignore_slots_and_later_tokens():
     n = 10
     tokens, features = torch.randint(0, V, (1, n)), torch.randn(1, n, D)
     anchors = torch.tensor([2, 5])
-    real, _, slots = parallel_train_forward(drafter.net, tokens, features, anchors)
+    real, slots = parallel_train_forward(drafter.net, tokens, features, anchors)
     tokens2, features2 = tokens.clone(), features.clone()
     tokens2[:, 6:] = (tokens2[:, 6:] + 1) % V
     features2[:, 6:] += 1
-    real2, _, slots2 = parallel_train_forward(drafter.net, tokens2, features2, anchors)
+    real2, slots2 = parallel_train_forward(drafter.net, tokens2, features2, anchors)
     torch.testing.assert_close(real[:, :6], real2[:, :6])
     torch.testing.assert_close(slots, slots2)
     with torch.no_grad():
         drafter.net.mask_embed.add_(1.0)
-    real3, _, slots3 = parallel_train_forward(drafter.net, tokens, features, anchors)
+    real3, slots3 = parallel_train_forward(drafter.net, tokens, features, anchors)
     torch.testing.assert_close(real, real3)
     assert not torch.allclose(slots, slots3)
 

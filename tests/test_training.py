@@ -193,3 +193,12 @@ def test_ddp_two_processes_match_single(kind, tmp_path):
         torch.testing.assert_close(value, net1.state_dict()[name], atol=1e-5, rtol=1e-4)
     assert l0 == l1
     torch.testing.assert_close(torch.tensor(l0), torch.tensor(single["losses"]), atol=1e-5, rtol=1e-5)
+
+
+def test_ngram_proposal_copies_the_latest_longest_match():
+    from parallelspec.training.report import ngram_proposal
+
+    ctx = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
+    assert ngram_proposal(ctx, 3) == [4, 5, 7]     # no earlier "7 2 3"; the latest earlier "2 3" precedes 4 5 7
+    assert ngram_proposal([5, 6, 7], 2) == []
+    assert ngram_proposal([4, 8, 4], 2) == [8, 4]

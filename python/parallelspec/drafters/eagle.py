@@ -56,7 +56,7 @@ class EagleDrafter(NetworkDrafter):
 
 
 def eagle_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
-    """Unrolled training forward, same returns as parallel_train_forward.
+    """Unrolled training forward; returns output features like parallel_train_forward.
 
     Slot j (0-based) of anchor a is fed (tokens[a + 1 + j], the drafter's output feature at the
     previous row of its chain) and predicts the token after that; anchors must satisfy
@@ -73,12 +73,11 @@ def eagle_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch
     attend.allowed = allowed[:n, :n]
     g = net.features_out(net.run(net.fuse(tokens, features), positions[:n].expand(B, -1), attend))
     real_g, prev = g, g[:, anchors]
-    slot_logits = []
+    slots = []
     for j in range(M):
         rows = slice(n + j * A, n + (j + 1) * A)
         attend.allowed = allowed[rows, :rows.stop]
         h = net.run(net.fuse(tokens[:, anchors + 1 + j], prev), positions[rows].expand(B, -1), attend)
         prev = net.features_out(h)
-        slot_logits.append(net.logits(prev))
-    slots = torch.stack(slot_logits, dim=2) if M else real_g.new_zeros(B, A, 0, net.draft_vocab_size)
-    return net.logits(real_g), real_g, slots
+        slots.append(prev)
+    return real_g, torch.stack(slots, dim=2) if M else real_g.new_zeros(B, A, 0, real_g.shape[-1])

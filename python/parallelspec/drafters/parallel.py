@@ -49,9 +49,10 @@ def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: to
 
     tokens [B, n] / features [B, n, d]: real inputs (token x_{t+1} paired with feature f_t);
     anchors [A] int64: real indices that get a group of k - 1 mask slots.
-    Returns (real_logits [B, n, Vd], real_features [B, n, d], slot_logits [B, A, k-1, Vd]):
-    real row t predicts the token after tokens[t] and the feature f_{t+1}; slot j (0-based) of
-    the group at anchor a predicts the token j + 1 places after that.
+    Returns the output features (real [B, n, d], slots [B, A, k-1, d]); ``net.logits`` of them
+    gives the distributions (the caller applies the head only where it has labels: it is the
+    costliest part). Real row t predicts the token after tokens[t] and the feature f_{t+1};
+    slot j (0-based) of the group at anchor a predicts the token j + 1 places after that.
     """
     B, n = tokens.shape
     M = net.cfg.depth - 1
@@ -64,6 +65,4 @@ def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: to
     attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
     attend.allowed = allowed
     g = net.features_out(net.run(x, positions.expand(B, -1), attend))
-    logits = net.logits(g)
-    slot_logits = logits[:, n:].reshape(B, M, A, logits.shape[-1]).transpose(1, 2)
-    return logits[:, :n], g[:, :n], slot_logits
+    return g[:, :n], g[:, n:].reshape(B, M, A, g.shape[-1]).transpose(1, 2)

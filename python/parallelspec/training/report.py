@@ -1,13 +1,14 @@
 """Figures for the training card: the prompt-lookup baseline on the same held-out text, and
 the drafters' step latency on this machine.
 
-    python -m parallelspec.training.report --data /work/data/sd --drafter DIR [--drafter DIR...]
+    python -m parallelspec.training.report --data SHARDS --drafter DIR [--drafter DIR...] [--curve summary.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -75,24 +76,36 @@ def step_latency(drafter, context: int = 256, batch: int = 1, repeats: int = 20)
     return sorted(times)[len(times) // 2]
 
 
+def curve_table(history: list[dict]) -> str:
+    """Markdown rows: training tokens seen -> held-out per-depth top-1 and chain tokens/step."""
+    rows = ["| step | tokens seen | depth-1..k top-1 | depth-1..k top-4 | tokens / chain step |",
+            "|---:|---:|---|---|---:|"]
+    for e in history:
+        rows.append(f"| {e['step']} | {e['tokens']:,} | {' / '.join(f'{x:.3f}' for x in e['heldout_top1'])} | "
+                    f"{' / '.join(f'{x:.3f}' for x in e.get('heldout_top4', []))} | {e['chain_accept']:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     from ..drafters import EagleDrafter, ParallelDrafter
     from .extract import load_target
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", help="shard directory: prints the prompt-lookup baseline on its held-out shards")
     ap.add_argument("--drafter", action="append", default=[])
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--sequences", type=int, default=64)
+    ap.add_argument("--curve", action="append", default=[], help="a training summary.json: print its curve")
     args = ap.parse_args(argv)
-    from pathlib import Path
-
-    held = ShardData(sorted(Path(args.data).glob("heldout-ext-*.pt")), max_len=512)
-    print(json.dumps({"ngram": ngram_baseline(held, args.depth, sequences=args.sequences)}))
+    for path in args.curve:
+        print(curve_table(json.loads(Path(path).read_text())["history"]))
+    if args.data:
+        held = ShardData(sorted(Path(args.data).glob("heldout-ext-*.pt")), max_len=512)
+        print(json.dumps({"ngram": ngram_baseline(held, args.depth, sequences=args.sequences)}))
     if args.drafter:
         target, _ = load_target(None)
         for path in args.drafter:
-            kind = json.loads((Path(path) / "config.json").read_text())["drafter"]
+            kind = json.loads((Path(path) / "config.json").read_text())["kind"]
             cls = ParallelDrafter if kind == "parallel" else EagleDrafter
             d = cls.from_pretrained(path, target)
             print(json.dumps({"drafter": path, "step_ms": round(1e3 * step_latency(d), 2)}))

@@ -121,18 +121,16 @@ def gather_labels(batch: dict, pos: torch.Tensor):
     return (batch["topk_ids"][:, p], batch["topk_p"][:, p], batch["valid"][:, p] & inside)
 
 
-def soft_ce(logits, topk_ids, topk_p, valid, t2d):
-    """Per-position soft CE over the draft vocabulary and top-1 agreement. Returns (ce, agree,
-    trainable): trainable drops the positions whose target top-1 lies outside the draft
-    vocabulary (no target to learn; for agreement they count as misses)."""
+def soft_ce(logits, topk_ids, topk_p, t2d):
+    """Soft CE against the target's top-K renormalised within the draft vocabulary, and top-1
+    agreement, per row (rows whose target top-1 lies outside the draft vocabulary are the
+    caller's to drop: nothing to learn there)."""
     d = t2d[topk_ids]                                  # [..., K] draft ids or -1
-    trainable = valid & (d[..., 0] >= 0)
     q = topk_p * (d >= 0)
     q = q / q.sum(-1, keepdim=True).clamp(min=1e-9)
     logp = torch.log_softmax(logits.float(), dim=-1)
     ce = -(q * logp.gather(-1, d.clamp(min=0))).sum(-1)
-    agree = logits.argmax(-1) == d[..., 0]
-    return ce, agree, trainable
+    return ce, logits.argmax(-1) == d[..., 0]
 
 
 @dataclass
@@ -175,38 +173,45 @@ def anchor_sample(batch, n: int, depth: int, kind: str, frac: float, gen: torch.
     return pick.to(device)
 
 
-def forward_losses(net, cfg: TrainConfig, batch: dict, anchors: torch.Tensor, t2d: torch.Tensor):
-    """Per-depth sums of CE and agreement, their counts, and the feature regression sum."""
+def forward_losses(model, net, cfg: TrainConfig, batch: dict, anchors: torch.Tensor, t2d: torch.Tensor):
+    """Per-depth sums of CE and agreement, their counts, and the feature regression sum. The
+    head runs only at rows with a label (most of the step's cost is the head)."""
     n = batch["tokens"].shape[1]
     with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        real_logits, real_g, slot_logits = net(batch["tokens"], batch["features"], anchors)
+        real_g, slot_g = model(batch["tokens"], batch["features"], anchors)
     real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
     ce_sum, agree_sum, count = [], [], []
-    ce, agree, valid = soft_ce(real_logits, *gather_labels(batch, real_pos), t2d)
-    feat_valid = valid
     for d in range(cfg.depth):
-        if d:
-            ce, agree, valid = soft_ce(slot_logits[:, :, d - 1], *gather_labels(batch, slot_pos[:, d - 1]), t2d)
-        ce_sum.append((ce * valid).sum())
-        agree_sum.append((agree & valid).sum())
+        g, pos = (real_g, real_pos) if d == 0 else (slot_g[:, :, d - 1], slot_pos[:, d - 1])
+        topk_ids, topk_p, valid = gather_labels(batch, pos)
+        valid = valid & (t2d[topk_ids[..., 0]] >= 0)
+        if d == 0:
+            feat_valid = valid
+        with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = net.logits(g[valid])
+        ce, agree = soft_ce(logits, topk_ids[valid], topk_p[valid], t2d)
+        ce_sum.append(ce.sum())
+        agree_sum.append(agree.sum())
         count.append(valid.sum())
-    feat_err = F.smooth_l1_loss(real_g.float(), batch["next_features"], reduction="none").mean(-1)
-    feat_sum = (feat_err * feat_valid).sum()
-    return torch.stack(ce_sum), torch.stack(agree_sum), torch.stack(count), feat_sum, feat_valid.sum()
+    feat_err = F.smooth_l1_loss(real_g.float()[feat_valid], batch["next_features"][feat_valid], reduction="none")
+    return (torch.stack(ce_sum), torch.stack(agree_sum), torch.stack(count), feat_err.mean(-1).sum(),
+            feat_valid.sum())
 
 
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: int = 8) -> dict:
-    """Held-out per-depth top-1 agreement (every anchor in the generated region) and the
-    accepted tokens per greedy chain step, 1 + leading depths that agree, over anchors whose
-    k labels all exist."""
+    """Held-out per-depth top-1 agreement (every anchor in the generated region), the share of
+    positions whose target top-1 is among the drafter's top 4 (what a tree of width 4 per depth
+    could catch), the accepted tokens per greedy chain step, 1 + leading depths that agree,
+    over anchors whose k labels all exist, and the share of target choices in the draft vocabulary."""
     was_training = net.training
     net.eval()
     agree_sum = torch.zeros(cfg.depth, dtype=torch.float64)
     count = torch.zeros(cfg.depth, dtype=torch.float64)
-    chain_sum, chain_n = 0.0, 0
+    top4_sum = torch.zeros(cfg.depth, dtype=torch.float64)
+    chain_sum, chain_n, in_vocab = 0.0, 0, 0
     seqs = list(range(min(cfg.eval_sequences, len(data))))
     for s in range(0, len(seqs), batch_size):
         batch = data.batch(seqs[s:s + batch_size], device)
@@ -214,13 +219,17 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
         hi = n - 1 - (cfg.depth - 1 if cfg.kind == "eagle" else 0)
         anchors = torch.arange(batch["first_anchor"], hi + 1, cfg.eval_anchor_stride, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            real_logits, _, slot_logits = net(batch["tokens"], batch["features"], anchors)
+            real_g, slot_g = net(batch["tokens"], batch["features"], anchors)
+            depth_logits = net.logits(torch.cat([real_g[:, anchors, None], slot_g], dim=2))   # [B, A, k, V]
         real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
-        depth_logits = torch.cat([real_logits[:, anchors, None], slot_logits], dim=2)    # [B, A, k, V]
         pos = torch.cat([real_pos[anchors, None], slot_pos], dim=1)                      # [A, k]
         topk_ids, _, valid = gather_labels(batch, pos)
         # a target top-1 outside the draft vocabulary (t2d = -1) is a miss
-        agree = depth_logits.argmax(-1) == t2d[topk_ids[..., 0]]
+        want = t2d[topk_ids[..., 0]]
+        top = depth_logits.topk(min(4, depth_logits.shape[-1]), dim=-1).indices
+        agree = top[..., 0] == want
+        top4_sum += ((top == want[..., None]).any(-1) & valid).sum((0, 1)).double().cpu()
+        in_vocab += int(((want[..., 0] >= 0) & valid[..., 0]).sum())
         agree_sum += (agree & valid).sum((0, 1)).double().cpu()
         count += valid.sum((0, 1)).double().cpu()
         full = valid.all(-1)
@@ -229,7 +238,10 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
         chain_n += int(full.sum())
     net.train(was_training)
     top1 = (agree_sum / count.clamp(min=1)).tolist()
-    return {"heldout_top1": [round(x, 4) for x in top1], "heldout_positions": int(count[0]),
+    top4 = (top4_sum / count.clamp(min=1)).tolist()
+    coverage = in_vocab / max(float(count[0]), 1.0)
+    return {"heldout_top1": [round(x, 4) for x in top1], "heldout_top4": [round(x, 4) for x in top4],
+            "heldout_positions": int(count[0]), "heldout_vocab_coverage": round(coverage, 4),
             "chain_accept": round(chain_sum / max(chain_n, 1), 4)}
 
 
@@ -267,11 +279,11 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     t2d = target_to_draft(net.draft_to_target, net.cfg.vocab_size)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step, history = 0, []
+    step, history, seen_tokens = 0, [], 0
     if ckpt is not None:
         net.load_state_dict(ckpt["net"], strict=False)
         opt.load_state_dict(ckpt["opt"])
-        step, history = ckpt["step"], ckpt["history"]
+        step, history, seen_tokens = ckpt["step"], ckpt["history"], ckpt["tokens"]
         log(f"resumed from {ckpt_path} at step {step}")
     model = pdist.wrap(net)
     weights = torch.tensor(cfg.depth_weights or [1.0] * cfg.depth, dtype=torch.float32, device=device)
@@ -280,7 +292,6 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
             f"{net.draft_vocab_size} (covers {coverage:.1%} of the target's choices), {len(data)} sequences / "
             f"{data.generated_tokens()} generated tokens, world {world}")
     t0 = time.time()
-    seen_tokens = history[-1]["tokens"] if history else 0
     losses: list[float] = []
     first_step = step
     while step < cfg.steps:
@@ -299,7 +310,7 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
         anchors = anchors[anchors < batch["tokens"].shape[1] - (cfg.depth - 1 if cfg.kind == "eagle" else 0)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        ce_sum, agree_sum, count, feat_sum, feat_n = forward_losses(model, cfg, batch, anchors, t2d)
+        ce_sum, agree_sum, count, feat_sum, feat_n = forward_losses(model, net, cfg, batch, anchors, t2d)
         totals = torch.cat([count.float(), feat_n.float()[None]]).detach()
         pdist.all_reduce_sum(totals)
         ce_mean = ce_sum / totals[:-1].clamp(min=1)
@@ -330,14 +341,14 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(ev) + "\n")
         if rank == 0 and step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, net, opt, step, history, coverage)
+            save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens)
     if rank == 0:
         if heldout is not None and (not history or history[-1]["step"] != step):
             ev = evaluate(net, cfg, heldout, t2d, device)
             ev.update(step=step, tokens=seen_tokens, elapsed=round(time.time() - t0, 1))
             history.append(ev)
             log(json.dumps(ev))
-        save_checkpoint(ckpt_path, net, opt, step, history, coverage)
+        save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens)
         drafter = (ParallelDrafter if cfg.kind == "parallel" else EagleDrafter)(net)
         drafter.save_pretrained(out_dir / "drafter")
         summary = {"config": asdict(cfg), "steps": step, "train_sequences": len(data),
@@ -348,9 +359,9 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     return net, {"losses": losses}
 
 
-def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float) -> None:
+def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float, tokens: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "history": history, "tokens": tokens,
                 "draft_to_target": net.draft_to_target.cpu(), "coverage": coverage}, tmp)
     tmp.replace(path)
 
