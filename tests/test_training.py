@@ -136,6 +136,19 @@ def test_training_learns_and_saves(kind, tmp_path):
     assert loaded.net.draft_vocab_size == 64
 
 
+def test_main_train_cli(tmp_path):
+    from parallelspec.training.train import main_train
+
+    model, _, _ = tiny_shards(tmp_path)
+    model.save_pretrained(tmp_path / "target")
+    argv = ["--target", str(tmp_path / "target"), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--k", "2", "--draft-vocab", "50", "--steps", "3", "--batch", "2", "--warmup", "1", "--eval-sequences", "2"]
+    assert main_train(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["config"]["depth"] == 2
+    assert ParallelDrafter.from_pretrained(tmp_path / "run" / "drafter", model).net.draft_vocab_size == 50
+
+
 def test_resume_continues_the_same_run(tmp_path):
     model, tr, ho = tiny_shards(tmp_path)
     net_a, straight = train(small_cfg(), model, tr, ho, tmp_path / "a", log=lambda m: None)
@@ -157,6 +170,12 @@ def test_draft_vocab_counts_generated_choices(tmp_path):
         counts += torch.bincount(s["topk_ids"][s["start"] - 1:len(s["ids"]) - 1, 0].long(), minlength=V)
     assert torch.equal(counts[d2t], counts.sort(descending=True).values[:10])
     assert coverage == pytest.approx(float(counts[d2t].sum() / counts.sum()))
+    # a prior ranks what the generated text never chose, and mixes into the rest
+    seen = int((counts > 0).sum())
+    prior = torch.arange(V, 0, -1)                    # id 0 most frequent
+    d2t, _ = build_draft_vocab(data, seen + 5, prior, prior_weight=1e-6)
+    assert set(d2t[:seen].tolist()) == set(counts.nonzero().squeeze(1).tolist())
+    assert d2t[seen:].tolist() == [i for i in range(V) if counts[i] == 0][:5]
 
 
 def _free_port():

@@ -229,6 +229,15 @@ class DraftNetwork(nn.Module):
             with torch.no_grad():
                 self.head.weight.copy_(rows)
 
+    def set_draft_vocab(self, draft_to_target: torch.Tensor, target) -> None:
+        """Swap the draft vocabulary of a network whose head is the target's (its outputs live in
+        the target's feature space, so any subset of the target's head applies)."""
+        if self.head is not None:
+            raise ValueError("set_draft_vocab: a trained head is tied to its vocabulary (head='trained')")
+        self.draft_to_target = draft_to_target.long().clone().to(self.draft_to_target.device)
+        self.cfg.draft_vocab_size = int(draft_to_target.numel())
+        self.attach_target(target)
+
     def fuse(self, tokens, features):
         """tokens [B, T] (target ids), features [B, T, d] -> fused inputs [B, T, d]."""
         if self.embed_weight.numel() == 0:

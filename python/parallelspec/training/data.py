@@ -117,6 +117,21 @@ def load_prompts(tokenizer, split: str, held_out: float = 0.02, max_prompt_token
     return out
 
 
+def sharegpt_token_counts(tokenizer, held_out: float = 0.02, path=None) -> torch.Tensor:
+    """How often each token id occurs in the training split's conversations (chat template
+    included): a broad prior for the draft vocabulary when little generated text exists."""
+    counts = torch.zeros(len(tokenizer), dtype=torch.long)
+    texts = []
+    for record in iter_sharegpt(path):
+        messages = conversation_messages(record)
+        if messages and not is_held_out(str(record.get("id", "")), held_out):
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    for s in range(0, len(texts), 256):
+        for ids in tokenizer(texts[s:s + 256], add_special_tokens=False)["input_ids"]:
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=counts.numel())[:counts.numel()]
+    return counts
+
+
 def autocast_for(device: torch.device, dtype: torch.dtype | None):
     """bf16 autocast where asked (None: full precision)."""
     if dtype is None:

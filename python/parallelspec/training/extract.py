@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import autocast_for, load_prompts, save_atomic, shard_path
+from .data import autocast_for, load_prompts, save_atomic, shard_path, sharegpt_token_counts
 
 
 @torch.no_grad()
@@ -162,6 +162,9 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
     if source not in ("self", "sharegpt"):
         raise ValueError(f"source: expected 'self' or 'sharegpt', got {source!r}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    prior = Path(out_dir) / "sharegpt-counts.pt"
+    if not prior.exists():      # the draft vocabulary's prior (train.build_draft_vocab), ~1.5 min once
+        save_atomic(sharegpt_token_counts(tokenizer, held_out), prior)
     t0, tokens = time.time(), 0
     for split, count in (("heldout", heldout_shards), ("train", train_shards)):
         items = load_prompts(tokenizer, split, held_out, max_prompt_tokens, conversations=source == "sharegpt")
@@ -186,8 +189,9 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
             log(f"{split} shard {s + 1}/{n}: +{new} tokens ({tokens} this run, {tokens / el:.0f} tok/s), {el:.0f} s")
 
 
-def main_extract(argv=None) -> None:
-    """`parallelspec extract`: self-distilled data + the target pass, resumable shards."""
+def main_extract(argv=None) -> int:
+    """`parallelspec extract`: self-distilled data + the target pass, resumable shards.
+    Returns the exit code."""
     ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__)
     ap.add_argument("--target", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--out", required=True, help="shard directory (outside git)")
@@ -213,10 +217,11 @@ def main_extract(argv=None) -> None:
                source=args.source,               shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
                top_k=args.top_k, max_len=args.max_len, held_out=args.held_out, max_prompt_tokens=args.max_prompt_tokens,
                autocast_dtype=None if args.fp32 else torch.bfloat16, log=lambda m: print(m, flush=True))
+    return 0
 
 
-def load_target(path, device=torch.device("cpu")):
-    """(model, tokenizer): a HF causal LM directory, or the embedded default target."""
+def load_target(path, device=torch.device("cpu"), with_tokenizer: bool = True):
+    """(model, tokenizer or None): a HF causal LM directory, or the embedded default target."""
     if path is None:
         from ..models import load_default_target
 
@@ -225,7 +230,7 @@ def load_target(path, device=torch.device("cpu")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     return model.to(device), tokenizer
 
 
