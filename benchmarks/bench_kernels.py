@@ -37,21 +37,26 @@ def random_parents(n: int, g: torch.Generator) -> torch.Tensor:
     return parents
 
 
+def attention_inputs(g, device, dtype, shape_name, batch, n, prefix):
+    """q [B,Hq,n,D], new k/v [B,Hkv,n,D], a cache with room for them, lens = prefix."""
+    Hq, Hkv, D = HEAD_SHAPES[shape_name]
+    S = prefix + n + 8
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    lens = torch.full((batch,), prefix, dtype=torch.int64, device=device)
+    return (rand(batch, Hq, n, D), rand(batch, Hkv, n, D), rand(batch, Hkv, n, D), rand(batch, Hkv, S, D),
+            rand(batch, Hkv, S, D), lens)
+
+
 def backends_for(op: str, device: torch.device) -> list[str]:
     names = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
     return [b for b in names if _backend.why_unavailable(op, b, device) is None]
 
 
 def bench_tree_attention(device, dtype, shape_name, prefix, n, batch=1):
-    Hq, Hkv, D = HEAD_SHAPES[shape_name]
-    S = prefix + n + 8
     g = torch.Generator().manual_seed(prefix * 1000 + n)
-    q = torch.randn(batch, Hq, n, D, generator=g).to(device, dtype)
-    kn = torch.randn(batch, Hkv, n, D, generator=g).to(device, dtype)
-    vn = torch.randn(batch, Hkv, n, D, generator=g).to(device, dtype)
-    kc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
-    vc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
-    lens = torch.full((batch,), prefix, dtype=torch.int64, device=device)
+    q, kn, vn, kc, vc, lens = attention_inputs(g, device, dtype, shape_name, batch, n, prefix)
     parents = random_parents(n, g)
     packed = ps_kernels.tree_mask_from_parents(parents).to(device)
     tree_bool = ref.unpack_tree_mask(packed, n, 1, device)[0]
@@ -77,16 +82,9 @@ def bench_tree_attention(device, dtype, shape_name, prefix, n, batch=1):
 
 
 def bench_draft_attention(device, dtype, shape_name, prefix, r, m, batch=1):
-    Hq, Hkv, D = HEAD_SHAPES[shape_name]
     T = r + m
-    S = prefix + T + 8
     g = torch.Generator().manual_seed(prefix + 7 * r)
-    q = torch.randn(batch, Hq, T, D, generator=g).to(device, dtype)
-    kn = torch.randn(batch, Hkv, T, D, generator=g).to(device, dtype)
-    vn = torch.randn(batch, Hkv, T, D, generator=g).to(device, dtype)
-    kc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
-    vc = torch.randn(batch, Hkv, S, D, generator=g).to(device, dtype)
-    lens = torch.full((batch,), prefix, dtype=torch.int64, device=device)
+    q, kn, vn, kc, vc, lens = attention_inputs(g, device, dtype, shape_name, batch, T, prefix)
     new_lens = torch.full((batch,), r, dtype=torch.int64, device=device)
     dense = torch.zeros(T, prefix + T, dtype=torch.bool, device=device)
     dense[:, :prefix] = True
@@ -176,11 +174,8 @@ def main(argv=None):
 
 
 def plot(rows, path, meta):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = harness.pyplot()
+    if plt is None:
         return
     ta = [r for r in rows if r["op"] == "tree_attention"]
     shapes = sorted({r["shape_name"] for r in ta})

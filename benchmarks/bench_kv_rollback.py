@@ -100,12 +100,8 @@ def main(argv=None):
 
 
 def plot(rows, path, meta):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = harness.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for B in sorted({r["batch"] for r in rows}):

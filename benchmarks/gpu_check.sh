@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 MAX_JOBS=${MAX_JOBS:-16} HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-dev}
 export PS_KERNELS_CUDA_ARCHS=${PS_KERNELS_CUDA_ARCHS:-9.0}
 PY=${PY:-python3}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }

@@ -35,6 +35,22 @@ def dtypes(backend: str):
     return [torch.float32, torch.float16] if interpreted(backend) else [torch.float32, torch.float16, torch.bfloat16]
 
 
+def draw_layout(data, backend: str, max_batch: int):
+    """Hypothesis draws shared by the attention tests: (interp, dtype, B, Hkv, group, D, prefix
+    lengths (0 often), scale)."""
+    from hypothesis import strategies as st
+    interp = interpreted(backend)
+    dtype = data.draw(st.sampled_from(dtypes(backend)), label="dtype")
+    B = data.draw(st.integers(1, 2 if interp else max_batch), label="B")
+    Hkv = data.draw(st.integers(1, 2 if interp else 3), label="Hkv")
+    group = data.draw(st.sampled_from([1, 2, 3] if interp else [1, 2, 3, 8]), label="group")
+    D = data.draw(st.sampled_from([40, 64] if interp else [40, 64, 72, 80, 96, 128]), label="D")
+    max_p = 24 if interp else 300
+    prefix = data.draw(st.lists(st.one_of(st.just(0), st.integers(0, max_p)), min_size=B, max_size=B), label="P")
+    scale = data.draw(st.sampled_from([None, 0.05, 1.0]), label="scale")
+    return interp, dtype, B, Hkv, group, D, prefix, scale
+
+
 def random_qkv_cache(rng: torch.Generator, B, Hq, Hkv, rows, D, S, dtype, q_gain=1.0):
     """q [B, Hq, rows, D], k_new/v_new [B, Hkv, rows, D], k_cache/v_cache [B, Hkv, S, D] (random
     contents everywhere, so a row written where it should not be is seen)."""

@@ -5,7 +5,8 @@ from hypothesis import given, strategies as st
 import ps_kernels
 from ps_kernels import reference as ref
 
-from attention_cases import backends, check_against_reference, dtypes, interpreted, random_qkv_cache
+from attention_cases import (backends, check_against_reference, draw_layout, dtypes, interpreted,
+                             random_qkv_cache)
 from helpers import DEVICE
 
 OP = "draft_attention"
@@ -37,18 +38,10 @@ def build(rng, B, Hq, Hkv, R, M, D, prefix_lens, real_lens, dtype, extra_rows=0)
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_matches_reference_random(backend, data):
-    interp = interpreted(backend)
-    dtype = data.draw(st.sampled_from(dtypes(backend)), label="dtype")
-    B = data.draw(st.integers(1, 2 if interp else 4), label="B")
-    Hkv = data.draw(st.integers(1, 2 if interp else 3), label="Hkv")
-    group = data.draw(st.sampled_from([1, 2, 3] if interp else [1, 2, 3, 8]), label="group")
-    D = data.draw(st.sampled_from([40, 64] if interp else [40, 64, 72, 80, 96, 128]), label="D")
+    interp, dtype, B, Hkv, group, D, prefix, scale = draw_layout(data, backend, max_batch=4)
     R = data.draw(st.integers(0, 4) if interp else st.one_of(st.integers(0, 8), st.integers(60, 80)), label="R")
     M = data.draw(st.integers(0, 3 if interp else 7), label="M")
     real = data.draw(st.lists(st.integers(0, R), min_size=B, max_size=B), label="new_lens")
-    max_p = 24 if interp else 300
-    prefix = data.draw(st.lists(st.one_of(st.just(0), st.integers(0, max_p)), min_size=B, max_size=B), label="P")
-    scale = data.draw(st.sampled_from([None, 0.05, 1.0]), label="scale")
     rng = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), label="seed"))
     case = build(rng, B, Hkv * group, Hkv, R, M, D, prefix, real, dtype, extra_rows=data.draw(st.integers(0, 3)))
     run_case(backend, *case, scale=scale)

@@ -16,13 +16,7 @@ TREES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: intra-op threads only add overhead on this shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -116,3 +110,21 @@ def test_max_length_counts_the_prompt_columns():
     reference = model.generate(ids, attention_mask=mask, max_length=12, do_sample=False)
     out = ps.generate(model, ids, attention_mask=mask, max_length=12)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tree", ["chain", "dynamic", "auto"])
+@pytest.mark.parametrize("kind", ["parallel", "eagle", "hybrid"])
+def test_model_drafters_greedy_match_hf(case, kind, tree):
+    """The real drafter networks (random weights: losslessness must not depend on their
+    quality) through the whole loop: draft_attention, their caches, features, rollback."""
+    from parallelspec.autotree import AutoTree
+    from parallelspec.drafters import build_network
+
+    model, ids, mask, reference = case
+    net = build_network(model, parallel=kind != "eagle", depth=3, seed=2)
+    drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
+    if kind == "hybrid":
+        drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter])
+    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
+    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=builder, tree_nodes=8)
+    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)

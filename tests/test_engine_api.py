@@ -13,12 +13,7 @@ from engine_helpers import OracleDrafter, hf_greedy, left_padded, tiny_model
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ FLAT = {1: 1.0, 64: 1.05}            # verification width almost free (a GPU)
 STEEP = {1: 1.0, 2: 3.0, 64: 200.0}  # every extra node costs two steps (never worth it)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

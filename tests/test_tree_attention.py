@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 import ps_kernels
 from ps_kernels import reference as ref
 
-from attention_cases import (backends, check_against_reference, dtypes, interpreted, random_parents,
+from attention_cases import (backends, check_against_reference, draw_layout, dtypes, interpreted, random_parents,
                              random_qkv_cache)
 from helpers import DEVICE
 
@@ -41,17 +41,9 @@ def build(rng, B, Hq, Hkv, N, D, prefix_lens, dtype, mask_kind, extra_rows=0, q_
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_matches_reference_random(backend, data):
-    interp = interpreted(backend)
-    dtype = data.draw(st.sampled_from(dtypes(backend)), label="dtype")
-    B = data.draw(st.integers(1, 2 if interp else 3), label="B")
-    Hkv = data.draw(st.integers(1, 2 if interp else 3), label="Hkv")
-    group = data.draw(st.sampled_from([1, 2, 3] if interp else [1, 2, 3, 8]), label="group")
-    D = data.draw(st.sampled_from([40, 64] if interp else [40, 64, 72, 80, 96, 128]), label="D")
+    interp, dtype, B, Hkv, group, D, prefix, scale = draw_layout(data, backend, max_batch=3)
     N = data.draw(st.integers(1, 6) if interp else st.one_of(st.integers(1, 20), st.integers(60, 140)), label="N")
-    max_p = 24 if interp else 300
-    prefix = data.draw(st.lists(st.one_of(st.just(0), st.integers(0, max_p)), min_size=B, max_size=B), label="P")
     mask_kind = data.draw(st.sampled_from(["causal", "shared", "per_batch"]), label="mask")
-    scale = data.draw(st.sampled_from([None, 0.05, 1.0]), label="scale")
     rng = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), label="seed"))
     case = build(rng, B, Hkv * group, Hkv, N, D, prefix, dtype, mask_kind, extra_rows=data.draw(st.integers(0, 3)))
     run_case(backend, *case, scale=scale)

@@ -4,28 +4,20 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/kv_rollback_params.h"
+
 namespace ps_kernels::cpu {
 
-struct KvRollbackArgs {
-  char* cache;                  // base of [L, 2, B, H, S, D]
-  int64_t planes;               // L * 2
-  int64_t batch, heads, seq, row_bytes;  // row_bytes = D * itemsize
-  const int64_t* cache_lens;    // [B]
-  const int64_t* accept_index;  // [B, A] (int64)
-  int64_t accept_stride;        // A
-  const int64_t* accept_lens;   // [B]
-};
-
-// Work item w in [0, planes * B * H) is one (plane, b, h) slab of S rows. Rows move in
-// increasing i; since accept_index is strictly increasing, src >= dst, so a forward walk
-// never overwrites a row that a later i still reads (the memmove argument).
-inline void kv_rollback_items(const KvRollbackArgs& a, int64_t begin, int64_t end) {
+// Work item w in [0, slabs) is one (plane, b, h) slab of S rows. Rows move in increasing i;
+// since accept_index is strictly increasing, src >= dst, so a forward walk never overwrites a
+// row that a later i still reads (the memmove argument).
+inline void kv_rollback_items(const KvRollbackParams& a, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; ++w) {
     const int64_t b = (w / a.heads) % a.batch;
     const int64_t n = a.accept_lens[b];
     if (n <= 0) continue;
     const int64_t base = a.cache_lens[b];
-    char* slab = a.cache + w * a.seq * a.row_bytes;
+    char* slab = static_cast<char*>(a.cache) + w * a.seq * a.row_bytes;
     const int64_t* idx = a.accept_index + b * a.accept_stride;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t src = base + idx[i], dst = base + i;

@@ -1,20 +1,12 @@
 // kv_rollback, CUDA kernel: framework-free (raw pointers, sizes, a stream). The torch
 // binding is kv_rollback_binding.cpp. Layout: cache[L, 2, B, H, S, D] contiguous.
 #pragma once
+#include "../common/kv_rollback_params.h"
 #include "common.cuh"
 
 namespace ps_kernels::cuda {
 
-struct KvRollbackParams {
-  void* cache;                  // [L, 2, B, H, S, D]
-  int64_t slabs;                // L * 2 * B * H
-  int64_t batch, heads, seq;
-  int64_t row_bytes;            // D * itemsize
-  const int64_t* cache_lens;    // [B]
-  const int64_t* accept_index;  // [B, A]
-  int64_t accept_stride;        // A
-  const int64_t* accept_lens;   // [B]
-};
+using ps_kernels::KvRollbackParams;  // ../common/kv_rollback_params.h
 
 #if defined(__CUDACC__)  // kernel bodies: nvcc only; the torch binding (host C++) sees declarations
 // One thread owns one vector-sized column of one (plane, b, h) slab and walks the accepted

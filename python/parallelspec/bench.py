@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .benchutil import RESULTS, machine_info, markdown_table, write_results
+from .benchutil import RESULTS, machine_info, markdown_table, pyplot, write_results
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
 # the smallest SmolLM2 and no other is shipped for offline use, so there is none to compare.
@@ -288,11 +288,8 @@ def main(argv=None) -> int:
 
 
 def _plot(summary, path, meta):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     cats = sorted({s["category"] for s in summary})
     methods = list(dict.fromkeys(s["method"] for s in summary))

@@ -114,5 +114,17 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None (with a note) when not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
 def quick() -> bool:
     return os.environ.get("PS_BENCH_QUICK") == "1"
