@@ -50,10 +50,10 @@ def table_kernels(device: str):
         rs = [r for r in rows if r["op"] == op]
         if not rs:
             continue
-        times = [k for k in rs[0] if k.endswith("_us")]
-        speed = [k for k in rs[0] if k.endswith("_speedup")]
+        times = list(dict.fromkeys(k for r in rs for k in r if k.endswith("_us")))
+        speed = list(dict.fromkeys(k for r in rs for k in r if k.endswith(("_speedup", "_vs_decode"))))
         cols = [(k, k) for k in keys] + [(k, k.replace("_us", " (us)")) for k in times] + \
-               [(k, k.replace("_speedup", " speedup")) for k in speed]
+               [(k, k.replace("_speedup", " speedup").replace("_vs_decode", " vs plain decode")) for k in speed]
         out.append(f"**{op}**\n\n" + harness.markdown_table(rs, cols))
     return "\n\n".join(out) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device}")
 

@@ -50,8 +50,9 @@ class AutoTree(TreeBuilder):
         # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
         # can overwrite this with what it measures
         self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
-        self.calibration = 1.0        # observed accepted extra tokens / predicted, running ratio
+        self.calibration = 1.0        # accepted / predicted extra tokens (observe)
         self._predicted = 0.0
+        self._seen_total = self._predicted_total = 4.0
         self.last_nodes = 1
 
     # -- cost model -------------------------------------------------------------------------
@@ -81,12 +82,14 @@ class AutoTree(TreeBuilder):
 
     def observe(self, accept_lens: torch.Tensor) -> None:
         """Rescale the draft's acceptance estimates by what was accepted (one host read; the
-        engine calls this after each step). calibration tracks observed / predicted extra tokens
-        with an exponential average, capped at 1 (never trust a drafter more than it claims)."""
+        engine calls this after each step): calibration = accepted / predicted extra tokens
+        summed over the steps so far, starting from a prior of 4 predicted = 4 accepted, capped
+        at 1 (never trust a drafter more than it claims) and floored at 0.3 (a run of rejections
+        must not shut drafting off for good: with no tree there is nothing left to observe)."""
         if self._predicted > 0:
-            seen = float((accept_lens - 1).clamp(min=0).sum())
-            ratio = seen / (self._predicted * self.calibration)
-            self.calibration = min(1.0, max(0.05, self.calibration * (0.9 + 0.1 * ratio)))
+            self._seen_total += float((accept_lens - 1).clamp(min=0).sum())
+            self._predicted_total += self._predicted
+            self.calibration = min(1.0, max(0.3, self._seen_total / self._predicted_total))
 
     # -- candidates -> trie ----------------------------------------------------------------
     def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
@@ -171,9 +174,9 @@ class AutoTree(TreeBuilder):
         return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth)
 
 
-def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 5,
+def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 7,
                         cache: bool = True) -> dict[int, float]:
-    """Median seconds of one target forward (LM head included) over N new tokens on a
+    """Fastest of `repeats` timings of one target forward (LM head included) over N new tokens on a
     `prefix`-token cache, for each N in `sizes`. Cached per (model shape, dtype, device, threads)."""
     from .hf import TargetModel
     from .models import cache_dir
@@ -204,7 +207,7 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 times.append(time.perf_counter() - t0)
-            costs[n] = sorted(times[1:])[len(times[1:]) // 2]
+            costs[n] = min(times[1:])  # interference only ever adds time: the minimum is the cost
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs))
