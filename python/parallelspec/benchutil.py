@@ -105,6 +105,8 @@ def progress(i: int, n: int, label: str) -> None:
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """columns: (key, header). Floats get 3 significant digits."""
     def fmt(v):
+        if v is None:
+            return "-"
         if isinstance(v, float):
             return f"{v:.3g}"
         return str(v)
