@@ -31,7 +31,7 @@ import torch
 from ps_kernels import tree_mask_from_parents
 
 from .drafters.base import DraftCandidates
-from .trees import Tree, TreeBuilder
+from .trees import Tree, TreeBuilder, beam_levels
 
 _COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -94,18 +94,12 @@ class AutoTree(TreeBuilder):
     # -- candidates -> trie ----------------------------------------------------------------
     def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
         """Per sequence: {token path: score} of the `width` best paths at every depth."""
-        tokens, logprobs = candidates.tokens, candidates.logprobs
-        B, k, m = tokens.shape
+        tokens = candidates.tokens
+        B, k, _ = tokens.shape
         k = k if self.depth is None else min(self.depth, k)
-        lp = logprobs[:, :k].double().clamp(min=-1e4)
-        scores = torch.zeros(B, 1, dtype=torch.float64, device=tokens.device)
-        levels = []
-        for d in range(k):
-            expanded = (scores[:, :, None] + lp[:, d, None, :]).reshape(B, -1)
-            w = min(width, expanded.shape[1])
-            scores, flat = expanded.topk(w, dim=1)
-            levels.append((scores, flat // m, tokens[:, d].gather(1, flat % m)))
-        host = [(s.tolist(), p.tolist(), t.tolist()) for s, p, t in levels]  # the step's host transfer
+        levels = beam_levels(candidates.logprobs, k, width)
+        host = [(s.tolist(), p.tolist(), tokens[:, d].gather(1, c).tolist())  # the step's host transfer
+                for d, (s, p, c) in enumerate(levels)]
         out = []
         for b in range(B):
             nodes: dict[tuple, float] = {}

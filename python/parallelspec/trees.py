@@ -140,6 +140,22 @@ _LOGPROB_FLOOR = -1e4
 _DEPTH_EPS = 1e-6
 
 
+def beam_levels(logprobs: torch.Tensor, k: int, width: int, depth_eps: float = 0.0):
+    """Level-by-level beam over per-depth candidates [B, k, m]: for each depth d < k, the best
+    `width` partial paths as (scores [B, w] float64 sorted, parent [B, w] position in the
+    previous level's beam, choice [B, w] candidate index at depth d). A path's score is its
+    summed log-probability (floored at _LOGPROB_FLOOR), minus depth_eps per level."""
+    B, _, m = logprobs.shape
+    lp = logprobs[:, :k].to(torch.float64).clamp(min=_LOGPROB_FLOOR)
+    scores = torch.zeros(B, 1, dtype=torch.float64, device=logprobs.device)  # the root's beam
+    levels = []
+    for d in range(k):
+        expanded = (scores[:, :, None] + lp[:, d, None, :] - depth_eps).reshape(B, -1)  # [B, w*m]
+        scores, flat = expanded.topk(min(width, expanded.shape[1]), dim=1)  # sorted by score
+        levels.append((scores, flat // m, flat % m))
+    return levels
+
+
 class DynamicTree(TreeBuilder):
     """EAGLE-2-style: the `nodes - 1` best paths by summed draft log-probability (plus the root),
     up to `depth` deep (the drafter's k by default).
@@ -163,16 +179,7 @@ class DynamicTree(TreeBuilder):
         k = k if self.depth is None else min(self.depth, k)
         width = self.nodes - 1
         dev = root.device
-        lp = logprobs[:, :k].to(torch.float64).clamp(min=_LOGPROB_FLOOR)
-        level_scores, level_choice, level_parent = [], [], []
-        scores = torch.zeros(B, 1, dtype=torch.float64, device=dev)  # the root's beam
-        for d in range(k):
-            expanded = (scores[:, :, None] + lp[:, d, None, :] - _DEPTH_EPS).reshape(B, -1)  # [B, w*m]
-            w = min(width, expanded.shape[1])
-            scores, flat = expanded.topk(w, dim=1)  # sorted: the beam's order is by score
-            level_scores.append(scores)
-            level_choice.append(flat % m)
-            level_parent.append(flat // m)  # position in the previous level's beam
+        level_scores, level_parent, level_choice = map(list, zip(*beam_levels(logprobs, k, width, _DEPTH_EPS)))
         sizes = [s.shape[1] for s in level_scores]
         offsets = [sum(sizes[:d]) for d in range(k)]
         all_scores = torch.cat(level_scores, dim=1)  # [B, T], levels in depth order
