@@ -113,6 +113,15 @@ def select(op: str, device: torch.device, backend: str | None, auto_order: tuple
     lets an op reorder the automatic choice for a shape where measurements favour another
     backend; a named backend is never overridden."""
     requested = backend if backend is not None else os.environ.get("PS_KERNELS_BACKEND") or None
+    if requested is not None and not isinstance(requested, str):
+        raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {requested!r}")
+    return _select(op, device.type, requested, auto_order, interpreting())
+
+
+@lru_cache(maxsize=None)  # the answer is fixed for a process per (op, device type, request, env)
+def _select(op: str, device_type: str, requested: str | None, auto_order: tuple[str, ...] | None,
+            interp: bool) -> str:
+    device = torch.device(device_type)
     if requested is not None and requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {requested!r}")

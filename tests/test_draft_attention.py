@@ -120,6 +120,25 @@ def test_bad_input_names_argument_and_writes_nothing(mutate, match):
     assert all(torch.equal(a, b) for a, b in zip(args[3:5], before))
 
 
+@pytest.mark.parametrize("mutate, match", [
+    (_set(1, lambda a: a[1][:, :, :4]), "k_new, v_new: expected"),
+    (_set(6, torch.tensor([4, 1])), r"new_lens: expected values in \[0, 3\], got new_lens\[0\] = 4"),
+    (_set(5, torch.tensor([2, 8])), r"cache_lens\[b\] \+ new_lens\[b\] <= 8 .* cache_lens\[1\] = 8"),
+    (_set(7, 6), "num_masks: expected 0..5, got 6"),
+])
+def test_native_binding_guards_memory_without_validation(mutate, match):
+    """validate=False skips the Python checks for the native backend; its binding still refuses
+    what would read or write out of bounds."""
+    reason = ps_kernels._backend.why_unavailable(OP, "cpu", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    args = mutate(_good())
+    before = [a.clone() for a in args[3:5]]
+    with pytest.raises(RuntimeError, match=match):
+        ps_kernels.draft_attention(*args, validate=False, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(args[3:5], before))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck(backend):
     if ps_kernels._backend.why_unavailable(OP, backend, torch.device("cpu")) is not None:

@@ -165,6 +165,27 @@ def test_bad_input_names_argument_and_writes_nothing(mutate, match):
     assert all(torch.equal(a, b) for a, b in zip(args[3:5], before))
 
 
+@pytest.mark.parametrize("mutate, match", [
+    (_set(1, lambda a: a[1][:, :, :2]), "k_new, v_new: expected"),
+    (_set(1, lambda a: torch.randn(2, 3, 3, 64)), "k_new: expected a number of KV heads dividing 4"),
+    (_set(3, lambda a: a[3].transpose(2, 3)), "k_cache: expected a contiguous 4-d CPU tensor"),
+    (_set(5, torch.tensor([2, 6])), r"cache_lens\[b\] \+ N \(tree nodes\) <= 8 .* cache_lens\[1\] = 6"),
+    (_set(5, torch.tensor([-1, 0])), r"cache_lens\[0\] = -1"),
+    (_set(6, torch.ones(3, 3, 1, dtype=torch.int64)), "tree_mask: expected contiguous int64"),
+])
+def test_native_binding_guards_memory_without_validation(mutate, match):
+    """validate=False skips the Python checks for the native backend: its binding must still
+    refuse every argument that would make it read or write out of bounds."""
+    reason = ps_kernels._backend.why_unavailable(OP, "cpu", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    args = mutate(_good())
+    before = [a.clone() for a in args[3:5]]
+    with pytest.raises(RuntimeError, match=match):
+        ps_kernels.tree_attention(*args, validate=False, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(args[3:5], before))
+
+
 def test_bad_scale_and_validate_false_skips_value_checks():
     args = _good()
     with pytest.raises(TypeError, match="scale: expected None or a finite float, got nan"):

@@ -37,6 +37,18 @@ inline void check_contract(const at::Tensor& q, const at::Tensor& k_new, const a
               "cache_lens: expected contiguous int64 [", B, "], got ", cache_lens.scalar_type(), " ", cache_lens.sizes());
 }
 
+// Memory safety of the rows the kernel writes and reads: 0 <= cache_lens[b] and
+// cache_lens[b] + rows(b) <= S for every sequence (the lengths live on the CPU: no sync to pay).
+template <typename RowsFn>
+inline void check_rows_fit(const at::Tensor& cache_lens, int64_t S, const RowsFn& rows, const char* rows_what) {
+  const int64_t* lens = cache_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < cache_lens.numel(); ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] + rows(b) <= S, "cache_lens: expected 0 <= cache_lens[b] and cache_lens[b] + ",
+                rows_what, " <= ", S, " (the cache capacity S), got cache_lens[", b, "] = ", lens[b], " with ",
+                rows(b), " rows");
+  }
+}
+
 // Calls fn(Problem<T>) with T = float / Half / BFloat16 per q's dtype.
 template <typename Fn>
 void with_problem(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,

@@ -19,6 +19,11 @@ void draft_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at:
               new_lens.sizes());
   const int64_t R = T - num_masks;
   const int64_t* lens = new_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= R, "new_lens: expected values in [0, ", R, "], got new_lens[", b, "] = ",
+                lens[b]);
+  }
+  attn::check_rows_fit(cache_lens, k_cache.size(2), [lens](int64_t b) { return lens[b]; }, "new_lens[b]");
   attn::with_problem(q, k_new, v_new, k_cache, v_cache, cache_lens, scale, out, lse, [&](const auto& p) {
     // real rows 0..r-1 then the mask slots R..T-1: the pattern is causal over that order
     const auto seq_rows = [=](int64_t b) {

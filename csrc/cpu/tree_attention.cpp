@@ -15,7 +15,7 @@ void tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::
                         double scale, at::Tensor out, at::Tensor lse) {
   attn::check_contract(q, k_new, v_new, k_cache, v_cache, cache_lens, out, lse);
   const int64_t B = q.size(0), N = q.size(2), W = (N + 63) / 64;
-  TORCH_CHECK(k_cache.size(2) >= N, "k_cache: expected room for ", N, " tree rows, got S = ", k_cache.size(2));
+  attn::check_rows_fit(cache_lens, k_cache.size(2), [N](int64_t) { return N; }, "N (tree nodes)");
   if (tree_mask.has_value()) {
     TORCH_CHECK(tree_mask->scalar_type() == at::kLong && tree_mask->is_contiguous() &&
                     tree_mask->sizes() == at::IntArrayRef({B, N, W}),

@@ -86,7 +86,8 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of the scaled scores (-inf on padding rows).
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
-        validate: check values (lengths, cache room; one host sync); pass False in hot loops.
+        validate: check values (lengths, cache room; one host sync); pass False in hot loops
+            (the native backends then also skip the Python shape checks, as in tree_attention).
 
     Returns:
         ``out [B, Hq, T, D]`` in q's dtype (0 on padding rows), and with ``return_lse`` also
@@ -101,9 +102,12 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         >>> out[1, :, 1:4].abs().max()                      # sequence 1 has one real token: padding
         tensor(0.)
     """
-    _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, validate)
-    scale = _attention.check_scale(scale, q.shape[-1])
+    if validate:
+        _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, True)
     name = _backend.select(OP, q.device, backend)
+    if not validate and name not in _attention.NATIVE:
+        _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, False)
+    scale = _attention.check_scale(scale, q.shape[-1])
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     new_lens = new_lens.to(torch.int64).contiguous()
     run = _draft_attention_op if torch.compiler.is_compiling() else _run  # as in tree_attention

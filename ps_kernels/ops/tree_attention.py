@@ -127,7 +127,8 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
         return_lse: also return the log-sum-exp of the scaled scores.
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
         validate: check values (cache room, mask is a tree; one host sync); pass False in hot
-            loops whose masks come from ``tree_mask_from_parents``.
+            loops whose masks come from ``tree_mask_from_parents``. With False the native
+            backends also skip the Python shape checks (their bindings check the contract).
 
     Returns:
         ``out [B, Hq, N, D]`` in q's dtype, and with ``return_lse`` also ``lse [B, Hq, N]`` fp32.
@@ -143,9 +144,12 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
         >>> out.shape
         torch.Size([1, 9, 4, 64])
     """
-    _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, validate)
-    scale = _attention.check_scale(scale, q.shape[-1])
+    if validate:
+        _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, True)
     name = _backend.select(OP, q.device, backend, _auto_order(q, k_new.shape[1]))
+    if not validate and name not in _attention.NATIVE:
+        _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, False)
+    scale = _attention.check_scale(scale, q.shape[-1])
     if tree_mask is not None and tree_mask.dim() == 2:
         tree_mask = tree_mask.expand(q.shape[0], -1, -1)
     mask = None if tree_mask is None else tree_mask.contiguous()

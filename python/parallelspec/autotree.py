@@ -185,7 +185,7 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
         return {int(k): v for k, v in json.loads(path.read_text()).items()}
     kv = target.new_cache(1, prefix + max(sizes) + 1)
     ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), device=dev)
-    with torch.no_grad(), target.attention():
+    with torch.inference_mode(), target.attention():
         target.forward(ids[:, :prefix], torch.arange(prefix, device=dev)[None], kv, None)
         kv.lens.fill_(prefix)
         costs = {}

@@ -25,6 +25,10 @@ class KVCache:
         self.max_capacity = max_capacity
         self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self._layers = self._views()
+
+    def _views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.kv[i, 0], self.kv[i, 1]) for i in range(self.kv.shape[0])]  # once, not per layer call
 
     @property
     def capacity(self) -> int:
@@ -36,7 +40,7 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) views of one layer, each [B, H_kv, S, D]."""
-        return self.kv[index, 0], self.kv[index, 1]
+        return self._layers[index]
 
     def reserve(self, rows: int) -> None:
         """Make room for `rows` rows per sequence: grow (reallocate, copy the rows in use) when
@@ -52,6 +56,7 @@ class KVCache:
         kv = self.kv.new_zeros(*self.kv.shape[:4], grown, self.kv.shape[5])
         kv[..., :self.capacity, :] = self.kv
         self.kv = kv
+        self._layers = self._views()
 
     def commit(self, accept_index: torch.Tensor, accept_lens: torch.Tensor) -> None:
         """Keep each sequence's accepted tree rows (path order, relative to lens) right after its

@@ -218,7 +218,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     out = _Output(input_ids, settings, slack=1)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
-    with torch.no_grad(), target.attention():
+    with torch.inference_mode(), target.attention():
         hidden = prefill(target, cache, rows, lens)
         root = first_token(target, hidden, lens, settings.sampling)
         _, done = out.record(root[:, None], torch.ones_like(lens))
