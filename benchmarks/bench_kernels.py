@@ -9,7 +9,11 @@ baseline in the same run.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--quick]
 
-Writes benchmarks/results/kernels_<device>.{json,csv,png}."""
+Each attention row also reports GFLOP/s and `gemm_bound_speedup`: the machine's dense GEMM rate
+(measured in the same run, same dtype) over the baseline's rate, i.e. the most any kernel that
+does the same FLOPs at GEMM speed could gain over it.
+
+Writes benchmarks/results/kernels_<device>[_<dtype>].{json,csv,png} (no suffix for float32)."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +128,24 @@ def bench_tree_accept(device, batch, n, vocab, mode):
     return fns
 
 
+def attention_flops(op: str, params: dict) -> float:
+    """Multiply-adds x 2 of QK^T and PV over every (query row, key row) pair a dense-mask
+    kernel computes: the work SDPA does and the work our kernels do (they skip only masked
+    tree nodes, a few percent)."""
+    Hq, _, D = HEAD_SHAPES[params["shape_name"]]
+    rows = params["n"] if op == "tree_attention" else params["r"] + params["m"]
+    return 4.0 * Hq * rows * (params["prefix"] + rows) * D
+
+
+def gemm_gflops(device, dtype, size: int = 2048) -> float:
+    """The machine's dense matmul rate in this dtype (torch's GEMM, square `size`): the
+    practical ceiling for attention kernels, which are matmuls with a softmax between."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    t = harness.measure(lambda: a @ b, device, reps=5, min_seconds=0.2)["median_s"]
+    return 2.0 * size ** 3 / t / 1e9
+
+
 def cases(quick: bool):
     prefixes = [128, 1024, 4096] if quick else [128, 512, 1024, 2048, 4096]
     nodes = [1, 16, 64] if quick else [1, 4, 16, 64, 128]
@@ -151,6 +173,8 @@ def main(argv=None):
     wanted = set(args.ops.split(","))
     todo = [c for c in cases(args.quick or harness.quick()) if c[0] in wanted]
     rows = []
+    gemm = gemm_gflops(device, dtype)
+    print(f"GEMM ceiling ({args.dtype}): {gemm:.0f} GFLOP/s", file=sys.stderr)
     for i, (op, params) in enumerate(todo, 1):
         harness.progress(i, len(todo), f"{op} {params}")
         if op == "tree_attention":
@@ -159,7 +183,7 @@ def main(argv=None):
             fns = bench_draft_attention(device, dtype, **params)
         else:
             fns = bench_tree_accept(device, **params)
-        times = {name: harness.measure(fn, device, reps=10, min_seconds=0.1)["median_s"] for name, fn in fns.items()}
+        times = {name: m["median_s"] for name, m in harness.measure_interleaved(fns, device).items()}
         base = "python_loop" if op == "tree_accept" else "sdpa_dense_mask"
         row = {"op": op, **params, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
         for k, v in times.items():
@@ -168,10 +192,17 @@ def main(argv=None):
             row[f"{k}_speedup"] = times[base] / v
             if "sdpa_decode" in times:  # N = 1: against the plain decode too
                 row[f"{k}_vs_decode"] = times["sdpa_decode"] / v
+        if op in ("tree_attention", "draft_attention"):
+            flops = attention_flops(op, params)
+            for k, v in times.items():
+                if k != "sdpa_decode":
+                    row[f"{k}_gflops"] = flops / v / 1e9
+            # no kernel doing these FLOPs at the GEMM rate beats the baseline by more than this
+            row["gemm_bound_speedup"] = gemm / row[f"{base}_gflops"]
         rows.append(row)
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
-    meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES}
-    name = f"kernels_{device.type}"
+    meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm}
+    name = f"kernels_{device.type}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     jpath, _ = harness.write_results(name, rows, meta)
     plot(rows, harness.RESULTS / f"{name}.png", meta)
     print(f"wrote {jpath}")

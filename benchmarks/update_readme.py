@@ -39,8 +39,10 @@ def table_kv_rollback(device: str):
     return harness.markdown_table(data["rows"], cols) + _source(data["meta"], f"python benchmarks/bench_kv_rollback.py --device {device}")
 
 
-def table_kernels(device: str):
-    data = _load(f"kernels_{device}")
+def table_kernels(suffix: str):
+    """suffix: <device> or <device>_<dtype> (as bench_kernels.py names its results)."""
+    device, _, dtype = suffix.partition("_")
+    data = _load(f"kernels_{suffix}")
     if not data:
         return None
     rows = data["rows"]
@@ -51,11 +53,20 @@ def table_kernels(device: str):
         if not rs:
             continue
         times = list(dict.fromkeys(k for r in rs for k in r if k.endswith("_us")))
-        speed = list(dict.fromkeys(k for r in rs for k in r if k.endswith(("_speedup", "_vs_decode"))))
+        speed = list(dict.fromkeys(k for r in rs for k in r if k.endswith(("_speedup", "_vs_decode"))
+                                   and k != "gemm_bound_speedup"))
+        rate = list(dict.fromkeys(k for r in rs for k in r if k.endswith("_gflops")))
         cols = [(k, k) for k in keys] + [(k, k.replace("_us", " (us)")) for k in times] + \
-               [(k, k.replace("_speedup", " speedup").replace("_vs_decode", " vs plain decode")) for k in speed]
+               [(k, k.replace("_speedup", " speedup").replace("_vs_decode", " vs plain decode")) for k in speed] + \
+               [(k, k.replace("_gflops", " GFLOP/s")) for k in rate] + \
+               ([("gemm_bound_speedup", "GEMM-rate bound on speedup")] if any("gemm_bound_speedup" in r for r in rs)
+                else [])
         out.append(f"**{op}**\n\n" + harness.markdown_table(rs, cols))
-    return "\n\n".join(out) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device}")
+    gemm = data["meta"].get("gemm_gflops")
+    if gemm:
+        out.append(f"Dense GEMM on this machine, same run and dtype: {gemm:.0f} GFLOP/s.")
+    flags = f" --dtype {dtype}" if dtype else ""
+    return "\n\n".join(out) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device}{flags}")
 
 
 def generic(name: str):
@@ -72,7 +83,7 @@ def main():
         if name.startswith("kv_rollback_"):
             body = table_kv_rollback(name.split("_")[-1])
         elif name.startswith("kernels_"):
-            body = table_kernels(name.split("_")[-1])
+            body = table_kernels(name[len("kernels_"):])
         else:
             body = generic(name)
         if body is None:

@@ -626,4 +626,15 @@ inline int64_t query_chunks(int64_t groups, int64_t rows_per_group, int threads)
   return std::max<int64_t>(1, std::min<int64_t>(want, rows_per_group / kRowTile));
 }
 
+// Below this many multiply-adds in a call, waking the thread pool costs more than it saves
+// (a decode step of a small model: ~75k per head); the call then runs on the calling thread.
+constexpr double kInlineMacs = 5e5;
+
+template <typename T>
+inline double total_macs(const Problem<T>& p) {
+  double keys = 0;
+  for (int64_t b = 0; b < p.batch; ++b) keys += double(p.cache_lens[b] + p.rows);
+  return 2.0 * keys * double(p.q_heads * p.rows * p.head_dim);  // QK^T and PV
+}
+
 }  // namespace ps_kernels::cpu::attention

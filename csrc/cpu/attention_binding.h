@@ -80,8 +80,10 @@ void with_problem(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor
 template <typename T, typename SeqRowsFn, typename Policy>
 void run_items(const Problem<T>& p, const SeqRowsFn& seq_rows, const Policy& policy) {
   const int64_t groups = p.batch * p.kv_heads;
-  const int64_t chunks = query_chunks(groups, p.rows * (p.q_heads / p.kv_heads), at::get_num_threads());
-  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+  const bool inline_call = total_macs(p) < kInlineMacs;
+  const int64_t chunks = inline_call ? 1 : query_chunks(groups, p.rows * (p.q_heads / p.kv_heads), at::get_num_threads());
+  const int64_t grain = inline_call ? std::max<int64_t>(1, groups) : 1;  // grain >= range: the calling thread
+  at::parallel_for(0, groups * chunks, grain, [&](int64_t begin, int64_t end) {
     attention_items(p, seq_rows, policy, chunks, begin, end);
   });
 }

@@ -84,6 +84,33 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
             "p90_s": times[int(0.9 * (len(times) - 1))], "reps": len(times)}
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                        reps: int = 15, min_seconds: float = 0.3, max_reps: int = 2000) -> dict[str, dict]:
+    """measure() for several functions side by side: each round calls every function once, so
+    slow phases of a noisy machine (other processes, clock changes) hit them all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < reps or (time.perf_counter() - start < min_seconds and rounds < max_reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_s": statistics.median(ts), "min_s": ts[0], "p90_s": ts[int(0.9 * (len(ts) - 1))],
+                     "reps": len(ts)}
+    return out
+
+
 def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, cpath = out_dir / f"{name}.json", out_dir / f"{name}.csv"
