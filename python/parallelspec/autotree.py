@@ -31,6 +31,7 @@ import torch
 from ps_kernels import tree_mask_from_parents
 
 from .drafters.base import DraftCandidates
+from .linear import native_serves
 from .trees import Tree, TreeBuilder, beam_levels
 
 _COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -178,8 +179,10 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
     target = TargetModel(model)
     dev = target.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear)
+    linear = "skinny" if native_serves(dev) else "torch"
     key = (f"{model.config.model_type}-L{target.num_layers}-d{target.hidden_size}-V{target.vocab_size}-"
-           f"{str(target.dtype).replace('torch.', '')}-{name}").replace(" ", "_").replace("/", "_")
+           f"{str(target.dtype).replace('torch.', '')}-{name}-{linear}").replace(" ", "_").replace("/", "_")
     path = cache_dir() / "verify_cost" / f"{key}.json"
     if cache and path.exists():
         return {int(k): v for k, v in json.loads(path.read_text()).items()}

@@ -24,6 +24,7 @@ import ps_kernels
 import torch
 
 from .cache import KVCache
+from .linear import skinny_linears
 
 ATTENTION_NAME = "parallelspec"
 CONTEXT_KWARG = "parallelspec_context"
@@ -118,11 +119,13 @@ class TargetModel:
 
     @contextlib.contextmanager
     def attention(self):
-        """Switch the model to our attention function for the duration of the block."""
+        """Switch the model to our attention function, and its linear layers to the few-row
+        kernel (parallelspec.linear), for the duration of the block."""
         previous = self.config._attn_implementation
         self.config._attn_implementation = ATTENTION_NAME
         try:
-            yield
+            with skinny_linears(self.model):
+                yield
         finally:
             self.config._attn_implementation = previous
 

@@ -30,9 +30,7 @@ class EagleDrafter(NetworkDrafter):
     def extra_rows(self) -> int:
         return self.depth - 1
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
-        self._check_step(tokens, features, lens)
+    def _step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
         net = self.net
         B, R = tokens.shape
         dev = tokens.device

@@ -30,7 +30,8 @@ from torch import nn
 
 from ps_kernels import draft_attention
 
-from .base import Drafter
+from ..linear import linear, skinny_linears
+from .base import DraftCandidates, Drafter
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -270,7 +271,7 @@ class DraftNetwork(nn.Module):
     def logits(self, g):
         """g = features_out(h) -> logits over the draft vocabulary (float32)."""
         w = self.head.weight if self.head is not None else self.target_head_weight
-        return F.linear(g, w).float()
+        return linear(g, w).float()
 
 
 # ---- training attention: every anchor's group of extra slots, one dense mask ----
@@ -395,6 +396,14 @@ class NetworkDrafter(Drafter):
         self.kv = torch.zeros(cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len + self.extra_rows,
                               cfg.head_dim, device=device, dtype=dtype)
         self.cache_lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    def step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
+        self._check_step(tokens, features, lens)
+        with torch.no_grad(), skinny_linears(self.net):  # few rows per step: the native kernel
+            return self._step(tokens, features, lens)
+
+    def _step(self, tokens, features, lens) -> DraftCandidates:
+        raise NotImplementedError
 
     def _check_step(self, tokens, features, lens):
         if self.kv is None:

@@ -23,9 +23,7 @@ from .layer import DraftNetwork, MaskedAttention, NetworkDrafter, group_layout, 
 class ParallelDrafter(NetworkDrafter):
     kind = "parallel"
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
-        self._check_step(tokens, features, lens)
+    def _step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
         net, M = self.net, self.depth - 1
         B, R = tokens.shape
         dev = tokens.device

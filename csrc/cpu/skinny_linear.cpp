@@ -1,0 +1,58 @@
+// Torch binding and schema of skinny_linear (the kernel is skinny_linear.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "skinny_linear.h"
+
+namespace {
+
+namespace sk = ps_kernels::cpu::skinny;
+
+// x [M, K] (any float dtype; staged as fp32), weight [N, K] contiguous, bias [N] or None;
+// returns [M, N] in x's dtype.
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "skinny_linear: expected CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.is_contiguous() && x.size(1) == weight.size(1),
+              "skinny_linear: expected x [M, K] and a contiguous weight [N, K], got ", x.sizes(), " and ",
+              weight.sizes());
+  const auto wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16,
+              "skinny_linear: weight: expected float32/float16/bfloat16, got ", wt);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
+                "skinny_linear: bias: expected [", N, "], got ", bias->sizes());
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  // >= 64 weight rows (and >= ~256 KiB of weight) per task: big contiguous streams per thread
+  const int64_t grain = std::max<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, K * weight.element_size()));
+  auto run = [&](auto tag) {
+    using W = decltype(tag);
+    const W* wp = static_cast<const W*>(weight.data_ptr());
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { sk::rows_range(xp, M, K, wp, bp, op, N, begin, end); });
+  };
+  switch (wt) {
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(ps_kernels::cpu::Half{}); break;
+    default: run(ps_kernels::cpu::BFloat16{}); break;
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ps_kernels_C, m) {
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ps_kernels_C, CPU, m) { m.impl("skinny_linear", &skinny_linear_cpu); }

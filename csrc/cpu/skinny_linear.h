@@ -1,0 +1,107 @@
+// skinny_linear CPU kernel: out[M, N] = x[M, K] W[N, K]^T (+ bias) for a few rows M, as in a
+// verification pass (M = batch x tree nodes). Framework-free; the binding is skinny_linear.cpp.
+//
+// Why: for M = 2..16 torch's CPU GEMM (oneDNN / MKL) costs up to 4x its M = 1 GEMV on a
+// weight that streams from memory (measured on SmolLM2's LM head, 576 x 49152 fp32: 10 ms at
+// M = 1, 40 ms at M = 16), so verifying a tree on a CPU paid for the width. Here every weight
+// row is read from memory once for all M rows: a tile of 4 weight rows x 4 x rows keeps 16
+// fp32 accumulators in registers over K; the 4 rows (a few KiB) stay in L1 while the next
+// row groups of x pass over them. The cost is the weight's bytes, about the GEMV's, up to
+// M ~ 16 where the FMAs start to count.
+//
+// Contract: x fp32 [M, K] contiguous; W [N, K] contiguous in float / Half / BFloat16 (widened
+// to fp32 as it is loaded); bias fp32 [N] or null; out fp32 [M, N]; products and sums in fp32.
+// rows_range computes output columns [n_begin, n_end) (the binding splits N over threads).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "simd.h"
+
+#if defined(__GNUC__)
+#define PS_LINEAR_INLINE inline __attribute__((always_inline))
+#define PS_LINEAR_UNROLL _Pragma("GCC unroll 8")
+#else
+#define PS_LINEAR_INLINE inline
+#define PS_LINEAR_UNROLL
+#endif
+
+namespace ps_kernels::cpu::skinny {
+
+constexpr int kRows = 4;  // weight rows per tile
+constexpr int kCols = 4;  // x rows per tile
+
+#if defined(PS_CPU_AVX512)
+// out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators.
+template <int RR, int MR, typename W>
+PS_LINEAR_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+                           int64_t n0) {
+  __m512 acc[RR][MR];
+  PS_LINEAR_UNROLL
+  for (int r = 0; r < RR; ++r) {
+    PS_LINEAR_UNROLL
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const __mmask16 mask = tail_mask(K - k0);
+    __m512 xv[MR];
+    PS_LINEAR_UNROLL
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k0);
+    PS_LINEAR_UNROLL
+    for (int r = 0; r < RR; ++r) {
+      const __m512 wv = load16(w + (n0 + r) * K + k0, mask);
+      PS_LINEAR_UNROLL
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  PS_LINEAR_UNROLL
+  for (int r = 0; r < RR; ++r) {
+    const float b = bias ? bias[n0 + r] : 0.0f;
+    PS_LINEAR_UNROLL
+    for (int m = 0; m < MR; ++m) out[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + b;
+  }
+}
+
+template <int RR, typename W>
+inline void tile_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+                      int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + kCols <= M; m0 += kCols) tile<RR, kCols>(x + m0 * K, K, w, bias, out + m0 * N, N, n0);
+  switch (M - m0) {
+    case 1: tile<RR, 1>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
+    case 2: tile<RR, 2>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
+    case 3: tile<RR, 3>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
+    default: break;
+  }
+}
+
+template <typename W>
+inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+                       int64_t n_begin, int64_t n_end) {
+  int64_t n0 = n_begin;
+  for (; n0 + kRows <= n_end; n0 += kRows) tile_rows<kRows>(x, M, K, w, bias, out, N, n0);
+  switch (n_end - n0) {
+    case 1: tile_rows<1>(x, M, K, w, bias, out, N, n0); break;
+    case 2: tile_rows<2>(x, M, K, w, bias, out, N, n0); break;
+    case 3: tile_rows<3>(x, M, K, w, bias, out, N, n0); break;
+    default: break;
+  }
+}
+#else
+// Portable version of the same contract (compilers vectorise the inner loop over K).
+template <typename W>
+inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+                       int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const W* row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += to_float(row[k]) * xr[k];
+      out[m * N + n] = acc + (bias ? bias[n] : 0.0f);
+    }
+  }
+}
+#endif
+
+}  // namespace ps_kernels::cpu::skinny

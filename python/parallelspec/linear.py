@@ -1,0 +1,57 @@
+"""Few-row linear layers through ``ps_kernels.skinny_linear``.
+
+A decoding step multiplies every weight by a handful of rows (batch x tree nodes, or the
+drafter's new tokens and mask slots). On a CPU torch's GEMM is slow there (module docstring of
+``ps_kernels.ops.skinny_linear``), so inside ``skinny_linears(module)`` every ``nn.Linear``
+of the module runs the native kernel when its input has at most ``SKINNY_MAX_ROWS`` rows, no
+gradient is being recorded, and the native CPU backend serves the device; otherwise (prefill,
+training, CUDA) it runs ``F.linear`` as before. The modules are patched for the duration of
+the block only (an instance attribute ``forward``, removed afterwards): no modeling code is
+forked and the model is unchanged outside the block.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ps_kernels
+from ps_kernels import _backend
+
+
+def native_serves(device: torch.device) -> bool:
+    """True when skinny_linear would run the native CPU kernel for tensors on `device`."""
+    try:
+        return _backend.select("skinny_linear", device, None) == "cpu"
+    except (ValueError, _backend.BackendUnavailable):  # PS_KERNELS_BACKEND names another backend
+        return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the native few-row kernel where it is faster (module docstring)."""
+    if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= ps_kernels.SKINNY_MAX_ROWS * x.shape[-1]
+            and x.dtype == weight.dtype and native_serves(x.device)):
+        return ps_kernels.skinny_linear(x, weight, bias, validate=False)
+    return F.linear(x, weight, bias)
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
+
+
+@contextlib.contextmanager
+def skinny_linears(module: nn.Module):
+    """Route the module's nn.Linear layers through `linear` inside the block."""
+    patched = []
+    if native_serves(torch.device("cpu")):
+        for m in module.modules():
+            if type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu":
+                m.forward = _forward.__get__(m)  # bound method: the module's own forward, routed
+                patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward

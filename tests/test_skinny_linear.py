@@ -1,0 +1,123 @@
+"""skinny_linear (few-row linear) against its reference and torch's F.linear, and the
+parallelspec.linear routing that puts it under the target's and drafter's layers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import ps_kernels
+from ps_kernels import reference as ref
+
+OP = "skinny_linear"
+CPU = torch.device("cpu")
+NATIVE = ps_kernels._backend.why_unavailable(OP, "cpu", CPU)
+needs_native = pytest.mark.skipif(NATIVE is not None, reason=f"native CPU backend: {NATIVE}")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _tolerance(x, weight, dtype):
+    """~2x the error torch's own linear makes in this dtype against fp32 (plus a floor)."""
+    exact = F.linear(x.double(), weight.double())
+    torch_err = (F.linear(x, weight).double() - exact).abs().max().item()
+    return exact, 2 * torch_err + (1e-5 if dtype == torch.float32 else 1e-3) * exact.abs().max().item()
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(1, 40), K=st.integers(1, 200), N=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_matches_reference_over_odd_shapes(M, K, N, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    got = ps_kernels.skinny_linear(x, w, b, backend="cpu")
+    want = ref.skinny_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (M, N)
+    # both sum in fp32 (different order): within fp32 rounding of the sum, then one rounding to dtype
+    scale = (x.float().abs() @ w.float().abs().t()).max().item() + (b.float().abs().max().item() if bias else 0)
+    atol = 1e-6 * scale * K ** 0.5 + (0 if dtype == torch.float32 else 2 * scale * 2 ** -8)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K, N", [(576, 1536), (1536, 576), (96, 4099)])
+def test_model_shapes_within_twice_torchs_error(dtype, K, N):
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(3, 5, K, generator=g).to(dtype)       # leading dims count as rows (15)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    exact, tol = _tolerance(x, w, dtype)
+    got = ps_kernels.skinny_linear(x, w, backend="cpu")
+    assert got.shape == (3, 5, N)
+    assert (got.double() - exact).abs().max().item() <= tol
+
+
+@needs_native
+def test_mixed_weight_dtype_and_noncontiguous_weight():
+    x = torch.randn(4, 64)
+    w = torch.randn(64, 30).t()                          # [30, 64], not contiguous
+    torch.testing.assert_close(ps_kernels.skinny_linear(x, w, backend="cpu"), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    wb = torch.randn(30, 64).bfloat16()                   # bf16 weight widened under fp32 x
+    torch.testing.assert_close(ps_kernels.skinny_linear(x, wb, backend="cpu"), x @ wb.float().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, err, match", [
+    (lambda: ([1.0], torch.randn(3, 4)), TypeError, "x: expected a torch.Tensor"),
+    (lambda: (torch.randn(2, 4).int(), torch.randn(3, 4)), TypeError, "x: expected dtype float32/float16/bfloat16"),
+    (lambda: (torch.randn(2, 4), torch.randn(3, 5)), ValueError, r"weight: expected shape \(\*, 4\)"),
+    (lambda: (torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight: expected a tensor of rank 2"),
+    (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, r"bias: expected shape \(3\)"),
+    (lambda: (torch.tensor(1.0), torch.randn(3, 4)), ValueError, "x: expected a tensor of rank >= 1"),
+])
+def test_bad_input_names_the_argument(args, err, match):
+    with pytest.raises(err, match=match):
+        ps_kernels.skinny_linear(*args())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    if ps_kernels._backend.why_unavailable(OP, backend, CPU) is not None:
+        pytest.skip(f"backend {backend} unavailable")
+    torch.library.opcheck(torch.ops.ps_kernels.skinny_linear.default,
+                          (torch.randn(3, 20), torch.randn(7, 20), torch.randn(7), backend))
+
+
+def test_torch_compile_traces_the_op():
+    x, w = torch.randn(3, 20), torch.randn(7, 20)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x, w):
+        return ps_kernels.skinny_linear(x, w, validate=False, backend="reference") + 1
+
+    torch.testing.assert_close(f(x, w), ref.skinny_linear(x, w) + 1)
+
+
+@needs_native
+def test_routing_inside_the_block_only():
+    from parallelspec.linear import skinny_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    calls = []
+    real = ps_kernels.skinny_linear
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    few, many = torch.randn(2, 3, 32), torch.randn(ps_kernels.SKINNY_MAX_ROWS + 1, 32)
+    ps_kernels.skinny_linear = spy
+    try:
+        with torch.no_grad():
+            want_few, want_many = model(few), model(many)
+            with skinny_linears(model):
+                got_few = model(few)       # 6 rows: the native kernel, both layers
+                got_many = model(many)     # past SKINNY_MAX_ROWS: torch
+            with torch.enable_grad(), skinny_linears(model):
+                model(few)                 # recording gradients: torch
+        assert len(calls) == 2
+        assert all("forward" not in m.__dict__ for m in model.modules())  # restored
+    finally:
+        ps_kernels.skinny_linear = real
+    torch.testing.assert_close(got_few, want_few, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_many, want_many)
