@@ -5,6 +5,9 @@ baseline in the same run.
                   at N = 1 vs SDPA's plain decode (no mask)
   draft_attention vs SDPA with the dense ParallelSpec mask (real causal + mask slots)
   tree_accept     vs the Python walk (the reference)
+  skinny_linear   vs torch's F.linear, few rows (1..32) on SmolLM2 / Llama-8B layer shapes
+                  (one weight, re-read every call: the SmolLM2 layer matrices stay in L3, the
+                  LM head and the 4096 x 4096 one stream from memory as in a real model step)
   kv_rollback     see bench_kv_rollback.py
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--quick]
@@ -31,7 +34,7 @@ import ps_kernels  # noqa: E402
 from ps_kernels import _backend  # noqa: E402
 from ps_kernels import reference as ref  # noqa: E402
 
-_BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop")
+_BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop", "torch_linear")
 HEAD_SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
 
@@ -146,6 +149,21 @@ def gemm_gflops(device, dtype, size: int = 2048) -> float:
     return 2.0 * size ** 3 / t / 1e9
 
 
+LINEAR_SHAPES = {"smollm2_mlp_up": (576, 1536), "smollm2_mlp_down": (1536, 576), "smollm2_lm_head": (576, 49152),
+                 "llama8b_attn_o": (4096, 4096)}
+
+
+def bench_skinny_linear(device, dtype, shape_name, rows):
+    K, N = LINEAR_SHAPES[shape_name]
+    g = torch.Generator().manual_seed(K + N + rows)
+    x = torch.randn(rows, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+    fns = {"torch_linear": lambda: F.linear(x, w)}
+    for b in backends_for("skinny_linear", device):
+        fns[b] = (lambda b=b: ps_kernels.skinny_linear(x, w, backend=b, validate=False))
+    return fns
+
+
 def cases(quick: bool):
     prefixes = [128, 1024, 4096] if quick else [128, 512, 1024, 2048, 4096]
     nodes = [1, 16, 64] if quick else [1, 4, 16, 64, 128]
@@ -160,6 +178,9 @@ def cases(quick: bool):
     for mode in ("greedy", "sample"):
         for batch, n in ((1, 16), (8, 16), (8, 64)):
             yield "tree_accept", dict(batch=batch, n=n, vocab=49152, mode=mode)
+    for shape in LINEAR_SHAPES:
+        for rows in ([1, 4, 16] if quick else [1, 2, 4, 8, 16, 32]):
+            yield "skinny_linear", dict(shape_name=shape, rows=rows)
 
 
 def main(argv=None):
@@ -167,7 +188,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ops", default="tree_attention,draft_attention,tree_accept")
+    ap.add_argument("--ops", default="tree_attention,draft_attention,tree_accept,skinny_linear")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     wanted = set(args.ops.split(","))
@@ -181,10 +202,12 @@ def main(argv=None):
             fns = bench_tree_attention(device, dtype, **params)
         elif op == "draft_attention":
             fns = bench_draft_attention(device, dtype, **params)
+        elif op == "skinny_linear":
+            fns = bench_skinny_linear(device, dtype, **params)
         else:
             fns = bench_tree_accept(device, **params)
         times = {name: m["median_s"] for name, m in harness.measure_interleaved(fns, device).items()}
-        base = "python_loop" if op == "tree_accept" else "sdpa_dense_mask"
+        base = {"tree_accept": "python_loop", "skinny_linear": "torch_linear"}.get(op, "sdpa_dense_mask")
         row = {"op": op, **params, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
         for k, v in times.items():
             if k in _BASELINES:
@@ -199,6 +222,10 @@ def main(argv=None):
                     row[f"{k}_gflops"] = flops / v / 1e9
             # no kernel doing these FLOPs at the GEMM rate beats the baseline by more than this
             row["gemm_bound_speedup"] = gemm / row[f"{base}_gflops"]
+        if op == "skinny_linear":  # weight bytes per call / time (what bounds few-row linears)
+            K, N = LINEAR_SHAPES[params["shape_name"]]
+            for k, v in times.items():
+                row[f"{k}_GBps"] = K * N * torch.empty(0, dtype=dtype).element_size() / v / 1e9
         rows.append(row)
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
     meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm}

@@ -48,7 +48,7 @@ def table_kernels(suffix: str):
     rows = data["rows"]
     out = []
     for op, keys in (("tree_attention", ("shape_name", "prefix", "n")), ("draft_attention", ("shape_name", "prefix", "r", "m")),
-                     ("tree_accept", ("mode", "batch", "n", "vocab"))):
+                     ("tree_accept", ("mode", "batch", "n", "vocab")), ("skinny_linear", ("shape_name", "rows"))):
         rs = [r for r in rows if r["op"] == op]
         if not rs:
             continue
@@ -59,6 +59,7 @@ def table_kernels(suffix: str):
         cols = [(k, k) for k in keys] + [(k, k.replace("_us", " (us)")) for k in times] + \
                [(k, k.replace("_speedup", " speedup").replace("_vs_decode", " vs plain decode")) for k in speed] + \
                [(k, k.replace("_gflops", " GFLOP/s")) for k in rate] + \
+               [(k, k.replace("_GBps", " GB/s")) for k in dict.fromkeys(k for r in rs for k in r if k.endswith("_GBps"))] + \
                ([("gemm_bound_speedup", "GEMM-rate bound on speedup")] if any("gemm_bound_speedup" in r for r in rs)
                 else [])
         out.append(f"**{op}**\n\n" + harness.markdown_table(rs, cols))

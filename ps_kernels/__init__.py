@@ -8,11 +8,11 @@ install can run.
 from ._backend import BackendUnavailable, backends
 from .ops.draft_attention import draft_attention
 from .ops.kv_rollback import kv_rollback
-from .ops.skinny_linear import SKINNY_MAX_ROWS, skinny_linear
+from .ops.skinny_linear import SKINNY_ROWS, skinny_linear
 from .ops.tree_accept import tree_accept
 from .ops.tree_attention import pack_tree_mask, tree_attention, tree_mask_from_parents
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "SKINNY_MAX_ROWS", "backends", "draft_attention", "kv_rollback", "pack_tree_mask",
+__all__ = ["BackendUnavailable", "SKINNY_ROWS", "backends", "draft_attention", "kv_rollback", "pack_tree_mask",
            "skinny_linear", "tree_accept", "tree_attention", "tree_mask_from_parents"]

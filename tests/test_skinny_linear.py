@@ -105,14 +105,14 @@ def test_routing_inside_the_block_only():
         calls.append(a[0].shape)
         return real(*a, **k)
 
-    few, many = torch.randn(2, 3, 32), torch.randn(ps_kernels.SKINNY_MAX_ROWS + 1, 32)
+    few, many = torch.randn(2, 3, 32), torch.randn(ps_kernels.SKINNY_ROWS[torch.float32][1] + 1, 32)
     ps_kernels.skinny_linear = spy
     try:
         with torch.no_grad():
             want_few, want_many = model(few), model(many)
             with skinny_linears(model):
                 got_few = model(few)       # 6 rows: the native kernel, both layers
-                got_many = model(many)     # past SKINNY_MAX_ROWS: torch
+                got_many = model(many)     # past SKINNY_ROWS: torch
             with torch.enable_grad(), skinny_linears(model):
                 model(few)                 # recording gradients: torch
         assert len(calls) == 2

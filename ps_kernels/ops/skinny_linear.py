@@ -8,8 +8,9 @@ for all rows of x (csrc/cpu/skinny_linear.h). Backends: ``cpu`` (native), ``refe
 (PyTorch, any device: on CUDA cuBLAS already handles few rows well, so it is the auto choice
 there).
 
-Rows: every leading dim of x counts (``x.numel() // K``); the kernel is meant for at most
-``SKINNY_MAX_ROWS`` of them (it works for more, but torch's blocked GEMM wins beyond).
+Rows: every leading dim of x counts (``x.numel() // K``). The kernel works for any number of
+rows; ``SKINNY_ROWS[dtype]`` is the range where it measured faster than torch's F.linear
+(callers route by it, see ``parallelspec.linear``).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from .. import _backend, _checks
 from .. import reference as _ref
 
 OP = "skinny_linear"
-#: rows of x up to which the native kernel beats torch's GEMM on the CPUs measured (2-core
-#: AMD EPYC, fp32: 1.2-4x for SmolLM2's layers up to 32 rows); callers route by it
-SKINNY_MAX_ROWS = 32
+#: (fewest, most) rows of x for which the native kernel beat torch's F.linear, per dtype, on the
+#: CPU measured (2-core AMD EPYC Zen 4, AVX-512, torch 2.13; benchmarks/results/kernels_cpu*.json):
+#: fp32 1.4-4.4x at 1..32 rows; bf16 1.1-1.6x at 1..4 rows (torch's oneDNN bf16 GEMM wins beyond);
+#: fp16 2-3.5x at 4..32 rows (torch's one-row fp16 GEMV is as fast at 1 row)
+SKINNY_ROWS = {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (2, 32)}
 
 
 @torch.library.custom_op("ps_kernels::skinny_linear", mutates_args=())

@@ -3,8 +3,8 @@
 A decoding step multiplies every weight by a handful of rows (batch x tree nodes, or the
 drafter's new tokens and mask slots). On a CPU torch's GEMM is slow there (module docstring of
 ``ps_kernels.ops.skinny_linear``), so inside ``skinny_linears(module)`` every ``nn.Linear``
-of the module runs the native kernel when its input has at most ``SKINNY_MAX_ROWS`` rows, no
-gradient is being recorded, and the native CPU backend serves the device; otherwise (prefill,
+of the module runs the native kernel when its input has as many rows as
+``ps_kernels.SKINNY_ROWS[dtype]`` allows (where it measured faster), no gradient is being recorded, and the native CPU backend serves the device; otherwise (prefill,
 training, CUDA) it runs ``F.linear`` as before. The modules are patched for the duration of
 the block only (an instance attribute ``forward``, removed afterwards): no modeling code is
 forked and the model is unchanged outside the block.
@@ -31,9 +31,10 @@ def native_serves(device: torch.device) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native few-row kernel where it is faster (module docstring)."""
-    if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= ps_kernels.SKINNY_MAX_ROWS * x.shape[-1]
-            and x.dtype == weight.dtype and native_serves(x.device)):
-        return ps_kernels.skinny_linear(x, weight, bias, validate=False)
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and x.shape[-1]:
+        lo, hi = ps_kernels.SKINNY_ROWS.get(x.dtype, (1, 0))
+        if lo * x.shape[-1] <= x.numel() <= hi * x.shape[-1] and native_serves(x.device):
+            return ps_kernels.skinny_linear(x, weight, bias, validate=False)
     return F.linear(x, weight, bias)
 
 
