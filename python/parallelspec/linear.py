@@ -4,8 +4,9 @@ A decoding step multiplies every weight by a handful of rows (batch x tree nodes
 drafter's new tokens and mask slots). On a CPU torch's GEMM is slow there (module docstring of
 ``ps_kernels.ops.skinny_linear``), so inside ``skinny_linears(module)`` every ``nn.Linear``
 of the module runs the native kernel when its input has as many rows as
-``ps_kernels.SKINNY_ROWS[dtype]`` allows (where it measured faster), no gradient is being recorded, and the native CPU backend serves the device; otherwise (prefill,
-training, CUDA) it runs ``F.linear`` as before. The modules are patched for the duration of
+``ps_kernels.SKINNY_ROWS[dtype]`` allows (where it measured faster), no gradient is being
+recorded, and the native CPU backend serves the device; otherwise (prefill, training, CUDA)
+it runs ``F.linear`` as before. The modules are patched for the duration of
 the block only (an instance attribute ``forward``, removed afterwards): no modeling code is
 forked and the model is unchanged outside the block.
 """
