@@ -96,3 +96,17 @@ def check_against_reference(run_backend, run_reference, args, cache_slots=(3, 4)
     assert err <= 2 * yardstick + ATOL_FLOOR, \
         f"max error {err:.3g} vs PyTorch's {yardstick:.3g} in {args[0].dtype} (allowed 2x + {ATOL_FLOOR})"
     return out, lse
+
+
+def check_native_refuses(op: str, args, match: str) -> None:
+    """With validate=False the native backend skips the Python checks: its binding must still
+    refuse `args` (RuntimeError matching `match`) and write nothing to the caches (args[3:5])."""
+    import ps_kernels
+
+    reason = ps_kernels._backend.why_unavailable(op, "cpu", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    before = [a.clone() for a in args[3:5]]
+    with pytest.raises(RuntimeError, match=match):
+        getattr(ps_kernels, op)(*args, validate=False, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(args[3:5], before))
