@@ -6,7 +6,7 @@ import ps_kernels
 from ps_kernels import reference as ref
 
 from attention_cases import (backends, check_against_reference, check_native_refuses, draw_layout, dtypes,
-                             interpreted,                              random_qkv_cache)
+                             interpreted, random_qkv_cache)
 from helpers import DEVICE
 
 OP = "draft_attention"
