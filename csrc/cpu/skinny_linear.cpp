@@ -49,10 +49,15 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// True when the kernel was built with its AVX-512 tiles (the speed SKINNY_ROWS describes);
+// the portable build is correct but only routed to when asked for by name.
+bool skinny_linear_vectorized() { return sk::kVectorized; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ps_kernels_C, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("skinny_linear_vectorized() -> bool", &skinny_linear_vectorized);
 }
 
 TORCH_LIBRARY_IMPL(ps_kernels_C, CPU, m) { m.impl("skinny_linear", &skinny_linear_cpu); }

@@ -32,6 +32,8 @@ constexpr int kRows = 4;  // weight rows per tile
 constexpr int kCols = 4;  // x rows per tile
 
 #if defined(PS_CPU_AVX512)
+constexpr bool kVectorized = true;  // the path SKINNY_ROWS was measured with
+
 // out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators.
 template <int RR, int MR, typename W>
 PS_LINEAR_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias, float* out, int64_t N,
@@ -88,16 +90,25 @@ inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const f
   }
 }
 #else
-// Portable version of the same contract (compilers vectorise the inner loop over K).
+// Portable version of the same contract. Sixteen independent partial sums per dot product
+// let the compiler vectorise the loop over K without reassociating a float sum (AVX2 / NEON).
+constexpr bool kVectorized = false;
 template <typename W>
 inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                        int64_t n_begin, int64_t n_end) {
+  constexpr int kLanes = 16;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const W* row = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * K;
+      float lanes[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lanes[l] += to_float(row[k + l]) * xr[k + l];
+      }
       float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += to_float(row[k]) * xr[k];
+      for (int l = 0; l < kLanes; ++l) acc += lanes[l];
+      for (; k < K; ++k) acc += to_float(row[k]) * xr[k];
       out[m * N + n] = acc + (bias ? bias[n] : 0.0f);
     }
   }

@@ -13,6 +13,7 @@ forked and the model is unchanged outside the block.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +24,18 @@ from ps_kernels import _backend
 
 
 def native_serves(device: torch.device) -> bool:
-    """True when skinny_linear would run the native CPU kernel for tensors on `device`."""
+    """True when skinny_linear would run the native CPU kernel, built with the AVX-512 tiles that
+    SKINNY_ROWS was measured with, for tensors on `device` (a portable build is not routed to:
+    it is correct, but nobody measured it faster than torch)."""
     try:
-        return _backend.select("skinny_linear", device, None) == "cpu"
+        return _backend.select("skinny_linear", device, None) == "cpu" and _vectorized()
     except (ValueError, _backend.BackendUnavailable):  # PS_KERNELS_BACKEND names another backend
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _vectorized() -> bool:
+    return bool(torch.ops.ps_kernels_C.skinny_linear_vectorized())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
