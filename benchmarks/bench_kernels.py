@@ -225,7 +225,7 @@ def main(argv=None):
         if op == "skinny_linear":  # weight bytes per call / time (what bounds few-row linears)
             K, N = LINEAR_SHAPES[params["shape_name"]]
             for k, v in times.items():
-                row[f"{k}_GBps"] = K * N * torch.empty(0, dtype=dtype).element_size() / v / 1e9
+                row[f"{k}_GBps"] = K * N * dtype.itemsize / v / 1e9
         rows.append(row)
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
     meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm}

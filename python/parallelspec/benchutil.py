@@ -79,7 +79,11 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    times.sort()
+    return _summary(times)
+
+
+def _summary(times: list[float]) -> dict:
+    times = sorted(times)
     return {"median_s": statistics.median(times), "min_s": times[0],
             "p90_s": times[int(0.9 * (len(times) - 1))], "reps": len(times)}
 
@@ -103,12 +107,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
             sync(device)
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        out[name] = {"median_s": statistics.median(ts), "min_s": ts[0], "p90_s": ts[int(0.9 * (len(ts) - 1))],
-                     "reps": len(ts)}
-    return out
+    return {name: _summary(ts) for name, ts in times.items()}
 
 
 def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:

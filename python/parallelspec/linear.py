@@ -40,20 +40,27 @@ def _vectorized() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native few-row kernel where it is faster (module docstring)."""
+    return _routed(x, weight, bias) if native_serves(x.device) else F.linear(x, weight, bias)
+
+
+def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear` once native_serves is known to hold: only the per-call conditions are checked
+    (a decoding step makes ~200 of these calls)."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and x.shape[-1]:
         lo, hi = ps_kernels.SKINNY_ROWS.get(x.dtype, (1, 0))
-        if lo * x.shape[-1] <= x.numel() <= hi * x.shape[-1] and native_serves(x.device):
-            return ps_kernels.skinny_linear(x, weight, bias, validate=False)
+        if lo * x.shape[-1] <= x.numel() <= hi * x.shape[-1]:
+            return ps_kernels.skinny_linear(x, weight, bias, backend="cpu", validate=False)
     return F.linear(x, weight, bias)
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, module.weight, module.bias)
+    return _routed(x, module.weight, module.bias)  # patched only where native_serves held
 
 
 @contextlib.contextmanager
 def skinny_linears(module: nn.Module):
-    """Route the module's nn.Linear layers through `linear` inside the block."""
+    """Route the module's nn.Linear layers through `linear` inside the block (nothing is patched
+    where the native kernel does not serve)."""
     patched = []
     if native_serves(torch.device("cpu")):
         for m in module.modules():
