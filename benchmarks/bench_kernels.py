@@ -84,8 +84,9 @@ def bench_tree_attention(device, dtype, shape_name, prefix, n, batch=1):
     fns = {"sdpa_dense_mask": sdpa_dense}
     if n == 1:
         fns["sdpa_decode"] = sdpa_plain
+    mask = packed if n > 1 else None  # one node is a chain: no mask, as the decoding loop calls it
     for b in backends_for("tree_attention", device):
-        fns[b] = (lambda b=b: ps_kernels.tree_attention(q, kn, vn, kc, vc, lens, packed, backend=b, validate=False))
+        fns[b] = (lambda b=b: ps_kernels.tree_attention(q, kn, vn, kc, vc, lens, mask, backend=b, validate=False))
     return fns
 
 

@@ -69,8 +69,29 @@ def triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+def _env_reader(name: str):
+    """A reader of one environment variable for the per-call path: ``os.environ.get`` encodes
+    the key and walks a mapping wrapper on every call (~1.5 us; every op call reads two), so
+    read CPython's underlying dict with the key encoded once. Still live: tests and users may
+    change the variable at any time."""
+    data = getattr(os.environ, "_data", None)
+    encode, decode = getattr(os.environ, "encodekey", None), getattr(os.environ, "decodevalue", None)
+    if not isinstance(data, dict) or encode is None or decode is None:  # not CPython's os.environ
+        return lambda: os.environ.get(name)
+    key = encode(name)
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+    return read
+
+
+_triton_interpret = _env_reader("TRITON_INTERPRET")
+_requested_backend = _env_reader("PS_KERNELS_BACKEND")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _triton_interpret() == "1"
 
 
 def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
@@ -112,7 +133,7 @@ def select(op: str, device: torch.device, backend: str | None, auto_order: tuple
     """Pick the backend for one call of `op` on tensors living on `device`. `auto_order`
     lets an op reorder the automatic choice for a shape where measurements favour another
     backend; a named backend is never overridden."""
-    requested = backend if backend is not None else os.environ.get("PS_KERNELS_BACKEND") or None
+    requested = backend if backend is not None else _requested_backend() or None
     if requested is not None and not isinstance(requested, str):
         raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {requested!r}")
     return _select(op, device.type, requested, auto_order, interpreting())

@@ -124,6 +124,18 @@ def test_forced_unavailable_backend_raises_with_reason(monkeypatch):
         ps_kernels.kv_rollback(*_good())
 
 
+def test_backend_environment_is_read_live(monkeypatch):
+    """select() reads PS_KERNELS_BACKEND on every call (not a snapshot taken at import)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("PS_KERNELS_BACKEND", "reference")
+    assert ps_kernels._backend.select("kv_rollback", cpu, None) == "reference"
+    monkeypatch.delenv("PS_KERNELS_BACKEND")
+    auto = "cpu" if ps_kernels._backend.why_unavailable("kv_rollback", "cpu", cpu) is None else "reference"
+    assert ps_kernels._backend.select("kv_rollback", cpu, None) == auto
+    monkeypatch.setenv("PS_KERNELS_BACKEND", "auto")
+    assert ps_kernels._backend.select("kv_rollback", cpu, None) == auto
+
+
 def test_opcheck():
     kv, lens, idx, alens = _good()
     kv = torch.randn_like(kv)
