@@ -13,11 +13,11 @@ V, D = 96, 48
 CPU = torch.device("cpu")
 
 
-def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1):
+def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1, slot1="mask"):
     target = tiny_target()
     d2t = None if vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:vocab]
     net = build_network(target, parallel=kind is ParallelDrafter, depth=depth, draft_to_target=d2t, head=head,
-                        num_layers=layers, seed=seed)
+                        num_layers=layers, slot1=slot1, seed=seed)
     return target, kind(net, top_m=net.draft_vocab_size)
 
 
@@ -38,12 +38,16 @@ def as_dense(cands, d2t):
     return out.scatter_(2, t2d[cands.tokens], cands.logprobs)
 
 
-@pytest.mark.parametrize("kind", [ParallelDrafter, EagleDrafter])
-@pytest.mark.parametrize("depth,vocab,head,layers", [(4, 40, "target", 1), (3, None, "trained", 2), (1, 40, "trained", 1)])
-def test_step_matches_training_forward(kind, depth, vocab, head, layers):
+SHAPES = [(4, 40, "target", 1), (3, None, "trained", 2), (1, 40, "trained", 1)]
+
+
+@pytest.mark.parametrize("kind,slot1,depth,vocab,head,layers",
+                         [(kind, "mask", *shape) for kind in (ParallelDrafter, EagleDrafter) for shape in SHAPES]
+                         + [(ParallelDrafter, "draft", *shape) for shape in SHAPES if shape[0] >= 2])
+def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers):
     """Ragged batch stepped in chunks; each step's per-depth distributions equal the training
     forward's at that anchor (real row + its group of slots), to fp32 rounding."""
-    _, drafter = make(kind, depth=depth, head=head, vocab=vocab, layers=layers)
+    _, drafter = make(kind, depth=depth, head=head, vocab=vocab, layers=layers, slot1=slot1)
     B, n = 3, 14
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (B, n), generator=g)
@@ -62,12 +66,38 @@ def test_step_matches_training_forward(kind, depth, vocab, head, layers):
         for b in range(B):
             anchor = int(starts[b]) - 1
             seq_tokens = tokens[b:b + 1, :anchor + depth].clone()
-            if kind is EagleDrafter:
+            if kind is EagleDrafter or slot1 == "draft":
                 # the training forward feeds the data's tokens: make them the step's top-1 chain
                 seq_tokens = torch.cat([tokens[b:b + 1, :anchor + 1], cands.tokens[b:b + 1, :depth - 1, 0]], 1)
             seq_feats = torch.cat([features[b:b + 1, :anchor + 1], torch.randn(1, depth - 1, D)], 1)
             want, _ = training_logprobs(drafter, seq_tokens, seq_feats, torch.tensor([anchor]))
             torch.testing.assert_close(got[b], want[0, 0], atol=2e-5, rtol=1e-5)
+
+
+def test_slot1_config_checked():
+    target = tiny_target()
+    for kw in (dict(parallel=False, depth=4), dict(parallel=True, depth=1)):
+        with pytest.raises(ValueError, match="slot1='draft' needs a parallel drafter"):
+            build_network(target, slot1="draft", **kw)
+    with pytest.raises(ValueError, match="slot1: expected 'mask' or 'draft', got 'token'"):
+        build_network(target, parallel=True, slot1="token")
+
+
+def test_slot1_draft_conditions_later_depths_on_the_drafted_token():
+    """With slot1='draft', depths 2..k move with the token fed to slot 1 (and depth 1 does not);
+    with 'mask' they cannot (the slots never see the next token)."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, V, (1, 10), generator=g)
+    features = torch.randn(1, 10, D, generator=g)
+    anchors = torch.tensor([5])     # one anchor: the changed token is after every row it reads
+    other = tokens.clone()
+    other[0, anchors + 1] = (other[0, anchors + 1] + 1) % V
+    for slot1, moves in (("draft", True), ("mask", False)):
+        _, drafter = make(ParallelDrafter, slot1=slot1)
+        a, _ = training_logprobs(drafter, tokens, features, anchors)
+        b, _ = training_logprobs(drafter, other, features, anchors)
+        assert torch.equal(a[..., 0, :], b[..., 0, :])
+        assert (not torch.allclose(a[..., 1:, :], b[..., 1:, :])) == moves, slot1
 
 
 def test_real_rows_ignore_slots_and_later_tokens():

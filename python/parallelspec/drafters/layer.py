@@ -55,6 +55,11 @@ class DraftConfig:
     head: str = "target"                 # "target" (frozen, not stored) or "trained"
     draft_vocab_size: int | None = None  # None: the full target vocabulary
     parallel: bool = True                # mask slots (ParallelDrafter) or autoregressive (EagleDrafter)
+    # ParallelDrafter only: what mask slot 1 is fed. "mask": its learned vector (one pass per step,
+    # ParallelSpec as published); "draft": the depth-1 top-1 token with the drafter's own output
+    # feature (EAGLE's second step) plus that vector, in a second pass with the other slots, so
+    # depths 2..k are conditioned on the drafted token (two passes per step instead of k).
+    slot1: str = "mask"
     target: dict = field(default_factory=dict)   # what check_target compares (target_signature)
 
     @property
@@ -65,6 +70,11 @@ class DraftConfig:
     def __post_init__(self):
         if self.head not in ("target", "trained"):
             raise ValueError(f"head: expected 'target' or 'trained', got {self.head!r}")
+        if self.slot1 not in ("mask", "draft"):
+            raise ValueError(f"slot1: expected 'mask' or 'draft', got {self.slot1!r}")
+        if self.slot1 == "draft" and (not self.parallel or self.depth < 2):
+            raise ValueError(f"slot1='draft' needs a parallel drafter with depth >= 2, got "
+                             f"parallel={self.parallel}, depth={self.depth}")
         if self.depth < 1:
             raise ValueError(f"depth: expected >= 1, got {self.depth}")
         if self.num_heads % self.num_kv_heads:
@@ -444,10 +454,11 @@ class NetworkDrafter(Drafter):
 
 
 def build_network(target, *, parallel: bool, depth: int = 4, draft_to_target: torch.Tensor | None = None,
-                  head: str = "target", num_layers: int = 1, seed: int = 0) -> DraftNetwork:
+                  head: str = "target", num_layers: int = 1, slot1: str = "mask", seed: int = 0) -> DraftNetwork:
     """A freshly initialised network for `target` (random init: it learned faster than a warm
     start from the target's last layer in method.md's runs), target tensors attached."""
     cfg = DraftConfig.for_target(target, depth=depth, head=head, num_layers=num_layers, parallel=parallel,
+                                 slot1=slot1,
                                  draft_vocab_size=None if draft_to_target is None else int(draft_to_target.numel()))
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -11,6 +11,11 @@ Training (``train_forward``) runs the same network over a whole sequence where e
 gets its own group of k - 1 mask slots (``layer.group_layout``): slot j of the group at anchor
 a sees the real prefix 0..a and slots 1..j of its group, exactly what step() sees when a is
 the last real token; so the two agree to rounding (tests/test_drafters.py checks it).
+
+With ``DraftConfig.slot1 == "draft"`` a step takes two passes: the real tokens first (depth 1),
+then the k - 1 slots, slot 1 fed the depth-1 top-1 token and the drafter's own output feature
+(EAGLE's second step) on top of its vector, so depths 2..k see the drafted token; training
+feeds the data's next token there (EAGLE-style, ``parallel_train_forward``).
 """
 from __future__ import annotations
 
@@ -28,18 +33,31 @@ class ParallelDrafter(NetworkDrafter):
         B, R = tokens.shape
         dev = tokens.device
         x = net.fuse(tokens, features)
-        if M:
+        draft_fed = net.cfg.slot1 == "draft"
+        if M and not draft_fed:
             x = torch.cat([x, net.mask_embed.to(x.dtype).expand(B, M, -1)], dim=1)
         real_pos = self.cache_lens[:, None] + torch.arange(R, device=dev)
         last = self.cache_lens + lens - 1
         mask_pos = last[:, None] + torch.arange(1, M + 1, device=dev)
-        h = net.run(x, torch.cat([real_pos, mask_pos], dim=1), self._cached_attention(self.cache_lens, lens, M))
+        if draft_fed:   # pass 1: the real tokens alone
+            h = net.run(x, real_pos, self._cached_attention(self.cache_lens, lens, 0))
+        else:           # one pass: real tokens and mask slots
+            h = net.run(x, torch.cat([real_pos, mask_pos], dim=1), self._cached_attention(self.cache_lens, lens, M))
         # depth 1 from the last real row, depths 2..k from the mask slots
         h_last = h.gather(1, (lens - 1).clamp(min=0)[:, None, None].expand(B, 1, h.shape[-1]))
-        logits = net.logits(net.features_out(torch.cat([h_last, h[:, R:]], dim=1)))
         self.cache_lens += lens
-        ids, logp = top_candidates(logits, net.draft_to_target, self.top_m)
-        return DraftCandidates(ids, logp)
+        if not draft_fed:
+            logits = net.logits(net.features_out(torch.cat([h_last, h[:, R:]], dim=1)))
+            ids, logp = top_candidates(logits, net.draft_to_target, self.top_m)
+            return DraftCandidates(ids, logp)
+        g1 = net.features_out(h_last)
+        ids1, logp1 = top_candidates(net.logits(g1), net.draft_to_target, self.top_m)
+        # pass 2: the slots over the committed cache (no real rows), slot 1 fed the depth-1 top-1
+        slots = torch.cat([net.fuse(ids1[:, :, 0], g1), x.new_zeros(B, M - 1, x.shape[-1])], dim=1)
+        slots = slots + net.mask_embed.to(x.dtype)
+        h2 = net.run(slots, mask_pos, self._cached_attention(self.cache_lens, torch.zeros_like(lens), M))
+        ids2, logp2 = top_candidates(net.logits(net.features_out(h2)), net.draft_to_target, self.top_m)
+        return DraftCandidates(torch.cat([ids1, ids2], dim=1), torch.cat([logp1, logp2], dim=1))
 
 
 def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
@@ -57,10 +75,22 @@ def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: to
     A = anchors.shape[0]
     positions, allowed = group_layout(n, anchors, M)
     x = net.fuse(tokens, features)
+    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
+    if net.cfg.slot1 == "draft" and M and A:
+        # pass 1 over the real rows; pass 2 over the slots, slot 1 fed (the data's next token, the
+        # drafter's own output feature at the anchor) plus its vector; anchors at n - 1 have no next
+        # token and no slot labels, any token serves there
+        attend.allowed = allowed[:n, :n]
+        real = net.features_out(net.run(x, positions[:n].expand(B, -1), attend))
+        fed = net.fuse(tokens[:, (anchors + 1).clamp(max=n - 1)], real[:, anchors])
+        slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0).expand(B, -1, -1)
+        slots = torch.cat([slots[:, :A] + fed, slots[:, A:]], dim=1)   # slot-major rows
+        attend.allowed = allowed[n:]
+        g = net.features_out(net.run(slots, positions[n:].expand(B, -1), attend))
+        return real, g.reshape(B, M, A, g.shape[-1]).transpose(1, 2)
     if M and A:
         slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0)   # slot-major rows
         x = torch.cat([x, slots.expand(B, -1, -1)], dim=1)
-    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
     attend.allowed = allowed
     g = net.features_out(net.run(x, positions.expand(B, -1), attend))
     return g[:, :n], g[:, n:].reshape(B, M, A, g.shape[-1]).transpose(1, 2)

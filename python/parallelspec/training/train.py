@@ -143,6 +143,7 @@ class TrainConfig:
     vocab_prior: str | None = None       # token counts (torch.save'd tensor) mixed into the vocabulary choice
     head: str = "target"
     num_layers: int = 1
+    slot1: str = "mask"                  # parallel drafter: "mask" or "draft" (DraftConfig.slot1)
     steps: int = 1000
     batch_size: int = 16                 # sequences per global step
     max_len: int = 512
@@ -279,7 +280,8 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     else:
         d2t, coverage = None, 1.0
     net = build_network(target, parallel=cfg.kind == "parallel", depth=cfg.depth, draft_to_target=d2t,
-                        head=cfg.head, num_layers=cfg.num_layers, seed=cfg.seed).to(device)
+                        head=cfg.head, num_layers=cfg.num_layers,
+                        slot1=cfg.slot1, seed=cfg.seed).to(device)
     t2d = target_to_draft(net.draft_to_target, net.cfg.vocab_size)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -384,6 +386,9 @@ def main_train(argv=None) -> int:
                     help="token counts for the draft vocabulary choice (default: <data>/sharegpt-counts.pt if present)")
     ap.add_argument("--head", choices=("target", "trained"), default="target")
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--slot1", choices=("mask", "draft"), default="mask",
+                    help="parallel drafter: mask slot 1 fed its learned vector (one pass a step) or the "
+                         "drafted depth-1 token and feature (two passes a step)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16, help="sequences per global step")
     ap.add_argument("--max-len", type=int, default=512)
@@ -406,7 +411,7 @@ def main_train(argv=None) -> int:
     prior = args.vocab_prior or (Path(args.data) / "sharegpt-counts.pt")
     cfg = TrainConfig(kind=args.kind, depth=args.k, draft_vocab=args.draft_vocab, head=args.head,
                       vocab_prior=str(prior) if Path(prior).exists() else None,
-                      num_layers=args.layers, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
+                      num_layers=args.layers, slot1=args.slot1, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
                       anchor_frac=args.anchor_frac, lr=args.lr, warmup=args.warmup, feat_weight=args.feat_weight,
                       depth_weights=args.depth_weights, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
                       eval_sequences=args.eval_sequences, time_budget=args.time_budget, train_tokens=args.tokens)
