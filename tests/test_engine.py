@@ -41,6 +41,24 @@ def _drafter(kind, model, ids, mask, reference, rows=slice(None)):
     return OracleDrafter(sequences, VOCAB, hidden=hidden, check_lens=check_lens)
 
 
+@pytest.mark.parametrize("tree", ["chain", "auto"])
+def test_hybrid_deferral_feeds_the_whole_stream(case, tree):
+    """HybridDrafter(defer_after=2): the feature-needing source sits out steps after a long
+    acceptance and then gets the held-back (token, feature) pairs with the new ones; the oracle
+    checks every pair it is given against the reference, and the output stays HF's."""
+    from parallelspec.autotree import AutoTree
+
+    model, ids, mask, reference = case
+    oracle = _drafter("oracle+features", model, ids, mask, reference)
+    oracle.p_true = 0.97   # mostly whole acceptances across the batch: deferral happens
+    hybrid = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), oracle], defer_after=2)
+    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
+    out = ps.generate(model, ids, hybrid, attention_mask=mask, max_new_tokens=NEW, tree=builder)
+    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+    assert hybrid.deferred_steps > 0, "the deferral path was not exercised"
+    assert oracle.checked_tokens > 0
+
+
 @pytest.mark.parametrize("tree", list(TREES))
 @pytest.mark.parametrize("drafter", [None, "ngram", "oracle", "oracle+features"])
 def test_greedy_batch_matches_hf(case, drafter, tree):
@@ -113,7 +131,7 @@ def test_max_length_counts_the_prompt_columns():
 
 
 @pytest.mark.parametrize("tree", ["chain", "dynamic", "auto"])
-@pytest.mark.parametrize("kind", ["parallel", "eagle", "hybrid"])
+@pytest.mark.parametrize("kind", ["parallel", "parallel_slot1_draft", "eagle", "hybrid", "hybrid_defer"])
 def test_model_drafters_greedy_match_hf(case, kind, tree):
     """The real drafter networks (random weights: losslessness must not depend on their
     quality) through the whole loop: draft_attention, their caches, features, rollback."""
@@ -121,10 +139,12 @@ def test_model_drafters_greedy_match_hf(case, kind, tree):
     from parallelspec.drafters import build_network
 
     model, ids, mask, reference = case
-    net = build_network(model, parallel=kind != "eagle", depth=3, seed=2)
+    net = build_network(model, parallel=kind != "eagle", depth=3, seed=2,
+                        slot1="draft" if kind == "parallel_slot1_draft" else "mask")
     drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
-    if kind == "hybrid":
-        drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter])
+    if kind.startswith("hybrid"):
+        drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter],
+                                   defer_after=2 if kind == "hybrid_defer" else None)
     builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
     out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=builder, tree_nodes=8)
     torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)

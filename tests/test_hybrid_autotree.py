@@ -97,3 +97,8 @@ def test_bad_arguments():
         AutoTree(FLAT, max_nodes=0)
     with pytest.raises(TypeError, match="drafters"):
         HybridDrafter([])
+    for bad in (1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="defer_after: expected None or an int >= 2"):
+            HybridDrafter([NgramDrafter()], defer_after=bad)
+    with pytest.raises(ValueError, match="defer_after: needs a source that never sits out"):
+        HybridDrafter([OracleDrafter([[1, 2]], VOCAB, hidden=[torch.zeros(2, 4)])], defer_after=3)

@@ -68,9 +68,9 @@ def build_methods(model, names, max_nodes: int):
             return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), **extra, **kw), None
         return run
 
-    def ours(drafter_spec, tree, **tree_kw):
+    def ours(drafter_spec, tree, drafter_kw=None, **tree_kw):
         try:
-            drafter = load_drafter(drafter_spec, model)
+            drafter = load_drafter(drafter_spec, model, **(drafter_kw or {}))
         except (FileNotFoundError, ValueError) as exc:
             return f"{exc}"
         builder = AutoTree.for_model(model, max_nodes=max_nodes) if tree == "auto" else tree
@@ -93,6 +93,7 @@ def build_methods(model, names, max_nodes: int):
         "parallel_dynamic": lambda: ours("parallel", "dynamic", tree_nodes=16),
         "parallel_auto": lambda: ours("parallel", "auto"),
         "hybrid_auto": lambda: ours("hybrid", "auto"),
+        "hybrid_nodefer_auto": lambda: ours("hybrid", "auto", drafter_kw={"defer_after": None}),
     }
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -252,7 +253,7 @@ def readme_table(result) -> str:
 
 
 ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,ngram_auto,eagle_chain,eagle_auto,"
-               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto")
+               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_nodefer_auto,hybrid_auto")
 
 
 def main(argv=None) -> int:

@@ -12,13 +12,14 @@ SHIPPED = {
 DRAFTER_CHOICES = ("default", "parallel", "eagle", "ngram", "hybrid", "none")
 
 
-def load_drafter(spec: str, model, *, ngram_tokens: int = 4):
+def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | None | str = "default"):
     """A drafter from a name or a path.
 
     spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" (the shipped
     drafter for the embedded target), "hybrid" (prompt lookup + the shipped parallel drafter
     in one tree), "default" (the best measured for the embedded target), or a directory saved
-    with ``save_pretrained``.
+    with ``save_pretrained``. defer_after: the hybrid's (``HybridDrafter``); "default" =
+    ``HYBRID_DEFER_AFTER``.
     """
     from .drafters import EagleDrafter, HybridDrafter, NgramDrafter, ParallelDrafter
 
@@ -29,7 +30,8 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4):
     if spec == "default":
         spec = DEFAULT_DRAFTER
     if spec == "hybrid":
-        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter("parallel", model)])
+        defer = HYBRID_DEFER_AFTER if defer_after == "default" else defer_after
+        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter("parallel", model)], defer_after=defer)
     path = SHIPPED.get(spec, Path(spec))
     if not path.exists():
         where = f"the shipped '{spec}' drafter at {path}" if spec in SHIPPED else f"{path}"
@@ -48,3 +50,6 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4):
 
 #: chosen from benchmarks/results/e2e_cpu.json (see README)
 DEFAULT_DRAFTER = "hybrid"
+#: the hybrid's parallel drafter sits out the step after one that committed this many tokens
+#: (prompt lookup being accepted whole); measured in benchmarks/results/e2e_cpu.json
+HYBRID_DEFER_AFTER = 5
