@@ -62,6 +62,8 @@ def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers):
         cands = drafter.step(tokens.gather(1, idx), features.gather(1, idx[..., None].expand(-1, -1, D)), lens)
         starts += lens
         assert torch.equal(drafter.cache_lens, starts)
+        # which depths later candidates were drafted under (AutoTree hangs them there only)
+        assert cands.conditioned_depths == (depth - 1 if kind is EagleDrafter else int(slot1 == "draft"))
         got = as_dense(cands, drafter.net.draft_to_target)
         for b in range(B):
             anchor = int(starts[b]) - 1

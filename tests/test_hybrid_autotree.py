@@ -1,6 +1,7 @@
 """Multi-source trees (HybridDrafter + AutoTree): lossless whatever the sources propose, the
 merged tree is a deduplicated prefix-closed trie of the best-scored nodes, and its size follows
 the verify-cost curve."""
+import itertools
 import math
 
 import pytest
@@ -88,6 +89,22 @@ def test_chain_source_alone_is_not_counted_twice():
     tree = AutoTree(FLAT, max_nodes=16).build(torch.tensor([6]), c)
     assert set(_paths(tree).values()) - {()} <= {p[:d] for chain, _ in c.paths[0] for p in [tuple(chain)]
                                                   for d in range(1, len(chain) + 1)}
+
+
+@pytest.mark.parametrize("conditioned", [0, 1, 2])
+def test_conditioned_candidates_hang_under_the_top1_chain(conditioned):
+    """Candidates drafted after the top-1 tokens of the first c depths (EAGLE: c = k - 1; a
+    parallel drafter fed its depth-1 token: c = 1) only extend that chain; with c = 0 every
+    combination is a path. Scores are summed log-probabilities along the path either way."""
+    lp = [[math.log(.9), math.log(.5)]] * 3
+    c = _cands([[[10, 11], [20, 21], [30, 31]]], [lp])
+    c.conditioned_depths = conditioned
+    tree = AutoTree(FLAT, max_nodes=64).build(torch.tensor([1]), c)
+    got = set(_paths(tree).values()) - {()}
+    every = {p[:d] for p in itertools.product((10, 11), (20, 21), (30, 31)) for d in (1, 2, 3)}
+    want = {p for p in every if all(p[i] == (10, 20)[i] for i in range(min(conditioned, len(p) - 1)))}
+    assert got == want
+    assert len(want) == {0: 14, 1: 8, 2: 6}[conditioned]
 
 
 def test_bad_arguments():

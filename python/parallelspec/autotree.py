@@ -94,24 +94,38 @@ class AutoTree(TreeBuilder):
 
     # -- candidates -> trie ----------------------------------------------------------------
     def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
-        """Per sequence: {token path: score} of the `width` best paths at every depth."""
+        """Per sequence: {token path: score} of the `width` best paths at every depth. Depths up
+        to ``conditioned_depths`` contribute their top-1 chain and, as leaves off it, their other
+        candidates; the later depths are beam-expanded from the end of that chain."""
         tokens = candidates.tokens
         B, k, _ = tokens.shape
         k = k if self.depth is None else min(self.depth, k)
-        levels = beam_levels(candidates.logprobs, k, width)
-        host = [(s.tolist(), p.tolist(), tokens[:, d].gather(1, c).tolist())  # the step's host transfer
-                for d, (s, p, c) in enumerate(levels)]
+        c = min(candidates.conditioned_depths, k)
+        levels = beam_levels(candidates.logprobs[:, c:], k - c, width)
+        host = [(s.tolist(), p.tolist(), tokens[:, c + d].gather(1, ch).tolist())  # the step's host transfer
+                for d, (s, p, ch) in enumerate(levels)]
+        head = (tokens[:, :c].tolist(), candidates.logprobs[:, :c].tolist()) if c else None
         out = []
         for b in range(B):
             nodes: dict[tuple, float] = {}
-            prev: list[tuple] = [()]
-            for scores_d, parents_d, tokens_d in host:
+            chain, base = (), 0.0
+            for d in range(c):
+                toks, lps = head[0][b][d], head[1][b][d]
+                for tok, lp in zip(toks, lps):
+                    if lp > -1e3:
+                        path = chain + (tok,)
+                        nodes[path] = max(base + lp, nodes.get(path, -math.inf))
+                if not lps[0] > -1e3:   # no top-1 here: nothing hangs below
+                    break
+                chain, base = chain + (toks[0],), base + lps[0]
+            prev: list[tuple] = [chain]
+            for scores_d, parents_d, tokens_d in (host if len(chain) == c else []):
                 cur = []
                 for score, par, tok in zip(scores_d[b], parents_d[b], tokens_d[b]):
                     path = prev[par] + (tok,)
                     cur.append(path)
                     if score > -1e3:
-                        nodes[path] = max(score, nodes.get(path, -math.inf))
+                        nodes[path] = max(base + score, nodes.get(path, -math.inf))
                 prev = cur
             out.append(nodes)
         return out

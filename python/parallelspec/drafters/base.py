@@ -18,11 +18,16 @@ class DraftCandidates:
               Tree builders that merge sources (``AutoTree``) use them; the others ignore them.
     per_depth_in_paths: True when tokens/logprobs only restate the paths (a chain source on its
               own), so a merging builder must not count them twice.
+    conditioned_depths: c when the candidates of depths > c were drafted after the top-1 tokens
+              (slot 0) of depths 1..c: they are proposals under that chain only (EAGLE-style
+              sequential drafting: k - 1; a parallel drafter fed its depth-1 token: 1; mask
+              slots alone: 0). ``AutoTree`` hangs them under that chain only.
     """
     tokens: torch.Tensor
     logprobs: torch.Tensor
     paths: list[list[tuple[list[int], list[float]]]] | None = None
     per_depth_in_paths: bool = False
+    conditioned_depths: int = 0
 
     @property
     def depth(self) -> int:

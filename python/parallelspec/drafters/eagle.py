@@ -50,7 +50,7 @@ class EagleDrafter(NetworkDrafter):
             scratch = self.cache_lens + j
             h = net.run(net.fuse(tok[:, :, 0], g), scratch[:, None], self._cached_attention(scratch, one, 0))
             g = net.features_out(h)
-        return DraftCandidates(torch.cat(ids, dim=1), torch.cat(logps, dim=1))
+        return DraftCandidates(torch.cat(ids, dim=1), torch.cat(logps, dim=1), conditioned_depths=self.depth - 1)
 
 
 def eagle_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):

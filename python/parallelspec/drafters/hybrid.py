@@ -80,7 +80,10 @@ class HybridDrafter(Drafter):
         tok = torch.cat([_pad_depth(c.tokens, k, 0) for c in views], dim=2)
         lp = torch.cat([_pad_depth(c.logprobs, k, -math.inf) for c in views], dim=2)
         paths = [[p for c in chains for p in c.paths[b]] for b in range(B)] if chains else None
-        return DraftCandidates(tok, lp, paths, per_depth_in_paths=not per_depth)
+        # one per-depth source keeps its conditioning (its candidates come first, slot 0 is its
+        # top-1); with several, slot 0 is only the first one's: treated as independent
+        conditioned = per_depth[0].conditioned_depths if len(per_depth) == 1 else 0
+        return DraftCandidates(tok, lp, paths, per_depth_in_paths=not per_depth, conditioned_depths=conditioned)
 
 
 def _join(first, second):

@@ -57,7 +57,7 @@ class ParallelDrafter(NetworkDrafter):
         slots = slots + net.mask_embed.to(x.dtype)
         h2 = net.run(slots, mask_pos, self._cached_attention(self.cache_lens, torch.zeros_like(lens), M))
         ids2, logp2 = top_candidates(net.logits(net.features_out(h2)), net.draft_to_target, self.top_m)
-        return DraftCandidates(torch.cat([ids1, ids2], dim=1), torch.cat([logp1, logp2], dim=1))
+        return DraftCandidates(torch.cat([ids1, ids2], dim=1), torch.cat([logp1, logp2], dim=1), conditioned_depths=1)
 
 
 def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
