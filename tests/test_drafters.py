@@ -76,6 +76,27 @@ def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers):
             torch.testing.assert_close(got[b], want[0, 0], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", [ParallelDrafter, EagleDrafter])
+def test_half_precision_head_drafts_the_same_to_rounding(kind):
+    """head_dtype=bf16 (a CPU drafter's head copy at half the bytes): the same candidates'
+    log-probabilities to bf16 rounding of the head; a bad head_dtype is refused by name."""
+    from parallelspec.linear import native_serves
+
+    _, ref = make(kind, vocab=None)
+    half = kind(ref.net, top_m=ref.top_m, head_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    tokens, features = torch.randint(0, V, (2, 6), generator=g), torch.randn(2, 6, D, generator=g)
+    lens = torch.tensor([6, 3])
+    out = []
+    for d in (ref, half):
+        d.reset(2, 16, CPU, torch.float32)
+        out.append(as_dense(d.step(tokens, features, lens), d.net.draft_to_target))
+    assert (half._head is not None) == native_serves(CPU)
+    torch.testing.assert_close(out[1], out[0], atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="head_dtype: expected None, torch.bfloat16 or torch.float16"):
+        kind(ref.net, head_dtype=torch.float64)
+
+
 def test_slot1_config_checked():
     target = tiny_target()
     for kw in (dict(parallel=False, depth=4), dict(parallel=True, depth=1)):

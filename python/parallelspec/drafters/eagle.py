@@ -41,7 +41,7 @@ class EagleDrafter(NetworkDrafter):
         one = torch.ones_like(lens)
         ids, logps = [], []
         for j in range(self.depth):
-            tok, logp = top_candidates(net.logits(g), net.draft_to_target, self.top_m)
+            tok, logp = top_candidates(self._logits(g), net.draft_to_target, self.top_m)
             ids.append(tok)
             logps.append(logp)
             if j + 1 == self.depth:

@@ -30,7 +30,9 @@ from torch import nn
 
 from ps_kernels import draft_attention
 
-from ..linear import linear, skinny_linears
+import ps_kernels
+
+from ..linear import linear, native_serves, skinny_linears
 from .base import DraftCandidates, Drafter
 
 CONFIG_NAME = "config.json"
@@ -387,12 +389,19 @@ class NetworkDrafter(Drafter):
     kind = ""          # "parallel" / "eagle": recorded in config.json, checked on load
     extra_rows = 0     # cache rows past max_len the drafter writes as scratch
 
-    def __init__(self, net: DraftNetwork, top_m: int = 8):
+    def __init__(self, net: DraftNetwork, top_m: int = 8, head_dtype: torch.dtype | None = None):
         if net.cfg.parallel != (self.kind == "parallel"):
             raise ValueError(f"net: a {self.kind} drafter needs DraftConfig(parallel="
                              f"{self.kind == 'parallel'}), got parallel={net.cfg.parallel}")
+        if head_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"head_dtype: expected None, torch.bfloat16 or torch.float16, got {head_dtype!r}")
         self.net = net
         self.top_m = top_m
+        # the head is most of a drafter step's memory traffic (draft vocabulary x hidden); a
+        # half-precision copy halves it on a CPU (skinny_linear widens it as it loads). Drafts
+        # only: the target's output does not depend on them.
+        self.head_dtype = head_dtype
+        self._head = None
         self.kv = None
         self.cache_lens = None
 
@@ -406,6 +415,16 @@ class NetworkDrafter(Drafter):
         self.kv = torch.zeros(cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len + self.extra_rows,
                               cfg.head_dim, device=device, dtype=dtype)
         self.cache_lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        w = self.net.head.weight if self.net.head is not None else self.net.target_head_weight
+        low = (self.head_dtype is not None and w.dtype != self.head_dtype and w.device.type == "cpu"
+               and native_serves(w.device))
+        self._head = w.detach().to(self.head_dtype) if low else None
+
+    def _logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Draft logits at inference: the network's head, or its half-precision copy (head_dtype)."""
+        if self._head is None:
+            return self.net.logits(g)
+        return ps_kernels.skinny_linear(g, self._head, backend="cpu", validate=False).float()
 
     def step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
         self._check_step(tokens, features, lens)
@@ -443,10 +462,10 @@ class NetworkDrafter(Drafter):
         save_network(path, self.net, self.kind, {"top_m": self.top_m}, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path, target=None, top_m: int | None = None):
+    def from_pretrained(cls, path, target=None, top_m: int | None = None, head_dtype: torch.dtype | None = None):
         """Load a saved drafter; with `target`, check it and attach its embedding / head."""
         net, extra = load_network(path, cls.kind)
-        drafter = cls(net, top_m=top_m or extra.get("top_m", 8))
+        drafter = cls(net, top_m=top_m or extra.get("top_m", 8), head_dtype=head_dtype)
         if target is not None:
             drafter.check_target(target)
             net.attach_target(target)

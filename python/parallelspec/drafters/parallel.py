@@ -47,16 +47,16 @@ class ParallelDrafter(NetworkDrafter):
         h_last = h.gather(1, (lens - 1).clamp(min=0)[:, None, None].expand(B, 1, h.shape[-1]))
         self.cache_lens += lens
         if not draft_fed:
-            logits = net.logits(net.features_out(torch.cat([h_last, h[:, R:]], dim=1)))
+            logits = self._logits(net.features_out(torch.cat([h_last, h[:, R:]], dim=1)))
             ids, logp = top_candidates(logits, net.draft_to_target, self.top_m)
             return DraftCandidates(ids, logp)
         g1 = net.features_out(h_last)
-        ids1, logp1 = top_candidates(net.logits(g1), net.draft_to_target, self.top_m)
+        ids1, logp1 = top_candidates(self._logits(g1), net.draft_to_target, self.top_m)
         # pass 2: the slots over the committed cache (no real rows), slot 1 fed the depth-1 top-1
         slots = torch.cat([net.fuse(ids1[:, :, 0], g1), x.new_zeros(B, M - 1, x.shape[-1])], dim=1)
         slots = slots + net.mask_embed.to(x.dtype)
         h2 = net.run(slots, mask_pos, self._cached_attention(self.cache_lens, torch.zeros_like(lens), M))
-        ids2, logp2 = top_candidates(net.logits(net.features_out(h2)), net.draft_to_target, self.top_m)
+        ids2, logp2 = top_candidates(self._logits(net.features_out(h2)), net.draft_to_target, self.top_m)
         return DraftCandidates(torch.cat([ids1, ids2], dim=1), torch.cat([logp1, logp2], dim=1), conditioned_depths=1)
 
 
