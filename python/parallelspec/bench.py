@@ -57,7 +57,7 @@ def prompt_sets(tok, n: int, long_tokens=(250, 600)) -> dict[str, list[torch.Ten
     return {"chat": chat, "code": code, "long": long}
 
 
-def build_methods(model, names, max_nodes: int):
+def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = None):
     """name -> (callable(ids, mask=None, **sampling) -> (output ids, stats | None), or a reason string)."""
     from . import generate
     from .autotree import AutoTree
@@ -93,8 +93,11 @@ def build_methods(model, names, max_nodes: int):
         "parallel_dynamic": lambda: ours("parallel", "dynamic", tree_nodes=16),
         "parallel_auto": lambda: ours("parallel", "auto"),
         "hybrid_auto": lambda: ours("hybrid", "auto"),
-        "hybrid_nodefer_auto": lambda: ours("hybrid", "auto", drafter_kw={"defer_after": None}),
+        "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"defer_after": 5}),
     }
+    for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
+        table[f"{name}_auto"] = lambda path=path: ours(path, "auto")
+        table[f"hybrid-{name}_auto"] = lambda path=path: ours(f"hybrid:{path}", "auto")
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {list(table)}")
@@ -156,8 +159,9 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     model, tok = load_default_target()
     sets = prompt_sets(tok, args.prompts)
-    names = args.methods.split(",")
-    methods = build_methods(model, names, args.max_nodes)
+    extra = dict(_drafter_arg(a) for a in args.drafter)
+    names = args.methods.split(",") + [f"{pre}{n}_auto" for n in extra for pre in ("", "hybrid-")]
+    methods = build_methods(model, names, args.max_nodes, extra)
     skipped = {n: m for n, m in methods.items() if isinstance(m, str)}
     live = {n: m for n, m in methods.items() if not isinstance(m, str)}
     for n, why in skipped.items():
@@ -196,6 +200,13 @@ def run(args) -> dict:
     batch = _batch_throughput(live, tok, sets["chat"], args)
     return {"rows": rows, "summary": summary, "aims": _aims(summary), "sampled": sampled, "batch4": batch,
             "skipped": skipped}
+
+
+def _drafter_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path or "_" in name:
+        raise ValueError(f"--drafter: expected NAME=PATH (NAME without '_'), got {text!r}")
+    return name, path
 
 
 def _sampled_acceptance(live, prompts, args):
@@ -253,7 +264,7 @@ def readme_table(result) -> str:
 
 
 ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,ngram_auto,eagle_chain,eagle_auto,"
-               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_nodefer_auto,hybrid_auto")
+               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto")
 
 
 def main(argv=None) -> int:
@@ -262,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-nodes", type=int, default=32, help="node budget of tree='auto'")
     ap.add_argument("--methods", default=ALL_METHODS)
+    ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
+                    help="also run a saved drafter (NAME_auto) and the hybrid with it (hybrid-NAME_auto)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="2 prompts per category, 24 new tokens (smoke run)")
     ap.add_argument("--out", default=str(RESULTS))

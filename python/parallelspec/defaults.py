@@ -18,7 +18,7 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | 
 
     spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" (the shipped
     drafter for the embedded target), "hybrid" (prompt lookup + the shipped parallel drafter
-    in one tree), "default" (the best measured for the embedded target), or a directory saved
+    in one tree; "hybrid:SPEC" with another drafter), "default" (the best measured for the embedded target), or a directory saved
     with ``save_pretrained``. defer_after: the hybrid's (``HybridDrafter``); "default" =
     ``HYBRID_DEFER_AFTER``. head_dtype: a network drafter's head copy on a CPU
     (``NetworkDrafter``); "default" = ``HEAD_DTYPE``.
@@ -32,9 +32,10 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | 
         return NgramDrafter(num_tokens=ngram_tokens)
     if spec == "default":
         spec = DEFAULT_DRAFTER
-    if spec == "hybrid":
+    if spec == "hybrid" or spec.startswith("hybrid:"):
         defer = HYBRID_DEFER_AFTER if defer_after == "default" else defer_after
-        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter("parallel", model, head_dtype=head_dtype)],
+        inner = spec[len("hybrid:"):] or "parallel"
+        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter(inner, model, head_dtype=head_dtype)],
                              defer_after=defer)
     path = SHIPPED.get(spec, Path(spec))
     if not path.exists():
@@ -55,9 +56,10 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | 
 
 #: chosen from benchmarks/results/e2e_cpu.json (see README)
 DEFAULT_DRAFTER = "hybrid"
-#: the hybrid's parallel drafter sits out the step after one that committed this many tokens
-#: (prompt lookup being accepted whole); measured in benchmarks/results/e2e_cpu.json
-HYBRID_DEFER_AFTER = 5
+#: HybridDrafter(defer_after=): off. Letting the parallel drafter sit out the step after prompt
+#: lookup was accepted whole measured no gain on this CPU (benchmarks/results/variants/: long
+#: prompts 2.31x vs 2.38x HF without it, chat/code within 2%): the drafter is ~10% of a step here
+HYBRID_DEFER_AFTER = None
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
 #: largest read (parallel drafter step 10.8 -> 5.6 ms, EAGLE-style 40 -> 32 ms, on a busy 2-core CPU)
 HEAD_DTYPE = "bfloat16"
