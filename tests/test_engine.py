@@ -41,8 +41,19 @@ def _drafter(kind, model, ids, mask, reference, rows=slice(None)):
     return OracleDrafter(sequences, VOCAB, hidden=hidden, check_lens=check_lens)
 
 
+class _AlwaysMatching(ps.NgramDrafter):
+    """Prompt lookup that reports a 3-gram match every step (so defer_on_match=3 always fires
+    after the first step: the test is about the stream the deferred source gets)."""
+
+    def step(self, tokens, features, lens):
+        out = super().step(tokens, features, lens)
+        self.last_match_n = [3] * len(self.last_match_n)
+        return out
+
+
+@pytest.mark.parametrize("trigger", [{"defer_after": 2}, {"defer_on_match": 3}])
 @pytest.mark.parametrize("tree", ["chain", "auto"])
-def test_hybrid_deferral_feeds_the_whole_stream(case, tree):
+def test_hybrid_deferral_feeds_the_whole_stream(case, tree, trigger):
     """HybridDrafter(defer_after=2): the feature-needing source sits out steps after a long
     acceptance and then gets the held-back (token, feature) pairs with the new ones; the oracle
     checks every pair it is given against the reference, and the output stays HF's."""
@@ -51,7 +62,7 @@ def test_hybrid_deferral_feeds_the_whole_stream(case, tree):
     model, ids, mask, reference = case
     oracle = _drafter("oracle+features", model, ids, mask, reference)
     oracle.p_true = 0.97   # mostly whole acceptances across the batch: deferral happens
-    hybrid = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), oracle], defer_after=2)
+    hybrid = ps.HybridDrafter([_AlwaysMatching(num_tokens=3), oracle], **trigger)
     builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
     out = ps.generate(model, ids, hybrid, attention_mask=mask, max_new_tokens=NEW, tree=builder)
     torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)

@@ -117,5 +117,19 @@ def test_bad_arguments():
     for bad in (1, 2.5, True, "3"):
         with pytest.raises(ValueError, match="defer_after: expected None or an int >= 2"):
             HybridDrafter([NgramDrafter()], defer_after=bad)
-    with pytest.raises(ValueError, match="defer_after: needs a source that never sits out"):
-        HybridDrafter([OracleDrafter([[1, 2]], VOCAB, hidden=[torch.zeros(2, 4)])], defer_after=3)
+    for bad in (0, 1.5, False):
+        with pytest.raises(ValueError, match="defer_on_match: expected None or an n-gram length >= 1"):
+            HybridDrafter([NgramDrafter()], defer_on_match=bad)
+    for kw in ({"defer_after": 3}, {"defer_on_match": 2}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}: needs a source that never sits out"):
+            HybridDrafter([OracleDrafter([[1, 2]], VOCAB, hidden=[torch.zeros(2, 4)])], **kw)
+
+
+def test_ngram_reports_its_longest_match():
+    d = NgramDrafter(num_tokens=2, ngram_sizes=(3, 2, 1))
+    d.reset(2, 32, torch.device("cpu"), torch.float32)
+    rows = torch.tensor([[5, 6, 7, 1, 5, 6, 7], [1, 2, 3, 4, 9, 8, 0]])
+    d.step(rows, None, torch.tensor([7, 7]))
+    assert d.last_match_n == [3, 0]      # "5 6 7" seen before; "8 9 0"/"9 0"/"0" never
+    d.step(torch.tensor([[1], [9]]), None, torch.tensor([1, 1]))
+    assert d.last_match_n == [3, 1]      # "6 7 1" seen before; for row 1 only "9"

@@ -93,7 +93,8 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         "parallel_dynamic": lambda: ours("parallel", "dynamic", tree_nodes=16),
         "parallel_auto": lambda: ours("parallel", "auto"),
         "hybrid_auto": lambda: ours("hybrid", "auto"),
-        "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"defer_after": 5}),
+        "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_after": 5}}),
+        "hybrid_match3_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_on_match": 3}}),
     }
     for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
         table[f"{name}_auto"] = lambda path=path: ours(path, "auto")

@@ -12,15 +12,15 @@ SHIPPED = {
 DRAFTER_CHOICES = ("default", "parallel", "eagle", "ngram", "hybrid", "none")
 
 
-def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | None | str = "default",
+def load_drafter(spec: str, model, *, ngram_tokens: int = 4, hybrid_options: dict | None = None,
                  head_dtype="default"):
     """A drafter from a name or a path.
 
     spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" (the shipped
     drafter for the embedded target), "hybrid" (prompt lookup + the shipped parallel drafter
     in one tree; "hybrid:SPEC" with another drafter), "default" (the best measured for the embedded target), or a directory saved
-    with ``save_pretrained``. defer_after: the hybrid's (``HybridDrafter``); "default" =
-    ``HYBRID_DEFER_AFTER``. head_dtype: a network drafter's head copy on a CPU
+    with ``save_pretrained``. hybrid_options: ``HybridDrafter`` keywords over
+    ``HYBRID_OPTIONS``. head_dtype: a network drafter's head copy on a CPU
     (``NetworkDrafter``); "default" = ``HEAD_DTYPE``.
     """
     import torch
@@ -33,10 +33,9 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | 
     if spec == "default":
         spec = DEFAULT_DRAFTER
     if spec == "hybrid" or spec.startswith("hybrid:"):
-        defer = HYBRID_DEFER_AFTER if defer_after == "default" else defer_after
         inner = spec[len("hybrid:"):] or "parallel"
         return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter(inner, model, head_dtype=head_dtype)],
-                             defer_after=defer)
+                             **{**HYBRID_OPTIONS, **(hybrid_options or {})})
     path = SHIPPED.get(spec, Path(spec))
     if not path.exists():
         where = f"the shipped '{spec}' drafter at {path}" if spec in SHIPPED else f"{path}"
@@ -56,10 +55,10 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4, defer_after: int | 
 
 #: chosen from benchmarks/results/e2e_cpu.json (see README)
 DEFAULT_DRAFTER = "hybrid"
-#: HybridDrafter(defer_after=): off. Letting the parallel drafter sit out the step after prompt
-#: lookup was accepted whole measured no gain on this CPU (benchmarks/results/variants/: long
-#: prompts 2.31x vs 2.38x HF without it, chat/code within 2%): the drafter is ~10% of a step here
-HYBRID_DEFER_AFTER = None
+#: HybridDrafter options of the "hybrid" drafter. defer_after off: letting the parallel drafter
+#: sit out the step after prompt lookup was accepted whole measured no gain on this CPU
+#: (benchmarks/results/variants/: long prompts 2.31x vs 2.38x HF without it, chat/code within 2%)
+HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": None}
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
 #: largest read (parallel drafter step 10.8 -> 5.6 ms, EAGLE-style 40 -> 32 ms, on a busy 2-core CPU)
 HEAD_DTYPE = "bfloat16"

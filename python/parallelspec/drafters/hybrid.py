@@ -10,10 +10,12 @@ per-depth candidates.
 
 ``defer_after``: while every sequence's last step committed at least that many tokens (the
 chain sources are being accepted whole: a copying stretch), the sources that need the
-target's features (the network drafters, the costly ones) sit the next step out. Their new
-(token, feature) pairs are kept and fed with the next step's in one call, so their caches see
-the same stream as if they had never paused (a step over a few more rows costs about the same
-on a CPU).
+target's features (the network drafters, the costly ones) sit the next step out.
+``defer_on_match``: the same when every sequence's prompt lookup (a source exposing
+``last_match_n``) matched at least that many trailing tokens this step. Either way the
+skipped sources' new (token, feature) pairs are kept and fed with the next step's in one
+call, so their caches see the same stream as if they had never paused (a step over a few
+more rows costs about the same on a CPU).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ _MAX_DEFERRED_ROWS = 32
 
 
 class HybridDrafter(Drafter):
-    def __init__(self, drafters, defer_after: int | None = None):
+    def __init__(self, drafters, defer_after: int | None = None, defer_on_match: int | None = None):
         drafters = list(drafters)
         if not drafters or not all(isinstance(d, Drafter) for d in drafters):
             raise TypeError(f"drafters: expected a non-empty list of parallelspec Drafters, got "
@@ -36,12 +38,17 @@ class HybridDrafter(Drafter):
                                         or defer_after < 2):
             raise ValueError(f"defer_after: expected None or an int >= 2 (tokens committed by one step), "
                              f"got {defer_after!r}")
-        if defer_after is not None and all(d.needs_features for d in drafters):
-            raise ValueError("defer_after: needs a source that never sits out (one without features, "
-                             f"e.g. NgramDrafter), got only {[type(d).__name__ for d in drafters]}")
+        if defer_on_match is not None and (isinstance(defer_on_match, bool) or not isinstance(defer_on_match, int)
+                                           or defer_on_match < 1):
+            raise ValueError(f"defer_on_match: expected None or an n-gram length >= 1, got {defer_on_match!r}")
+        for name, value in (("defer_after", defer_after), ("defer_on_match", defer_on_match)):
+            if value is not None and all(d.needs_features for d in drafters):
+                raise ValueError(f"{name}: needs a source that never sits out (one without features, "
+                                 f"e.g. NgramDrafter), got only {[type(d).__name__ for d in drafters]}")
         self.drafters = drafters
         self.needs_features = any(d.needs_features for d in drafters)
         self.defer_after = defer_after
+        self.defer_on_match = defer_on_match
         self._pending = None      # (tokens, features, lens) the deferred drafters have not seen yet
         self._steps = 0
         self.deferred_steps = 0
@@ -59,17 +66,24 @@ class HybridDrafter(Drafter):
 
     def step(self, tokens, features, lens) -> DraftCandidates:
         stream = (tokens, features, lens) if self._pending is None else _join(self._pending, (tokens, features, lens))
+        results = [d.step(tokens, None, lens) for d in self.drafters if not d.needs_features]
+        live = lens > 0
         # never on a sequence's first step (its prompt); the whole batch must be copying; the
         # deferred rows stay within what one drafter step handles cheaply
-        defer = (self.defer_after is not None and self._steps > 0 and self.needs_features
-                 and stream[0].shape[1] <= _MAX_DEFERRED_ROWS and bool(((lens >= self.defer_after) | (lens == 0)).all()))
+        copying = False
+        if self.defer_after is not None:
+            copying = bool(((lens >= self.defer_after) | ~live).all())
+        if self.defer_on_match is not None and not copying:
+            matched = [getattr(d, "last_match_n", None) for d in self.drafters if not d.needs_features]
+            matched = [m for m in matched if m is not None]
+            rows = live.tolist()
+            copying = bool(matched) and all(max(m[b] for m in matched) >= self.defer_on_match
+                                            for b in range(len(rows)) if rows[b])
+        defer = (copying and self._steps > 0 and self.needs_features
+                 and stream[0].shape[1] <= _MAX_DEFERRED_ROWS)
         self._steps += 1
-        results = []
-        for d in self.drafters:
-            if not d.needs_features:
-                results.append(d.step(tokens, None, lens))
-            elif not defer:
-                results.append(d.step(*stream))
+        if not defer:
+            results += [d.step(*stream) for d in self.drafters if d.needs_features]
         self._pending = stream if defer else None
         self.deferred_steps += defer
         per_depth = [c for c in results if c.paths is None]

@@ -51,6 +51,8 @@ class NgramDrafter(Drafter):
         self.history: list[list[int]] = [[] for _ in range(batch_size)]
         # index[b][n]: n-gram -> start of the continuation of its latest occurrence
         self.index: list[dict[int, dict[tuple, int]]] = [{n: {} for n in self.ngram_sizes} for _ in range(batch_size)]
+        # per sequence: the longest n-gram matched by the last step (0: none); HybridDrafter reads it
+        self.last_match_n: list[int] = [0] * batch_size
 
     def check_target(self, model) -> None:
         return None  # token ids only: works with any target
@@ -67,11 +69,13 @@ class NgramDrafter(Drafter):
     def _matches(self, b: int) -> list[list[int]]:
         hist, k = self.history[b], self.num_tokens
         found, starts = [], set()
+        self.last_match_n[b] = 0
         for n in self.ngram_sizes:
             if len(hist) < n:
                 continue
             start = self.index[b][n].get(tuple(hist[len(hist) - n:]))
             if start is not None and start not in starts:
+                self.last_match_n[b] = max(self.last_match_n[b], n)
                 starts.add(start)
                 found.append(hist[start:start + k])
         return found
