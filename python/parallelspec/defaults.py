@@ -55,10 +55,12 @@ def load_drafter(spec: str, model, *, ngram_tokens: int = 4, hybrid_options: dic
 
 #: chosen from benchmarks/results/e2e_cpu.json (see README)
 DEFAULT_DRAFTER = "hybrid"
-#: HybridDrafter options of the "hybrid" drafter. defer_after off: letting the parallel drafter
-#: sit out the step after prompt lookup was accepted whole measured no gain on this CPU
-#: (benchmarks/results/variants/: long prompts 2.31x vs 2.38x HF without it, chat/code within 2%)
-HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": None}
+#: HybridDrafter options of the "hybrid" drafter (benchmarks/results/variants/). defer_on_match=3:
+#: the parallel drafter sits out a step when prompt lookup matched a 3-gram; same accepted tokens
+#: per step on chat/code/long, drafting share 10.8 -> 8.5% of a step on long prompts. defer_after
+#: off: sitting out the step after prompt lookup was accepted whole measured no gain (long
+#: prompts 2.31x vs 2.38x HF without it)
+HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": 3}
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
 #: largest read (parallel drafter step 10.8 -> 5.6 ms, EAGLE-style 40 -> 32 ms, on a busy 2-core CPU)
 HEAD_DTYPE = "bfloat16"
