@@ -107,6 +107,19 @@ def test_conditioned_candidates_hang_under_the_top1_chain(conditioned):
     assert len(want) == {0: 14, 1: 8, 2: 6}[conditioned]
 
 
+def test_batch_trees_are_sized_by_the_rows_they_add():
+    """The verify cost is per forward over all rows: four sequences' trees of n nodes cost
+    what one sequence's 4n nodes cost, so a batch gets smaller trees than one sequence with
+    the same per-sequence gains (and the same tree when width is free)."""
+    rising = {1: 1.0, 4: 1.1, 8: 1.3, 16: 1.9, 32: 3.2, 64: 6.0}
+    gains = [0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1]
+    tree = AutoTree(rising, max_nodes=16)
+    one, four = tree.choose_size([gains]), tree.choose_size([gains] * 4)
+    assert four < one
+    flat = AutoTree(FLAT, max_nodes=16)
+    assert flat.choose_size([gains] * 4) == flat.choose_size([gains]) == len(gains)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="verify_cost"):
         AutoTree({2: 1.0})

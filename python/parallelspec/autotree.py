@@ -71,12 +71,15 @@ class AutoTree(TreeBuilder):
 
     def choose_size(self, gains: list[list[float]]) -> int:
         """gains[b]: acceptance estimates of sequence b's candidate nodes, best first. Returns
-        the number of draft nodes n (same for the batch) maximising expected tokens / time."""
+        the number of draft nodes n (same for the batch) maximising expected tokens / time.
+        The verify cost is read at B * (n + 1) rows: a batch verifies every sequence's tree in
+        one forward, and its linear layers (most of a small target's step) see all the rows."""
+        B = max(len(gains), 1)
         limit = min(self.max_nodes - 1, max((len(g) for g in gains), default=0))
-        best_n, best_rate, expected = 0, len(gains) / (self.draft_cost + self.cost(1)), float(len(gains))
+        best_n, best_rate, expected = 0, len(gains) / (self.draft_cost + self.cost(B)), float(len(gains))
         for n in range(1, limit + 1):
             expected += sum(self.calibration * g[n - 1] for g in gains if len(g) >= n)
-            rate = expected / (self.draft_cost + self.cost(n + 1))
+            rate = expected / (self.draft_cost + self.cost(B * (n + 1)))
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n
