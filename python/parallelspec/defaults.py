@@ -62,5 +62,5 @@ DEFAULT_DRAFTER = "hybrid"
 #: prompts 2.31x vs 2.38x HF without it)
 HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": 3}
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
-#: largest read (parallel drafter step 10.8 -> 5.6 ms, EAGLE-style 40 -> 32 ms, on a busy 2-core CPU)
+#: largest read (one thread, quiet machine: parallel drafter step 8.7 -> 7.7 ms, EAGLE-style 24.4 -> 16.3 ms)
 HEAD_DTYPE = "bfloat16"
