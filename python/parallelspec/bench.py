@@ -94,7 +94,7 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         "parallel_auto": lambda: ours("parallel", "auto"),
         "hybrid_auto": lambda: ours("hybrid", "auto"),
         "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_after": 5}}),
-        "hybrid_match3_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_on_match": 3}}),
+        "hybrid_nomatch_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_on_match": None}}),
     }
     for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
         table[f"{name}_auto"] = lambda path=path: ours(path, "auto")
@@ -160,7 +160,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     model, tok = load_default_target()
     sets = prompt_sets(tok, args.prompts)
-    extra = dict(_drafter_arg(a) for a in args.drafter)
+    extra = dict(args.drafter)
     names = args.methods.split(",") + [f"{pre}{n}_auto" for n in extra for pre in ("", "hybrid-")]
     methods = build_methods(model, names, args.max_nodes, extra)
     skipped = {n: m for n, m in methods.items() if isinstance(m, str)}
@@ -206,7 +206,7 @@ def run(args) -> dict:
 def _drafter_arg(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path or "_" in name:
-        raise ValueError(f"--drafter: expected NAME=PATH (NAME without '_'), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (NAME without '_'), got {text!r}")
     return name, path
 
 
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-nodes", type=int, default=32, help="node budget of tree='auto'")
     ap.add_argument("--methods", default=ALL_METHODS)
-    ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
+    ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH", type=_drafter_arg,
                     help="also run a saved drafter (NAME_auto) and the hybrid with it (hybrid-NAME_auto)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="2 prompts per category, 24 new tokens (smoke run)")

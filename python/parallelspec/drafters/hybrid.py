@@ -34,15 +34,13 @@ class HybridDrafter(Drafter):
         if not drafters or not all(isinstance(d, Drafter) for d in drafters):
             raise TypeError(f"drafters: expected a non-empty list of parallelspec Drafters, got "
                             f"{[type(d).__name__ for d in drafters]}")
-        if defer_after is not None and (isinstance(defer_after, bool) or not isinstance(defer_after, int)
-                                        or defer_after < 2):
-            raise ValueError(f"defer_after: expected None or an int >= 2 (tokens committed by one step), "
-                             f"got {defer_after!r}")
-        if defer_on_match is not None and (isinstance(defer_on_match, bool) or not isinstance(defer_on_match, int)
-                                           or defer_on_match < 1):
-            raise ValueError(f"defer_on_match: expected None or an n-gram length >= 1, got {defer_on_match!r}")
-        for name, value in (("defer_after", defer_after), ("defer_on_match", defer_on_match)):
-            if value is not None and all(d.needs_features for d in drafters):
+        for name, value, lo, what in (("defer_after", defer_after, 2, "an int >= 2 (tokens committed by one step)"),
+                                      ("defer_on_match", defer_on_match, 1, "an n-gram length >= 1")):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name}: expected None or {what}, got {value!r}")
+            if all(d.needs_features for d in drafters):
                 raise ValueError(f"{name}: needs a source that never sits out (one without features, "
                                  f"e.g. NgramDrafter), got only {[type(d).__name__ for d in drafters]}")
         self.drafters = drafters

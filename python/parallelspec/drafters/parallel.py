@@ -76,21 +76,23 @@ def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: to
     positions, allowed = group_layout(n, anchors, M)
     x = net.fuse(tokens, features)
     attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
-    if net.cfg.slot1 == "draft" and M and A:
+    if not (M and A):
+        slots = None
+    else:
+        slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0).expand(B, -1, -1)   # slot-major rows
+    if slots is not None and net.cfg.slot1 == "draft":
         # pass 1 over the real rows; pass 2 over the slots, slot 1 fed (the data's next token, the
         # drafter's own output feature at the anchor) plus its vector; anchors at n - 1 have no next
         # token and no slot labels, any token serves there
         attend.allowed = allowed[:n, :n]
         real = net.features_out(net.run(x, positions[:n].expand(B, -1), attend))
         fed = net.fuse(tokens[:, (anchors + 1).clamp(max=n - 1)], real[:, anchors])
-        slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0).expand(B, -1, -1)
-        slots = torch.cat([slots[:, :A] + fed, slots[:, A:]], dim=1)   # slot-major rows
+        slots = torch.cat([slots[:, :A] + fed, slots[:, A:]], dim=1)
         attend.allowed = allowed[n:]
         g = net.features_out(net.run(slots, positions[n:].expand(B, -1), attend))
         return real, g.reshape(B, M, A, g.shape[-1]).transpose(1, 2)
-    if M and A:
-        slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0)   # slot-major rows
-        x = torch.cat([x, slots.expand(B, -1, -1)], dim=1)
+    if slots is not None:
+        x = torch.cat([x, slots], dim=1)
     attend.allowed = allowed
     g = net.features_out(net.run(x, positions.expand(B, -1), attend))
     return g[:, :n], g[:, n:].reshape(B, M, A, g.shape[-1]).transpose(1, 2)
