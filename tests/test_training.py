@@ -221,3 +221,88 @@ def test_ngram_proposal_copies_the_latest_longest_match():
     assert ngram_proposal(ctx, 3) == [4, 5, 7]     # no earlier "7 2 3"; the latest earlier "2 3" precedes 4 5 7
     assert ngram_proposal([5, 6, 7], 2) == []
     assert ngram_proposal([4, 8, 4], 2) == [8, 4]
+
+
+# ---------------------------------------------------------------- distillation, schedule restart
+
+def test_distilled_slot_loss_is_the_mix_of_target_and_teacher_ce(tmp_path):
+    """Depths >= 2: CE = (1 - w) * CE(target labels) + w * CE(the EAGLE teacher's top-32 at the
+    same anchor) where the teacher's chain reaches, the target's CE alone where it does not;
+    depth 1 never sees the teacher. Reference: the teacher's own forward, row by row."""
+    from parallelspec.training.train import (forward_losses, gather_labels, label_rows, load_teacher, soft_ce,
+                                             target_to_draft)
+    from parallelspec.drafters import build_network
+
+    model, tr, ho = tiny_shards(tmp_path)
+    train(small_cfg(kind="eagle", steps=4), model, tr, ho, tmp_path / "eagle", log=lambda m: None)
+    w = 0.3
+    cfg = small_cfg(distill_from=str(tmp_path / "eagle" / "drafter"), distill_weight=w)
+    teacher = load_teacher(cfg, model, torch.device("cpu"))
+    data = ShardData(tr)
+    student = build_network(model, parallel=True, depth=3, draft_to_target=teacher.draft_to_target[:40], seed=1)
+    t2d = target_to_draft(student.draft_to_target, model.config.vocab_size)
+    batch = data.batch([0, 1, 2], torch.device("cpu"))
+    n = batch["tokens"].shape[1]
+    anchors = torch.arange(batch["first_anchor"], n)          # the last two run past the teacher's reach
+    plain = forward_losses(student, student, cfg, batch, anchors, t2d)
+    mixed = forward_losses(student, student, cfg, batch, anchors, t2d, teacher)
+    assert torch.equal(plain[0][0], mixed[0][0]) and torch.equal(plain[2], mixed[2])
+    with torch.no_grad():
+        _, slot_g = student(batch["tokens"], batch["features"], anchors)
+        reach = anchors + 2 < n
+        _, t_slots = teacher(batch["tokens"], batch["features"], anchors[reach])
+    _, slot_pos = label_rows(anchors, 3, n)
+    for d in (1, 2):
+        ids, p, valid = gather_labels(batch, slot_pos[:, d - 1])
+        valid = valid & (t2d[ids[..., 0]] >= 0)
+        want = 0.0
+        for b in range(3):
+            for a in range(len(anchors)):
+                if not valid[b, a]:
+                    continue
+                logits = student.logits(slot_g[b, a, d - 1][None])
+                ce_t = soft_ce(logits, ids[b, a][None], p[b, a][None], t2d)[0]
+                if reach[a]:
+                    tp = torch.softmax(teacher.logits(t_slots[b, int(reach[:a].sum()), d - 1][None]), -1)
+                    top = tp.topk(32, dim=-1)
+                    ce_q = soft_ce(logits, teacher.draft_to_target[top.indices], top.values, t2d)[0]
+                    ce_t = (1 - w) * ce_t + w * ce_q
+                want += float(ce_t)
+        assert float(mixed[0][d].detach()) == pytest.approx(want, rel=1e-4)
+        assert float(mixed[0][d].detach()) != pytest.approx(float(plain[0][d].detach()), rel=1e-4)
+
+
+def test_distilled_training_learns_and_checks_its_teacher(tmp_path):
+    model, tr, ho = tiny_shards(tmp_path)
+    train(small_cfg(kind="eagle", steps=4), model, tr, ho, tmp_path / "eagle", log=lambda m: None)
+    train(small_cfg(kind="parallel", steps=4), model, tr, ho, tmp_path / "par", log=lambda m: None)
+    teacher = str(tmp_path / "eagle" / "drafter")
+    _, summary = train(small_cfg(steps=30, eval_every=30, distill_from=teacher), model, tr, ho, tmp_path / "run",
+                       log=lambda m: None)
+    assert sum(summary["losses"][-5:]) < sum(summary["losses"][:5])
+    for kw, match in ((dict(distill_from=str(tmp_path / "par" / "drafter")), "EAGLE-style drafter of depth 3"),
+                      (dict(distill_from=teacher, depth=2), "EAGLE-style drafter of depth 2"),
+                      (dict(distill_from=teacher, kind="eagle"), "--kind eagle"),
+                      (dict(distill_from=teacher, distill_weight=1.5), "--distill-weight")):
+        with pytest.raises(ValueError, match=match):
+            train(small_cfg(**kw), model, tr, ho, tmp_path / f"bad{len(match)}", log=lambda m: None)
+
+
+def test_restart_schedule_starts_a_fresh_cycle_on_resume(tmp_path):
+    from parallelspec.training.train import lr_at
+
+    cfg = small_cfg(steps=20, warmup=2, lr=1e-3)
+    assert lr_at(0, cfg) == pytest.approx(5e-4) and lr_at(20, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, cfg, cycle_start=10) == lr_at(0, cfg)                # warmup again
+    assert lr_at(20, cfg, cycle_start=10) == pytest.approx(1e-4)          # the floor at --steps
+    assert lr_at(11, cfg, cycle_start=10) > lr_at(15, cfg, cycle_start=10) > lr_at(19, cfg, cycle_start=10)
+    model, tr, ho = tiny_shards(tmp_path)
+    logs = []
+    train(small_cfg(steps=6), model, tr, ho, tmp_path / "r", log=lambda m: None)
+    train(small_cfg(steps=16, restart_schedule=True), model, tr, ho, tmp_path / "r", log=logs.append)
+    lrs = [json.loads(m)["lr"] for m in logs if m.startswith('{"step"')]
+    assert lrs[0] == pytest.approx(lr_at(9, small_cfg(steps=16), cycle_start=6), abs=1e-6)   # step 10's lr
+    assert torch.load(tmp_path / "r" / "checkpoint.pt")["cycle_start"] == 6
+    # resumed again without the flag: the restarted cycle goes on
+    train(small_cfg(steps=18), model, tr, ho, tmp_path / "r", log=lambda m: None)
+    assert torch.load(tmp_path / "r" / "checkpoint.pt")["cycle_start"] == 6

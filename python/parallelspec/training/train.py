@@ -11,6 +11,13 @@ each group) against the target's top-K probabilities renormalised within the dra
 (positions whose target top-1 lies outside it are masked out), averaged over the positions
 of the *global* batch, so that N ranks compute exactly the gradient one process would.
 
+``distill_from`` (a saved EAGLE-style drafter, frozen): at depths >= 2 the label is the mix
+(1 - w) * target + w * teacher, where the teacher's depth-d distribution comes from its
+teacher-forced chain at the same anchor (``eagle_train_forward``: it has seen the true tokens
+up to depth d - 1, which the mask slot has not). CE against a mixture is the same mix of CEs,
+so the two terms are computed apart; anchors past the teacher's reach (a + k - 1 >= n) keep the
+target's label alone.
+
 Logged (JSON lines in <out>/log.jsonl): loss, per-depth train top-1 agreement, and at each
 evaluation the held-out per-depth top-1 agreement and the estimated accepted tokens per
 greedy chain step (1 + the number of leading depths whose top-1 equals the target's).
@@ -155,6 +162,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     feat_weight: float = 0.1
     depth_weights: list = field(default_factory=list)     # [] = all 1
+    distill_from: str | None = None      # a saved EAGLE-style drafter: its depth-d distribution
+    distill_weight: float = 0.5          # ... mixed into the labels of depths >= 2 with this weight
+    restart_schedule: bool = False       # on resume: a fresh warmup + cosine cycle from the resumed step
     bf16: bool = False
     seed: int = 0
     eval_every: int = 200
@@ -177,12 +187,14 @@ def anchor_sample(batch, n: int, depth: int, kind: str, frac: float, gen: torch.
     return pick.to(device)
 
 
-def forward_losses(model, net, cfg: TrainConfig, batch: dict, anchors: torch.Tensor, t2d: torch.Tensor):
+def forward_losses(model, net, cfg: TrainConfig, batch: dict, anchors: torch.Tensor, t2d: torch.Tensor,
+                   teacher=None):
     """Per-depth sums of CE and agreement, their counts, and the feature regression sum. The
     head runs only at rows with a label (most of the step's cost is the head)."""
     n = batch["tokens"].shape[1]
     with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         real_g, slot_g = model(batch["tokens"], batch["features"], anchors)
+    teacher_slots = teacher_features(teacher, batch, anchors, cfg) if teacher is not None else None
     real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
     ce_sum, agree_sum, count = [], [], []
     for d in range(cfg.depth):
@@ -194,12 +206,48 @@ def forward_losses(model, net, cfg: TrainConfig, batch: dict, anchors: torch.Ten
         with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = net.logits(g[valid])
         ce, agree = soft_ce(logits, topk_ids[valid], topk_p[valid], t2d)
+        if teacher is not None and d > 0:
+            t_ce, reached = teacher_ce(teacher, teacher_slots[:, :, d - 1], logits, valid, t2d)
+            ce = torch.where(reached, (1 - cfg.distill_weight) * ce + cfg.distill_weight * t_ce, ce)
         ce_sum.append(ce.sum())
         agree_sum.append(agree.sum())
         count.append(valid.sum())
     feat_err = F.smooth_l1_loss(real_g.float()[feat_valid], batch["next_features"][feat_valid], reduction="none")
     return (torch.stack(ce_sum), torch.stack(agree_sum), torch.stack(count), feat_err.mean(-1).sum(),
             feat_valid.sum())
+
+
+@torch.no_grad()
+def teacher_features(teacher, batch: dict, anchors: torch.Tensor, cfg: TrainConfig):
+    """The frozen teacher's slot features [B, A, k-1, d] at `anchors`; NaN where its chain
+    would run past the tokens (those rows keep the target's label alone)."""
+    n = batch["tokens"].shape[1]
+    reach = anchors + cfg.depth - 1 < n
+    with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        _, inner = teacher(batch["tokens"], batch["features"], anchors[reach])
+    out = inner.new_full((inner.shape[0], anchors.shape[0], *inner.shape[2:]), float("nan"))
+    out[:, reach] = inner
+    return out
+
+
+@torch.no_grad()
+def _teacher_labels(teacher, g: torch.Tensor, top_k: int = 32):
+    """Teacher features [R, d] -> its top-K (target ids, probabilities) per row."""
+    p = torch.softmax(teacher.logits(g.to(teacher.fc.weight.dtype)), dim=-1)
+    top = p.topk(min(top_k, p.shape[-1]), dim=-1)
+    return teacher.draft_to_target[top.indices], top.values
+
+
+def teacher_ce(teacher, slot_feats: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor, t2d: torch.Tensor):
+    """Soft CE of the student's `logits` (rows of `valid`) against the teacher's distribution at
+    the same rows, and which rows the teacher reached (the others: CE 0, not to be used)."""
+    g = slot_feats[valid]
+    ok = ~g.isnan().any(-1)
+    ce = logits.new_zeros(logits.shape[0])
+    if ok.any():
+        ids, p = _teacher_labels(teacher, g[ok])
+        ce = ce.index_put((ok.nonzero()[:, 0],), soft_ce(logits[ok], ids, p, t2d)[0])
+    return ce, ok
 
 
 # ---------------------------------------------------------------- evaluation
@@ -251,10 +299,13 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
 
 # ---------------------------------------------------------------- loop
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, cycle_start: int = 0) -> float:
+    """Linear warmup then cosine to min_lr_frac * lr at cfg.steps; a cycle restarted at
+    `cycle_start` (--restart-schedule) runs the same shape over steps cycle_start..cfg.steps."""
+    step, steps = step - cycle_start, cfg.steps - cycle_start
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    t = (step - cfg.warmup) / max(steps - cfg.warmup, 1)
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
@@ -291,6 +342,11 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
         opt.load_state_dict(ckpt["opt"])
         step, history, seen_tokens = ckpt["step"], ckpt["history"], ckpt["tokens"]
         log(f"resumed from {ckpt_path} at step {step}")
+    cycle_start = ckpt.get("cycle_start", 0) if ckpt is not None else 0
+    if cfg.restart_schedule and ckpt is not None:
+        cycle_start = step
+        log(f"learning-rate schedule restarted at step {step}: warmup {cfg.warmup}, cosine to step {cfg.steps}")
+    teacher = load_teacher(cfg, target, device) if cfg.distill_from else None
     model = pdist.wrap(net)
     weights = torch.tensor(cfg.depth_weights or [1.0] * cfg.depth, dtype=torch.float32, device=device)
     if rank == 0:
@@ -315,8 +371,8 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
         anchors = anchor_sample(batch, n_global, cfg.depth, cfg.kind, cfg.anchor_frac, gen, device)
         anchors = anchors[anchors < batch["tokens"].shape[1] - (cfg.depth - 1 if cfg.kind == "eagle" else 0)]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        ce_sum, agree_sum, count, feat_sum, feat_n = forward_losses(model, net, cfg, batch, anchors, t2d)
+            g["lr"] = lr_at(step, cfg, cycle_start)
+        ce_sum, agree_sum, count, feat_sum, feat_n = forward_losses(model, net, cfg, batch, anchors, t2d, teacher)
         totals = torch.cat([count.float(), feat_n.float()[None]]).detach()
         pdist.all_reduce_sum(totals)
         ce_mean = ce_sum / totals[:-1].clamp(min=1)
@@ -336,7 +392,7 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
         seen_tokens += int(totals[0])
         if rank == 0 and (step % 10 == 0 or step == cfg.steps):
             log(json.dumps({"step": step, "loss": round(global_loss, 4), "ce": [round(x, 3) for x in ce.tolist()],
-                            "train_top1": [round(x, 3) for x in acc.tolist()], "lr": round(lr_at(step - 1, cfg), 6),
+                            "train_top1": [round(x, 3) for x in acc.tolist()], "lr": round(lr_at(step - 1, cfg, cycle_start), 6),
                             "grad_norm": round(float(grad_norm), 3), "tokens": seen_tokens,
                             "elapsed": round(time.time() - t0, 1)}))
         if rank == 0 and heldout is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -347,14 +403,14 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(ev) + "\n")
         if rank == 0 and step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens)
+            save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens, cycle_start)
     if rank == 0:
         if heldout is not None and (not history or history[-1]["step"] != step):
             ev = evaluate(net, cfg, heldout, t2d, device)
             ev.update(step=step, tokens=seen_tokens, elapsed=round(time.time() - t0, 1))
             history.append(ev)
             log(json.dumps(ev))
-        save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens)
+        save_checkpoint(ckpt_path, net, opt, step, history, coverage, seen_tokens, cycle_start)
         drafter = (ParallelDrafter if cfg.kind == "parallel" else EagleDrafter)(net)
         drafter.save_pretrained(out_dir / "drafter")
         summary = {"config": asdict(cfg), "steps": step, "train_sequences": len(data),
@@ -365,10 +421,30 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     return net, {"losses": losses}
 
 
-def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float, tokens: int) -> None:
+def load_teacher(cfg: TrainConfig, target, device):
+    """The frozen EAGLE-style drafter of --distill-from, checked against the run's settings."""
+    from ..defaults import load_drafter
+
+    if cfg.kind != "parallel":
+        raise ValueError(f"--distill-from: distills the parallel drafter's mask slots; got --kind {cfg.kind}")
+    if not 0.0 < cfg.distill_weight <= 1.0:
+        raise ValueError(f"--distill-weight: expected a weight in (0, 1], got {cfg.distill_weight}")
+    drafter = load_drafter(cfg.distill_from, target, head_dtype=None)
+    net = getattr(drafter, "net", None)
+    if net is None or net.cfg.parallel or net.cfg.depth != cfg.depth:
+        got = "not a network drafter" if net is None else f"{'parallel' if net.cfg.parallel else 'eagle'} depth {net.cfg.depth}"
+        raise ValueError(f"--distill-from: expected an EAGLE-style drafter of depth {cfg.depth} (--k), got {got}")
+    net = net.to(device).float().eval()
+    for p_ in net.parameters():
+        p_.requires_grad_(False)
+    return net
+
+
+def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float, tokens: int,
+                    cycle_start: int = 0) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "history": history, "tokens": tokens,
-                "draft_to_target": net.draft_to_target.cpu(), "coverage": coverage}, tmp)
+                "draft_to_target": net.draft_to_target.cpu(), "coverage": coverage, "cycle_start": cycle_start}, tmp)
     tmp.replace(path)
 
 
@@ -397,6 +473,12 @@ def main_train(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--feat-weight", type=float, default=0.1)
     ap.add_argument("--depth-weights", type=float, nargs="*", default=[])
+    ap.add_argument("--distill-from", default=None,
+                    help="a saved EAGLE-style drafter (or 'eagle', the shipped one): its per-depth distribution "
+                         "is mixed into the mask slots' labels")
+    ap.add_argument("--distill-weight", type=float, default=0.5, help="the teacher's share of those labels")
+    ap.add_argument("--restart-schedule", action="store_true",
+                    help="on resume: a fresh warmup + cosine cycle from the resumed step to --steps")
     ap.add_argument("--tokens", type=int, default=None, help="use only the first N training tokens")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--eval-every", type=int, default=200)
@@ -413,7 +495,8 @@ def main_train(argv=None) -> int:
                       vocab_prior=str(prior) if Path(prior).exists() else None,
                       num_layers=args.layers, slot1=args.slot1, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
                       anchor_frac=args.anchor_frac, lr=args.lr, warmup=args.warmup, feat_weight=args.feat_weight,
-                      depth_weights=args.depth_weights, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
+                      depth_weights=args.depth_weights, distill_from=args.distill_from,
+                      distill_weight=args.distill_weight, restart_schedule=args.restart_schedule, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
                       eval_sequences=args.eval_sequences, time_budget=args.time_budget, train_tokens=args.tokens)
     pdist.init()
     try:
