@@ -34,6 +34,9 @@ def test_load_drafter_by_name_and_bad_paths(tmp_path):
     model = tiny_model("llama", 128)
     assert load_drafter("none", model) is None
     assert isinstance(load_drafter("ngram", model), NgramDrafter)
+    from parallelspec.defaults import NGRAM_TOKENS
+    assert load_drafter("ngram", model).num_tokens == NGRAM_TOKENS
+    assert load_drafter("ngram", model, ngram_tokens=3).num_tokens == 3
     with pytest.raises(FileNotFoundError, match="expected one of"):
         load_drafter(str(tmp_path / "missing"), model)
     (tmp_path / "empty").mkdir()

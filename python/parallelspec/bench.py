@@ -95,6 +95,9 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         "hybrid_auto": lambda: ours("hybrid", "auto"),
         "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_after": 5}}),
         "hybrid_nomatch_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_on_match": None}}),
+        # prompt lookup's continuation cut at 4 tokens (the default before NGRAM_TOKENS = 12)
+        "ngram4_auto": lambda: ours("ngram", "auto", drafter_kw={"ngram_tokens": 4}),
+        "hybrid_ngram4_auto": lambda: ours("hybrid", "auto", drafter_kw={"ngram_tokens": 4}),
     }
     for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
         table[f"{name}_auto"] = lambda path=path: ours(path, "auto")
@@ -137,7 +140,7 @@ def _aims(summary):
         get = {s["method"]: s for s in summary if s["category"] == cat}
         par, eag, hyb = best(cat, "parallel_"), best(cat, "eagle_"), get.get("hybrid_auto")
         pl, hf = get.get("hf_prompt_lookup"), get.get("hf_generate")
-        singles = [s for s in summary if s["category"] == cat and s["method"].split("_")[0] in ("parallel", "eagle", "ngram")]
+        singles = [s for s in summary if s["category"] == cat and s["method"].split("_")[0].rstrip("0123456789") in ("parallel", "eagle", "ngram")]
         single = max(singles, key=lambda s: s["tokens_per_s"]) if singles else None
 
         def ratio(a, b, want, what):
@@ -265,7 +268,7 @@ def readme_table(result) -> str:
 
 
 ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,ngram_auto,eagle_chain,eagle_auto,"
-               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto")
+               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto")
 
 
 def main(argv=None) -> int:
