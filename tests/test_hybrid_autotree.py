@@ -146,3 +146,35 @@ def test_ngram_reports_its_longest_match():
     assert d.last_match_n == [3, 0]      # "5 6 7" seen before; "8 9 0"/"9 0"/"0" never
     d.step(torch.tensor([[1], [9]]), None, torch.tensor([1, 1]))
     assert d.last_match_n == [3, 1]      # "6 7 1" seen before; for row 1 only "9"
+
+
+def test_per_source_calibration_follows_each_sources_record():
+    """Each source's scale is accepted / predicted over the nodes it contributed: a chain that the
+    target keeps rejecting loses its place in the tree to the model's candidates, which keep
+    theirs; the kept set stays prefix-closed under the scaled estimates; without the accepted
+    nodes (observe(accept_lens) alone) one scale serves both sources, as before."""
+    # model: depth 1 {7: .5, 8: .2}; lookup chain 5 -> 6 -> 4 at .6 / .54 / .49 (its fixed estimates)
+    c = _cands([[[7, 8], [9, 3]]], [[[math.log(.5), math.log(.2)], [math.log(.6), math.log(.1)]]],
+               paths=[[([5, 6, 4], [math.log(.6), math.log(.9), math.log(.9)])]])
+    cost = {1: 1.0, 2: 1.05, 3: 1.1, 4: 1.3, 64: 80.0}     # room for about three nodes
+    auto = AutoTree(cost, max_nodes=8)
+    first = set(_paths(auto.build(torch.tensor([1]), c)).values()) - {()}
+    assert (5,) in first and (5, 6) in first            # the chain wins while it is trusted
+    for _ in range(12):                                 # the target takes the model's 7, never the chain's 5
+        tree = auto.build(torch.tensor([1]), c)
+        node7 = [i for i, p in _paths(tree).items() if p == (7,)]
+        index = torch.tensor([[0, node7[0]]]) if node7 else torch.tensor([[0, -1]])
+        auto.observe(torch.tensor([2 if node7 else 1]), index)
+    chain_scale, model_scale = auto.source_calibration[1], auto.source_calibration[0]
+    assert chain_scale < 0.6 and model_scale > 0.9, auto.source_calibration
+    tree = auto.build(torch.tensor([1]), c)
+    paths = _paths(tree)
+    kept = set(paths.values()) - {()}
+    assert (7,) in kept and (7, 9) in kept and (5, 6) not in kept, kept
+    for node, path in paths.items():   # prefix-closed, parents before children
+        if node:
+            parent = int(tree.parents[0, node])
+            assert parent < node and paths[parent] == path[:-1]
+    # one scale for both when observe() is not told which nodes were accepted
+    auto.observe(torch.tensor([1]))
+    assert auto.source_calibration == [auto.calibration] * 2

@@ -14,7 +14,11 @@ where ``verify_cost`` is the target's measured time for one forward over N token
 machine (``measure_verify_cost``). Verification width is cheap on a GPU and costly on a CPU, so
 the same drafter gets a wide tree there and a narrow one here. exp(score) is the draft's own
 estimate that the target accepts the node; ``AutoTree`` rescales it by the acceptance actually
-seen (``observe``), so an overconfident drafter does not buy wide trees for nothing.
+seen (``observe``), so an overconfident drafter does not buy wide trees for nothing. With
+``per_source`` (the default) the scale is kept per source -- the model drafter's per-depth
+candidates, the explicit chains -- from the accepted nodes each contributed, so prompt lookup's
+fixed estimates and a network drafter's probabilities are each corrected by their own record
+(a node's scaled estimate is capped by its parent's, which keeps the best n prefix-closed).
 
 One host transfer per step (the candidates); the trie and the choice of n are a few hundred
 Python operations on host lists.
@@ -39,7 +43,7 @@ _COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 class AutoTree(TreeBuilder):
     def __init__(self, verify_cost: dict[int, float], *, max_nodes: int = 32, depth: int | None = None,
-                 draft_cost: float | None = None):
+                 draft_cost: float | None = None, per_source: bool = True):
         if max_nodes < 1:
             raise ValueError(f"max_nodes: expected at least 1 (the root), got {max_nodes}")
         if not verify_cost or 1 not in verify_cost:
@@ -51,9 +55,17 @@ class AutoTree(TreeBuilder):
         # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
         # can overwrite this with what it measures
         self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
+        self.per_source = per_source
         self.calibration = 1.0        # accepted / predicted extra tokens (observe)
         self._predicted = 0.0
         self._seen_total = self._predicted_total = 4.0
+        # per source (0: per-depth candidates of a model drafter, 1: explicit chains): the same
+        # ratio, when observe() is given the accepted nodes
+        self.source_calibration = [1.0, 1.0]
+        self._source_seen = [4.0, 4.0]
+        self._source_predicted = [4.0, 4.0]
+        self._kept_sources: list[list[int]] | None = None   # per sequence: node index -> source
+        self._kept_predicted = [0.0, 0.0]
         self.last_nodes = 1
 
     # -- cost model -------------------------------------------------------------------------
@@ -69,22 +81,23 @@ class AutoTree(TreeBuilder):
         lo, hi = sizes[-2], sizes[-1]  # extrapolate linearly past the last measurement
         return self.verify_cost[hi] + (n - hi) * (self.verify_cost[hi] - self.verify_cost[lo]) / (hi - lo)
 
-    def choose_size(self, gains: list[list[float]]) -> int:
+    def choose_size(self, gains: list[list[float]], scale: float | None = None) -> int:
         """gains[b]: acceptance estimates of sequence b's candidate nodes, best first. Returns
         the number of draft nodes n (same for the batch) maximising expected tokens / time.
         The verify cost is read at B * (n + 1) rows: a batch verifies every sequence's tree in
         one forward, and its linear layers (most of a small target's step) see all the rows."""
         B = max(len(gains), 1)
+        scale = self.calibration if scale is None else scale
         limit = min(self.max_nodes - 1, max((len(g) for g in gains), default=0))
         best_n, best_rate, expected = 0, len(gains) / (self.draft_cost + self.cost(B)), float(len(gains))
         for n in range(1, limit + 1):
-            expected += sum(self.calibration * g[n - 1] for g in gains if len(g) >= n)
+            expected += sum(scale * g[n - 1] for g in gains if len(g) >= n)
             rate = expected / (self.draft_cost + self.cost(B * (n + 1)))
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n
 
-    def observe(self, accept_lens: torch.Tensor) -> None:
+    def observe(self, accept_lens: torch.Tensor, accept_index: torch.Tensor | None = None) -> None:
         """Rescale the draft's acceptance estimates by what was accepted (one host read; the
         engine calls this after each step): calibration = accepted / predicted extra tokens
         summed over the steps so far, starting from a prior of 4 predicted = 4 accepted, capped
@@ -94,6 +107,18 @@ class AutoTree(TreeBuilder):
             self._seen_total += float((accept_lens - 1).clamp(min=0).sum())
             self._predicted_total += self._predicted
             self.calibration = min(1.0, max(0.3, self._seen_total / self._predicted_total))
+        if accept_index is None or self._kept_sources is None:
+            self.source_calibration = [self.calibration] * 2   # no attribution: one scale for all
+        elif self._predicted > 0:
+            # the same per source: each accepted node counts for the source it came from
+            lens, index = accept_lens.tolist(), accept_index.tolist()
+            for b, srcs in enumerate(self._kept_sources):
+                for i in index[b][1:lens[b]]:
+                    if 0 < i < len(srcs):
+                        self._source_seen[srcs[i]] += 1
+            for s in (0, 1):
+                self._source_predicted[s] += self._kept_predicted[s]
+                self.source_calibration[s] = min(1.0, max(0.3, self._source_seen[s] / self._source_predicted[s]))
 
     # -- candidates -> trie ----------------------------------------------------------------
     def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
@@ -138,6 +163,7 @@ class AutoTree(TreeBuilder):
         width = self.max_nodes - 1
         use_per_depth = candidates is not None and width > 0 and not candidates.per_depth_in_paths
         tries = self._beam_paths(candidates, width) if use_per_depth else [dict() for _ in range(B)]
+        chained: list[set] = [set() for _ in range(B)]   # paths whose best score is a chain's
         if candidates is not None and candidates.paths is not None:
             for b, chains in enumerate(candidates.paths):
                 for chain, chain_logprobs in chains:
@@ -147,13 +173,41 @@ class AutoTree(TreeBuilder):
                             break
                         score += lp
                         path = tuple(chain[:d + 1])
-                        tries[b][path] = max(score, tries[b].get(path, -math.inf))
-        # best first; ties: shallower first, so the kept set is prefix-closed
-        ranked = [sorted(t.items(), key=lambda kv: (-kv[1], len(kv[0]))) for t in tries]
-        n = self.choose_size([[math.exp(s) for _, s in r] for r in ranked])
-        self._predicted = sum(math.exp(s) for r in ranked for _, s in r[:n])
+                        if score > tries[b].get(path, -math.inf):
+                            tries[b][path] = score
+                            chained[b].add(path)
+        if not self.per_source:
+            # best first; ties: shallower first, so the kept set is prefix-closed
+            ranked = [sorted(t.items(), key=lambda kv: (-kv[1], len(kv[0]))) for t in tries]
+            n = self.choose_size([[math.exp(s) for _, s in r] for r in ranked])
+            self._predicted = sum(math.exp(s) for r in ranked for _, s in r[:n])
+            self._kept_sources = None
+            self.last_nodes = n + 1
+            return self._tensors(root, [r[:n] for r in ranked], n)
+        # per source: each node's estimate scaled by its source's calibration, then capped by its
+        # parent's (scores never increase along a path, so the best n stay prefix-closed)
+        cal = self.source_calibration
+        ranked = []
+        for b, t in enumerate(tries):
+            eff = {(): math.inf}
+            for path in sorted(t, key=len):
+                g = cal[path in chained[b]] * math.exp(t[path])
+                eff[path] = min(g, eff.get(path[:-1], 0.0))
+            ranked.append(sorted(((p, eff[p]) for p in t), key=lambda kv: (-kv[1], len(kv[0]))))
+        n = self.choose_size([[g for _, g in r] for r in ranked], scale=1.0)
+        kept = [r[:n] for r in ranked]
+        self._kept_predicted = [0.0, 0.0]
+        self._kept_sources = []
+        for b, nodes in enumerate(kept):
+            srcs = [0]
+            for path in sorted((p for p, _ in nodes), key=len):   # _tensors' node order
+                src = int(path in chained[b])
+                srcs.append(src)
+                self._kept_predicted[src] += math.exp(tries[b][path])
+            self._kept_sources.append(srcs)
+        self._predicted = sum(self._kept_predicted)
         self.last_nodes = n + 1
-        return self._tensors(root, [r[:n] for r in ranked], n)
+        return self._tensors(root, kept, n)
 
     @staticmethod
     def _tensors(root: torch.Tensor, kept: list[list[tuple[tuple, float]]], n: int) -> Tree:
@@ -182,8 +236,9 @@ class AutoTree(TreeBuilder):
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True) -> "AutoTree":
-        return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth)
+    def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True,
+                  per_source: bool = True) -> "AutoTree":
+        return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, per_source=per_source)
 
 
 def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 7,

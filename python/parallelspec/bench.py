@@ -68,12 +68,12 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
             return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), **extra, **kw), None
         return run
 
-    def ours(drafter_spec, tree, drafter_kw=None, **tree_kw):
+    def ours(drafter_spec, tree, drafter_kw=None, builder_kw=None, **tree_kw):
         try:
             drafter = load_drafter(drafter_spec, model, **(drafter_kw or {}))
         except (FileNotFoundError, ValueError) as exc:
             return f"{exc}"
-        builder = AutoTree.for_model(model, max_nodes=max_nodes) if tree == "auto" else tree
+        builder = AutoTree.for_model(model, max_nodes=max_nodes, **(builder_kw or {})) if tree == "auto" else tree
 
         def run(ids, mask=None, **kw):
             return generate(model, ids, drafter, attention_mask=mask, tree=builder, return_stats=True, **tree_kw, **kw)
@@ -98,6 +98,8 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         # prompt lookup's continuation cut at 4 tokens (the default before NGRAM_TOKENS = 12)
         "ngram4_auto": lambda: ours("ngram", "auto", drafter_kw={"ngram_tokens": 4}),
         "hybrid_ngram4_auto": lambda: ours("hybrid", "auto", drafter_kw={"ngram_tokens": 4}),
+        # one acceptance scale for all sources (AutoTree before per_source)
+        "hybrid_onecal_auto": lambda: ours("hybrid", "auto", builder_kw={"per_source": False}),
     }
     for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
         table[f"{name}_auto"] = lambda path=path: ours(path, "auto")
@@ -268,7 +270,7 @@ def readme_table(result) -> str:
 
 
 ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,ngram_auto,eagle_chain,eagle_auto,"
-               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto")
+               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto,hybrid_onecal_auto")
 
 
 def main(argv=None) -> int:

@@ -247,7 +247,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
             live, done = out.record(emitted, accept_lens)
             # finished sequences stop growing: committed rows stay below longest + max_new - 1
             cache.commit(accept_index, accept_lens * live)
-            builder.observe(accept_lens * live)
+            builder.observe(accept_lens * live, accept_index)
             if drafter is not None:  # finished sequences feed nothing (lens 0): the drafter stops growing too
                 new_tokens, new_features, new_lens = emitted, gather_rows(hidden, path), accept_lens * live
             root = next_token

@@ -47,9 +47,9 @@ class TreeBuilder:
     def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
         raise NotImplementedError
 
-    def observe(self, accept_lens: torch.Tensor) -> None:
-        """What the last tree earned (tokens accepted per sequence, root included); builders that
-        adapt their size to it override this."""
+    def observe(self, accept_lens: torch.Tensor, accept_index: torch.Tensor | None = None) -> None:
+        """What the last tree earned (tokens accepted per sequence, root included, and the
+        accepted nodes' indices in path order); builders that adapt their size to it override this."""
 
 
 class RootOnly(TreeBuilder):
