@@ -81,17 +81,16 @@ class AutoTree(TreeBuilder):
         lo, hi = sizes[-2], sizes[-1]  # extrapolate linearly past the last measurement
         return self.verify_cost[hi] + (n - hi) * (self.verify_cost[hi] - self.verify_cost[lo]) / (hi - lo)
 
-    def choose_size(self, gains: list[list[float]], scale: float | None = None) -> int:
-        """gains[b]: acceptance estimates of sequence b's candidate nodes, best first. Returns
+    def choose_size(self, gains: list[list[float]]) -> int:
+        """gains[b]: acceptance estimates (calibrated) of sequence b's candidate nodes, best first. Returns
         the number of draft nodes n (same for the batch) maximising expected tokens / time.
         The verify cost is read at B * (n + 1) rows: a batch verifies every sequence's tree in
         one forward, and its linear layers (most of a small target's step) see all the rows."""
         B = max(len(gains), 1)
-        scale = self.calibration if scale is None else scale
         limit = min(self.max_nodes - 1, max((len(g) for g in gains), default=0))
         best_n, best_rate, expected = 0, len(gains) / (self.draft_cost + self.cost(B)), float(len(gains))
         for n in range(1, limit + 1):
-            expected += sum(scale * g[n - 1] for g in gains if len(g) >= n)
+            expected += sum(g[n - 1] for g in gains if len(g) >= n)
             rate = expected / (self.draft_cost + self.cost(B * (n + 1)))
             if rate > best_rate:
                 best_n, best_rate = n, rate
@@ -107,8 +106,8 @@ class AutoTree(TreeBuilder):
             self._seen_total += float((accept_lens - 1).clamp(min=0).sum())
             self._predicted_total += self._predicted
             self.calibration = min(1.0, max(0.3, self._seen_total / self._predicted_total))
-        if accept_index is None or self._kept_sources is None:
-            self.source_calibration = [self.calibration] * 2   # no attribution: one scale for all
+        if not self.per_source or accept_index is None or self._kept_sources is None:
+            self.source_calibration = [self.calibration] * 2   # one scale for all
         elif self._predicted > 0:
             # the same per source: each accepted node counts for the source it came from
             lens, index = accept_lens.tolist(), accept_index.tolist()
@@ -176,16 +175,9 @@ class AutoTree(TreeBuilder):
                         if score > tries[b].get(path, -math.inf):
                             tries[b][path] = score
                             chained[b].add(path)
-        if not self.per_source:
-            # best first; ties: shallower first, so the kept set is prefix-closed
-            ranked = [sorted(t.items(), key=lambda kv: (-kv[1], len(kv[0]))) for t in tries]
-            n = self.choose_size([[math.exp(s) for _, s in r] for r in ranked])
-            self._predicted = sum(math.exp(s) for r in ranked for _, s in r[:n])
-            self._kept_sources = None
-            self.last_nodes = n + 1
-            return self._tensors(root, [r[:n] for r in ranked], n)
-        # per source: each node's estimate scaled by its source's calibration, then capped by its
-        # parent's (scores never increase along a path, so the best n stay prefix-closed)
+        # each node's estimate scaled by its source's calibration (one scale for both without
+        # per_source), then capped by its parent's: scores never increase along a path, so the
+        # best n (ties: shallower first) stay prefix-closed
         cal = self.source_calibration
         ranked = []
         for b, t in enumerate(tries):
@@ -194,7 +186,7 @@ class AutoTree(TreeBuilder):
                 g = cal[path in chained[b]] * math.exp(t[path])
                 eff[path] = min(g, eff.get(path[:-1], 0.0))
             ranked.append(sorted(((p, eff[p]) for p in t), key=lambda kv: (-kv[1], len(kv[0]))))
-        n = self.choose_size([[g for _, g in r] for r in ranked], scale=1.0)
+        n = self.choose_size([[g for _, g in r] for r in ranked])
         kept = [r[:n] for r in ranked]
         self._kept_predicted = [0.0, 0.0]
         self._kept_sources = []
