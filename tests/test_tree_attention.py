@@ -86,6 +86,18 @@ def test_peaky_scores_rescale_online(backend):
     run_case(backend, q, k, v, kc, vc, lens, mask)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_long_diffuse_prefix(backend):
+    # diffuse attention (small scale) over a long prefix in bf16 / fp16: where rounding inside
+    # the kernel (e.g. bf16 probabilities for P.V) adds up most against the output's own rounding
+    if interpreted(backend):
+        pytest.skip("interpreter: long prefixes are slow")
+    for dtype in (torch.bfloat16, torch.float16):
+        rng = torch.Generator().manual_seed(4)
+        case = build(rng, 2, 6, 3, 97, 72, [1100, 746], dtype, "per_batch")
+        run_case(backend, *case, scale=0.05)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + [pytest.param("reference", id="reference")])
 def test_shared_mask_equals_expanded_and_none_equals_chain(backend):
     rng = torch.Generator().manual_seed(3)
