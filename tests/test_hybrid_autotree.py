@@ -178,3 +178,47 @@ def test_per_source_calibration_follows_each_sources_record():
     # one scale for both when observe() is not told which nodes were accepted
     auto.observe(torch.tensor([1]))
     assert auto.source_calibration == [auto.calibration] * 2
+
+
+def test_chain_scale_rises_past_its_estimates_up_to_chain_trust_and_restarts_per_call():
+    """Prompt lookup's estimates are fixed guesses: a chain the target always takes whole earns a
+    scale above 1 (capped at chain_trust), which buys its deeper nodes a place in the tree; the
+    model's scale never passes 1; reset() (the engine calls it at every generate call) starts
+    the record over."""
+    # chain 5 -> 6 -> 4 -> 2 at .3 / .27 / .24 / .22 against a cost that keeps nodes worth ~.3
+    chain = [5, 6, 4, 2]
+    c = _cands([[[7], [9]]], [[[math.log(.2)], [math.log(.1)]]],
+               paths=[[(chain, [math.log(.3)] + [math.log(.9)] * 3)]])
+    cost = {1: 1.0, 2: 1.25, 4: 1.75, 64: 80.0}
+    for trust, deep in ((1.0, False), (2.0, True)):
+        auto = AutoTree(cost, max_nodes=8, chain_trust=trust)
+        for _ in range(12):                               # the target takes every chain node drafted
+            tree = auto.build(torch.tensor([1]), c)
+            paths = _paths(tree)
+            taken = [i for i in sorted(paths, key=lambda i: len(paths[i])) if paths[i] == tuple(chain[:len(paths[i])])]
+            auto.observe(torch.tensor([len(taken)]), torch.tensor([taken + [-1] * (tree.size - len(taken))]))
+        assert auto.source_calibration[1] == pytest.approx(trust), auto.source_calibration
+        assert auto.source_calibration[0] <= 1.0
+        kept = set(_paths(auto.build(torch.tensor([1]), c)).values())
+        assert (tuple(chain[:3]) in kept) == deep, (trust, kept)
+        auto.reset()
+        assert auto.source_calibration == [1.0, 1.0] and auto.calibration == 1.0
+    with pytest.raises(ValueError, match="chain_trust"):
+        AutoTree(cost, chain_trust=0.5)
+
+
+def test_engine_restarts_the_builders_record_at_every_call():
+    class Counting(AutoTree):
+        resets = 0
+
+        def reset(self):
+            Counting.resets += 1
+            super().reset()
+
+    model = tiny_model("llama", VOCAB)
+    ids, mask = left_padded([5, 9], VOCAB)
+    tree = Counting(FLAT, max_nodes=8)
+    Counting.resets = 0
+    for _ in range(2):
+        ps.generate(model, ids, NgramDrafter(num_tokens=3), attention_mask=mask, max_new_tokens=4, tree=tree)
+    assert Counting.resets == 2

@@ -18,7 +18,9 @@ seen (``observe``), so an overconfident drafter does not buy wide trees for noth
 ``per_source`` (the default) the scale is kept per source -- the model drafter's per-depth
 candidates, the explicit chains -- from the accepted nodes each contributed, so prompt lookup's
 fixed estimates and a network drafter's probabilities are each corrected by their own record
-(a node's scaled estimate is capped by its parent's, which keeps the best n prefix-closed).
+(a node's scaled estimate is capped by its parent's, which keeps the best n prefix-closed). The
+record starts over with every generate call (``reset``): a summary that copies its input and a
+chat answer that copies nothing need opposite scales.
 
 One host transfer per step (the candidates); the trie and the choice of n are a few hundred
 Python operations on host lists.
@@ -39,13 +41,18 @@ from .linear import native_serves
 from .trees import Tree, TreeBuilder, beam_levels
 
 _COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+# prompt lookup's fixed estimates may be scaled up to this (its first token's .5 -> 1): on inputs
+# it copies (summaries, rewrites) they are too low (benchmarks/results/variants/README.md)
+CHAIN_TRUST = 2.0
 
 
 class AutoTree(TreeBuilder):
     def __init__(self, verify_cost: dict[int, float], *, max_nodes: int = 32, depth: int | None = None,
-                 draft_cost: float | None = None, per_source: bool = True):
+                 draft_cost: float | None = None, per_source: bool = True, chain_trust: float = CHAIN_TRUST):
         if max_nodes < 1:
             raise ValueError(f"max_nodes: expected at least 1 (the root), got {max_nodes}")
+        if not chain_trust >= 1.0:
+            raise ValueError(f"chain_trust: expected at least 1 (a cap on the chains' scale), got {chain_trust}")
         if not verify_cost or 1 not in verify_cost:
             raise ValueError(f"verify_cost: expected measured times including N = 1, got {verify_cost}")
         self.sizes = sorted(verify_cost)
@@ -56,6 +63,13 @@ class AutoTree(TreeBuilder):
         # can overwrite this with what it measures
         self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
         self.per_source = per_source
+        # caps on the scales: a model's probabilities are never trusted beyond what they claim;
+        # prompt lookup's fixed estimates may be raised up to chain_trust times (inputs it copies)
+        self.source_cap = [1.0, chain_trust if per_source else 1.0]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the acceptance record over (the engine calls this at every generate call)."""
         self.calibration = 1.0        # accepted / predicted extra tokens (observe)
         self._predicted = 0.0
         self._seen_total = self._predicted_total = 4.0
@@ -99,9 +113,10 @@ class AutoTree(TreeBuilder):
     def observe(self, accept_lens: torch.Tensor, accept_index: torch.Tensor | None = None) -> None:
         """Rescale the draft's acceptance estimates by what was accepted (one host read; the
         engine calls this after each step): calibration = accepted / predicted extra tokens
-        summed over the steps so far, starting from a prior of 4 predicted = 4 accepted, capped
-        at 1 (never trust a drafter more than it claims) and floored at 0.3 (a run of rejections
-        must not shut drafting off for good: with no tree there is nothing left to observe)."""
+        summed over the steps of this generate call, starting from a prior of 4 predicted = 4
+        accepted, capped at 1 (never trust a drafter more than it claims; prompt lookup's fixed
+        estimates: ``chain_trust``) and floored at 0.3 (a run of rejections must not shut
+        drafting off for good: with no tree there is nothing left to observe)."""
         if self._predicted > 0:
             self._seen_total += float((accept_lens - 1).clamp(min=0).sum())
             self._predicted_total += self._predicted
@@ -117,7 +132,8 @@ class AutoTree(TreeBuilder):
                         self._source_seen[srcs[i]] += 1
             for s in (0, 1):
                 self._source_predicted[s] += self._kept_predicted[s]
-                self.source_calibration[s] = min(1.0, max(0.3, self._source_seen[s] / self._source_predicted[s]))
+                ratio = self._source_seen[s] / self._source_predicted[s]
+                self.source_calibration[s] = min(self.source_cap[s], max(0.3, ratio))
 
     # -- candidates -> trie ----------------------------------------------------------------
     def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
@@ -183,7 +199,7 @@ class AutoTree(TreeBuilder):
         for b, t in enumerate(tries):
             eff = {(): math.inf}
             for path in sorted(t, key=len):
-                g = cal[path in chained[b]] * math.exp(t[path])
+                g = min(1.0, cal[path in chained[b]] * math.exp(t[path]))
                 eff[path] = min(g, eff.get(path[:-1], 0.0))
             ranked.append(sorted(((p, eff[p]) for p in t), key=lambda kv: (-kv[1], len(kv[0]))))
         n = self.choose_size([[g for _, g in r] for r in ranked])
@@ -229,8 +245,9 @@ class AutoTree(TreeBuilder):
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True,
-                  per_source: bool = True) -> "AutoTree":
-        return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, per_source=per_source)
+                  **options) -> "AutoTree":
+        """options: per_source, chain_trust, draft_cost (see the class)."""
+        return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
 
 
 def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 7,

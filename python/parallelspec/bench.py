@@ -100,6 +100,8 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         "hybrid_ngram4_auto": lambda: ours("hybrid", "auto", drafter_kw={"ngram_tokens": 4}),
         # one acceptance scale for all sources (AutoTree before per_source)
         "hybrid_onecal_auto": lambda: ours("hybrid", "auto", builder_kw={"per_source": False}),
+        # prompt lookup's scale capped at its fixed estimates (AutoTree before chain_trust)
+        "hybrid_trust1_auto": lambda: ours("hybrid", "auto", builder_kw={"chain_trust": 1.0}),
     }
     for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
         table[f"{name}_auto"] = lambda path=path: ours(path, "auto")
@@ -270,7 +272,7 @@ def readme_table(result) -> str:
 
 
 ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,ngram_auto,eagle_chain,eagle_auto,"
-               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto,hybrid_onecal_auto")
+               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto,hybrid_trust1_auto")
 
 
 def main(argv=None) -> int:

@@ -226,6 +226,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
             # a live sequence has committed fewer than longest + max_new_tokens - 1 tokens
             drafter.reset(B, longest + settings.max_new_tokens, target.device, target.dtype)
             new_tokens, new_features, new_lens = shift_in(rows, lens, root), hidden, lens
+        builder.reset()
         histogram = torch.zeros(2, dtype=torch.int64, device=target.device)  # [a] = (sequence, step) pairs
         if stats is not None:
             stats.prefill_time = clock.lap()

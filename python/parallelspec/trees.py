@@ -44,6 +44,10 @@ class Tree:
 
 
 class TreeBuilder:
+    def reset(self) -> None:
+        """A new generate call starts (its prompts may draft nothing like the last ones'):
+        builders that learn from observe() start their record over."""
+
     def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
         raise NotImplementedError
 
