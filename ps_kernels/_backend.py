@@ -13,6 +13,7 @@ with the reason.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,19 @@ NATIVE_NAMESPACE = "ps_kernels_C"
 
 class BackendUnavailable(RuntimeError):
     """A backend asked for by name cannot run this call."""
+
+
+_loaded: list[Path] = []  # the native library native_library() loaded
+
+
+def native_build_id() -> str:
+    """A short id of the loaded native library's build (its size and modification time): a
+    measurement cached against it (e.g. the decoding loop's verify-cost curve) is stale once the
+    kernels are rebuilt. "none" without a native library."""
+    if not native_library()[0] or not _loaded:
+        return "none"
+    st = _loaded[0].stat()
+    return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
 
 @lru_cache(maxsize=None)
@@ -42,6 +56,7 @@ def native_library() -> tuple[bool, str]:
     for path in candidates:
         try:
             torch.ops.load_library(str(path))
+            _loaded.append(path)
             return True, f"loaded {path.name}"
         except OSError as exc:  # wrong torch ABI, missing symbols, ...
             errors.append(f"{path.name}: {exc}")

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 from ps_kernels import tree_mask_from_parents
+from ps_kernels._backend import native_build_id
 
 from .drafters.base import DraftCandidates
 from .linear import native_serves
@@ -253,7 +254,8 @@ class AutoTree(TreeBuilder):
 def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 7,
                         cache: bool = True) -> dict[int, float]:
     """Fastest of `repeats` timings of one target forward (LM head included) over N new tokens on a
-    `prefix`-token cache, for each N in `sizes`. Cached per (model shape, dtype, device, threads)."""
+    `prefix`-token cache, for each N in `sizes`. Cached per (model shape, dtype, device, threads, native
+    library build)."""
     from .hf import TargetModel
     from .models import cache_dir
 
@@ -261,7 +263,7 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
     dev = target.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
     # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear)
-    linear = "skinny" if native_serves(dev) else "torch"
+    linear = f"skinny-{native_build_id()}" if native_serves(dev) else "torch"  # remeasured after a rebuild
     key = (f"{model.config.model_type}-L{target.num_layers}-d{target.hidden_size}-V{target.vocab_size}-"
            f"{str(target.dtype).replace('torch.', '')}-{name}-{linear}").replace(" ", "_").replace("/", "_")
     path = cache_dir() / "verify_cost" / f"{key}.json"
