@@ -8,6 +8,7 @@ baseline in the same run.
   skinny_linear   vs torch's F.linear, few rows (1..32) on SmolLM2 / Llama-8B layer shapes
                   (one weight, re-read every call: the SmolLM2 layer matrices stay in L3, the
                   LM head and the 4096 x 4096 one stream from memory as in a real model step)
+                  and on all of SmolLM2's weights in turn (its verify pass: 540 MB fp32)
   kv_rollback     see bench_kv_rollback.py
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--quick]
@@ -150,18 +151,29 @@ def gemm_gflops(device, dtype, size: int = 2048) -> float:
     return 2.0 * size ** 3 / t / 1e9
 
 
-LINEAR_SHAPES = {"smollm2_mlp_up": (576, 1536), "smollm2_mlp_down": (1536, 576), "smollm2_lm_head": (576, 49152),
-                 "llama8b_attn_o": (4096, 4096)}
+# (K, N) of each weight, applied in turn: single layers (their weights stay in cache between
+# repeats) and SmolLM2's whole verify pass (30 layers + LM head, 540 MB fp32: every weight
+# streams from memory, as in the decoding loop)
+_SMOLLM2_LAYER = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+LINEAR_SHAPES = {"smollm2_mlp_up": [(576, 1536)], "smollm2_mlp_down": [(1536, 576)],
+                 "smollm2_lm_head": [(576, 49152)], "llama8b_attn_o": [(4096, 4096)],
+                 "smollm2_all_layers": _SMOLLM2_LAYER * 30 + [(576, 49152)]}
 
 
 def bench_skinny_linear(device, dtype, shape_name, rows):
-    K, N = LINEAR_SHAPES[shape_name]
-    g = torch.Generator().manual_seed(K + N + rows)
-    x = torch.randn(rows, K, generator=g).to(device, dtype)
-    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
-    fns = {"torch_linear": lambda: F.linear(x, w)}
+    g = torch.Generator().manual_seed(rows)
+    xs = {K: torch.randn(rows, K, generator=g).to(device, dtype) for K in {K for K, _ in LINEAR_SHAPES[shape_name]}}
+    ws = [(xs[K], (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)) for K, N in LINEAR_SHAPES[shape_name]]
+
+    def torch_linear():
+        for x, w in ws:
+            F.linear(x, w)
+    fns = {"torch_linear": torch_linear}
     for b in backends_for("skinny_linear", device):
-        fns[b] = (lambda b=b: ps_kernels.skinny_linear(x, w, backend=b, validate=False))
+        def native(b=b):
+            for x, w in ws:
+                ps_kernels.skinny_linear(x, w, backend=b, validate=False)
+        fns[b] = native
     return fns
 
 
@@ -224,9 +236,9 @@ def main(argv=None):
             # no kernel doing these FLOPs at the GEMM rate beats the baseline by more than this
             row["gemm_bound_speedup"] = gemm / row[f"{base}_gflops"]
         if op == "skinny_linear":  # weight bytes per call / time (what bounds few-row linears)
-            K, N = LINEAR_SHAPES[params["shape_name"]]
+            weight_bytes = sum(K * N for K, N in LINEAR_SHAPES[params["shape_name"]]) * dtype.itemsize
             for k, v in times.items():
-                row[f"{k}_GBps"] = K * N * dtype.itemsize / v / 1e9
+                row[f"{k}_GBps"] = weight_bytes / v / 1e9
         rows.append(row)
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
     meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm}
