@@ -96,9 +96,35 @@ inline void tile_rows(const float* x, int64_t M, int64_t K, const W* w, const fl
   }
 }
 
+// One row (M = 1): weight rows one after another, a single sequential stream per thread for
+// the hardware prefetcher (the 4-row tiles read four streams 4K bytes apart); four accumulators
+// hide the FMA latency. SmolLM2's 540 MB, 2 threads: median 25.6 -> 23.5 ms (a software
+// prefetch on top of it measured slower: 26.7).
+template <typename W>
+PS_LINEAR_INLINE float row_dot(const float* x, int64_t K, const W* row) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  const __mmask16 all = 0xffff;
+  int64_t k0 = 0;
+  for (; k0 + 64 <= K; k0 += 64) {
+    a0 = _mm512_fmadd_ps(load16(row + k0, all), _mm512_loadu_ps(x + k0), a0);
+    a1 = _mm512_fmadd_ps(load16(row + k0 + 16, all), _mm512_loadu_ps(x + k0 + 16), a1);
+    a2 = _mm512_fmadd_ps(load16(row + k0 + 32, all), _mm512_loadu_ps(x + k0 + 32), a2);
+    a3 = _mm512_fmadd_ps(load16(row + k0 + 48, all), _mm512_loadu_ps(x + k0 + 48), a3);
+  }
+  for (; k0 < K; k0 += 16) {
+    const __mmask16 mask = tail_mask(K - k0);
+    a0 = _mm512_fmadd_ps(load16(row + k0, mask), _mm512_maskz_loadu_ps(mask, x + k0), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 template <typename W>
 inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                        int64_t n_begin, int64_t n_end) {
+  if (M == 1) {
+    for (int64_t n = n_begin; n < n_end; ++n) out[n] = row_dot(x, K, w + n * K) + (bias ? bias[n] : 0.0f);
+    return;
+  }
   int64_t n0 = n_begin;
   for (; n0 + kRows <= n_end; n0 += kRows) tile_rows<kRows>(x, M, K, w, bias, out, N, n0);
   switch (n_end - n0) {
