@@ -319,64 +319,34 @@ inline void stage_v_pairs(const BFloat16* const* vsrc, int kb, int64_t d, int64_
   }
 }
 
-template <int MR, int NV>
-PS_ATTENTION_INLINE void pv_pairs_kernel(float* o, int64_t dp, const uint32_t* pp, const float* alpha,
-                                         const uint32_t* vp, int kp, int64_t col0) {
-  __m512 acc[MR][NV];
-  PS_ATTENTION_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-    PS_ATTENTION_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o + r * dp + col0 + 16 * v), a);
-  }
-  for (int c2 = 0; c2 < kp; ++c2) {
-    __m512bh vv[NV];
-    PS_ATTENTION_UNROLL
-    for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(vp + c2 * dp + col0 + 16 * v);
-    PS_ATTENTION_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(pp[r * (kKeyBlock / 2) + c2]));
-      PS_ATTENTION_UNROLL
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pb, vv[v]);
-    }
-  }
-  PS_ATTENTION_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    PS_ATTENTION_UNROLL
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * dp + col0 + 16 * v, acc[r][v]);
-  }
-}
-
-template <int MR>
-inline void pv_pairs_rows(float* o, int64_t dp, const uint32_t* pp, const float* alpha, const uint32_t* vp, int kp) {
-  for (int64_t col0 = 0; col0 < dp; col0 += 64) {
-    switch (int(std::min<int64_t>(4, (dp - col0) / 16))) {
-      case 1: pv_pairs_kernel<MR, 1>(o, dp, pp, alpha, vp, kp, col0); break;
-      case 2: pv_pairs_kernel<MR, 2>(o, dp, pp, alpha, vp, kp, col0); break;
-      case 3: pv_pairs_kernel<MR, 3>(o, dp, pp, alpha, vp, kp, col0); break;
-      default: pv_pairs_kernel<MR, 4>(o, dp, pp, alpha, vp, kp, col0); break;
-    }
-  }
-}
-
-inline void pv_pairs(float* o, int mr, int64_t dp, const float* p, const float* alpha, const uint32_t* vp, int kb) {
+// The P.V source of the bf16 path (see pv below): per row, the 32 probabilities of the block
+// as 16 bf16 pairs; per key pair, 16 columns of V pairs; one vdpbf16ps per pair of keys.
+struct Bf16PairsPV {
   uint32_t pp[kRowTile * (kKeyBlock / 2)];
-  for (int r = 0; r < mr; ++r) {  // keys 0..31 of row r as 16 bf16 pairs, round to nearest even
-    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * kKeyBlock + 16), _mm512_loadu_ps(p + r * kKeyBlock));
-    _mm512_storeu_si512(pp + r * (kKeyBlock / 2), (__m512i)packed);
-  }
-  const int kp = (kb + 1) / 2;
-  for (int r0 = 0; r0 < mr; r0 += kPvRows) {
-    float* orow = o + r0 * dp;
-    const uint32_t* prow = pp + r0 * (kKeyBlock / 2);
-    switch (std::min(kPvRows, mr - r0)) {
-      case 1: pv_pairs_rows<1>(orow, dp, prow, alpha + r0, vp, kp); break;
-      case 2: pv_pairs_rows<2>(orow, dp, prow, alpha + r0, vp, kp); break;
-      case 3: pv_pairs_rows<3>(orow, dp, prow, alpha + r0, vp, kp); break;
-      default: pv_pairs_rows<4>(orow, dp, prow, alpha + r0, vp, kp); break;
+  const uint32_t* vp;
+  int64_t dp;
+  int kp;  // key pairs in the block
+  Bf16PairsPV(const float* p, int mr, const uint32_t* vp_, int64_t dp_, int kb) : vp(vp_), dp(dp_), kp((kb + 1) / 2) {
+    for (int r = 0; r < mr; ++r) {  // keys 0..31 of row r as 16 bf16 pairs, round to nearest even
+      const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * kKeyBlock + 16), _mm512_loadu_ps(p + r * kKeyBlock));
+      _mm512_storeu_si512(pp + r * (kKeyBlock / 2), (__m512i)packed);
     }
   }
-}
+  template <int MR, int NV>
+  PS_ATTENTION_INLINE void accumulate(__m512 (&acc)[MR][NV], int r0, int64_t col0, __mmask16 /*last: V is zero-padded*/) const {
+    for (int c2 = 0; c2 < kp; ++c2) {
+      __m512bh vv[NV];
+      PS_ATTENTION_UNROLL
+      for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(vp + c2 * dp + col0 + 16 * v);
+      PS_ATTENTION_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(pp[(r0 + r) * (kKeyBlock / 2) + c2]));
+        PS_ATTENTION_UNROLL
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pb, vv[v]);
+      }
+    }
+  }
+};
 #endif  // PS_ATTENTION_BF16_DOT
 
 // 2^x for x <= 0 (scores minus the running max); -inf (masked) gives exactly 0.
@@ -421,62 +391,79 @@ inline void softmax(const float* s, const uint32_t* bits, int mr, float* m, floa
   }
 }
 
-template <int MR, int NV>
-PS_ATTENTION_INLINE void pv_kernel(float* o, int64_t dp, const float* p, const float* alpha, const float* const* vrow,
-                                   int kb, int64_t col0, __mmask16 last) {
+// The P.V source of the fp32 path: per row, the block's 32 fp32 probabilities; per key, a row
+// of V as fp32 (staged); one FMA per key.
+struct F32RowsPV {
+  const float* p;
+  const float* const* vrow;
+  int kb;
+  template <int MR, int NV>
+  PS_ATTENTION_INLINE void accumulate(__m512 (&acc)[MR][NV], int r0, int64_t col0, __mmask16 last) const {
+    for (int c = 0; c < kb; ++c) {
+      __m512 vv[NV];
+      PS_ATTENTION_UNROLL
+      for (int v = 0; v < NV; ++v) vv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xffff), vrow[c] + col0 + 16 * v);
+      PS_ATTENTION_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const __m512 pb = _mm512_set1_ps(p[(r0 + r) * kKeyBlock + c]);
+        PS_ATTENTION_UNROLL
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
+      }
+    }
+  }
+};
+
+// o_r = o_r * alpha[r] + P.V for rows r0 .. r0 + MR - 1, columns col0 .. col0 + 16 NV - 1, in
+// MR x NV accumulators; the source (F32RowsPV, Bf16PairsPV) supplies the products.
+template <int MR, int NV, typename Src>
+PS_ATTENTION_INLINE void pv_kernel(float* o, int64_t dp, const float* alpha, const Src& src, int r0, int64_t col0,
+                                   __mmask16 last) {
   __m512 acc[MR][NV];
   PS_ATTENTION_UNROLL
   for (int r = 0; r < MR; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
+    const __m512 a = _mm512_set1_ps(alpha[r0 + r]);
     PS_ATTENTION_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o + r * dp + col0 + 16 * v), a);
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o + (r0 + r) * dp + col0 + 16 * v), a);
   }
-  for (int c = 0; c < kb; ++c) {
-    __m512 vv[NV];
-    PS_ATTENTION_UNROLL
-    for (int v = 0; v < NV; ++v) vv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xffff), vrow[c] + col0 + 16 * v);
-    PS_ATTENTION_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * kKeyBlock + c]);
-      PS_ATTENTION_UNROLL
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
-    }
-  }
+  src.template accumulate<MR, NV>(acc, r0, col0, last);
   PS_ATTENTION_UNROLL
   for (int r = 0; r < MR; ++r) {
     PS_ATTENTION_UNROLL
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * dp + col0 + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + (r0 + r) * dp + col0 + 16 * v, acc[r][v]);
   }
 }
 
-template <int MR>
-inline void pv_rows(float* o, int64_t d, int64_t dp, const float* p, const float* alpha, const float* const* vrow,
-                    int kb) {
+template <int MR, typename Src>
+inline void pv_rows(float* o, int64_t d, int64_t dp, const float* alpha, const Src& src, int r0) {
   for (int64_t col0 = 0; col0 < d; col0 += 64) {
     const int64_t left = d - col0;
     const int nv = int(std::min<int64_t>(4, (left + 15) / 16));
     const __mmask16 last = tail_mask(left - 16 * (nv - 1));
     switch (nv) {
-      case 1: pv_kernel<MR, 1>(o, dp, p, alpha, vrow, kb, col0, last); break;
-      case 2: pv_kernel<MR, 2>(o, dp, p, alpha, vrow, kb, col0, last); break;
-      case 3: pv_kernel<MR, 3>(o, dp, p, alpha, vrow, kb, col0, last); break;
-      default: pv_kernel<MR, 4>(o, dp, p, alpha, vrow, kb, col0, last); break;
+      case 1: pv_kernel<MR, 1>(o, dp, alpha, src, r0, col0, last); break;
+      case 2: pv_kernel<MR, 2>(o, dp, alpha, src, r0, col0, last); break;
+      case 3: pv_kernel<MR, 3>(o, dp, alpha, src, r0, col0, last); break;
+      default: pv_kernel<MR, 4>(o, dp, alpha, src, r0, col0, last); break;
+    }
+  }
+}
+
+// P.V for the mr rows of a score tile, kPvRows rows at a time.
+template <typename Src>
+inline void pv(float* o, int mr, int64_t d, int64_t dp, const float* alpha, const Src& src) {
+  for (int r0 = 0; r0 < mr; r0 += kPvRows) {
+    switch (std::min(kPvRows, mr - r0)) {
+      case 1: pv_rows<1>(o, d, dp, alpha, src, r0); break;
+      case 2: pv_rows<2>(o, d, dp, alpha, src, r0); break;
+      case 3: pv_rows<3>(o, d, dp, alpha, src, r0); break;
+      default: pv_rows<4>(o, d, dp, alpha, src, r0); break;
     }
   }
 }
 
 inline void pv(float* o, int mr, int64_t d, int64_t dp, const float* p, const float* alpha, const float* const* vrow,
                int kb) {
-  for (int r0 = 0; r0 < mr; r0 += kPvRows) {
-    float* orow = o + r0 * dp;
-    const float* prow = p + r0 * kKeyBlock;
-    switch (std::min(kPvRows, mr - r0)) {
-      case 1: pv_rows<1>(orow, d, dp, prow, alpha + r0, vrow, kb); break;
-      case 2: pv_rows<2>(orow, d, dp, prow, alpha + r0, vrow, kb); break;
-      case 3: pv_rows<3>(orow, d, dp, prow, alpha + r0, vrow, kb); break;
-      default: pv_rows<4>(orow, d, dp, prow, alpha + r0, vrow, kb); break;
-    }
-  }
+  pv(o, mr, d, dp, alpha, F32RowsPV{p, vrow, kb});
 }
 
 #else  // portable fallback: the same contracts in plain loops
@@ -635,7 +622,7 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
         }
         softmax(ws.s.data(), bits, mr, ws.m.data() + t0, ws.l.data() + t0 * kSumLanes, ws.p.data(), ws.alpha.data());
         if constexpr (kBf16Dots<T>) {
-          pv_pairs(ws.o.data() + t0 * Dp, mr, Dp, ws.p.data(), ws.alpha.data(), ws.v_pairs.data(), kb);
+          pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.alpha.data(), Bf16PairsPV(ws.p.data(), mr, ws.v_pairs.data(), Dp, kb));
         } else {
           pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.p.data(), ws.alpha.data(), vrow, kb);
         }
