@@ -52,7 +52,7 @@ PS_LINEAR_INLINE void tile(const float* x, int64_t K, const W* w, const float* b
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k0);
     if constexpr (Prefetch) {  // the tile after next, same columns (tile_rows)
       PS_LINEAR_UNROLL
-      for (int r = 0; r < RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + 2 * RR + r) * K + k0), _MM_HINT_T0);
+      for (int r = 0; r < RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + 2 * RR + r) * K + k0), _MM_HINT_T1);
     }
     PS_LINEAR_UNROLL
     for (int r = 0; r < RR; ++r) {
@@ -83,9 +83,12 @@ inline void tile_groups(const float* x, int64_t M, int64_t K, const W* w, const 
 }
 
 // From M = kPrefetchRows on, a tile's FMAs take long enough that prefetching the weight tile
-// after next (software, alongside the hardware stream) overlaps DRAM with compute: measured on
-// SmolLM2's 30 layers + LM head (540 MB fp32, 2 threads): M = 8 37.8 -> 31.2 ms, M = 16 50.5 ->
-// 40.6 ms, M = 1 unchanged; at M = 1 the loop is memory-bound and the prefetches only add work.
+// after next (software, alongside the hardware stream) overlaps DRAM with compute. The prefetch
+// goes to L2 (prefetcht1), not L1: a whole tile's lines requested into L1 at once fill its miss
+// buffers and stall the FMAs, so memory and compute took turns instead of overlapping. SmolLM2's
+// 30 layers + LM head (540 MB fp32, 2 threads, medians; standalone A/B in one process): into L1
+// M = 4 / 8 / 16: 24.5 / 26.8 / 35.8 ms, into L2 19.7 / 19.1 / 28.2 (M = 1: 18-19 either way:
+// 8 rows now cost what 1 does). At M = 1 the loop is memory-bound and prefetches only add work.
 template <int RR, typename W>
 inline void tile_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                       int64_t n0) {
