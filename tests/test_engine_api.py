@@ -8,7 +8,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import parallelspec as ps
-from engine_helpers import OracleDrafter, hf_greedy, left_padded, tiny_model
+from engine_helpers import OracleDrafter, hf_greedy, left_padded, tiny_model, unpadded_rows
 
 VOCAB = 128
 
@@ -206,7 +206,7 @@ def test_unsupported_architecture_is_refused():
 
 def test_bad_tree_options_are_refused(model, prompts):
     ids, mask = prompts
-    with pytest.raises(ValueError, match="tree: expected 'chain', 'static', 'dynamic'"):
+    with pytest.raises(ValueError, match="tree: expected 'auto', 'chain', 'static', 'dynamic'"):
         ps.generate(model, ids, ps.NgramDrafter(), attention_mask=mask, max_new_tokens=2, tree="bushy")
     with pytest.raises(ValueError, match="tree_choices: the paths must be prefix-closed"):
         ps.generate(model, ids, ps.NgramDrafter(), attention_mask=mask, max_new_tokens=2, tree="static",
@@ -214,6 +214,27 @@ def test_bad_tree_options_are_refused(model, prompts):
     with pytest.raises(ValueError, match="tree_nodes: expected at least 2"):
         ps.generate(model, ids, ps.NgramDrafter(), attention_mask=mask, max_new_tokens=2, tree="dynamic",
                     tree_nodes=1)
+
+
+def test_default_tree_is_auto_and_plain_decoding_measures_nothing(model, prompts, monkeypatch):
+    """generate / patch / custom_generate default to tree="auto" (every source of a hybrid in one
+    tree, sized by the measured verify cost): the same output, built by AutoTree; without a
+    drafter the tree is the root alone and no cost curve is measured."""
+    import parallelspec.autotree as autotree
+    from parallelspec.trees import make_tree_builder
+
+    ids, mask = prompts
+    reference = hf_greedy(model, ids, mask, 6)
+    built = []
+    real_build = autotree.AutoTree.build
+    monkeypatch.setattr(autotree.AutoTree, "build", lambda self, root, c: built.append(1) or real_build(self, root, c))
+    drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=6), OracleDrafter(unpadded_rows(reference, mask), VOCAB)])
+    torch.testing.assert_close(ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=6), reference)
+    assert built, "the default tree did not go through AutoTree"
+    monkeypatch.setattr(autotree, "measure_verify_cost", lambda *a, **k: pytest.fail("measured without a drafter"))
+    torch.testing.assert_close(ps.generate(model, ids, attention_mask=mask, max_new_tokens=6), reference)
+    with pytest.raises(ValueError, match="tree: 'auto' .* needs model=, got None"):
+        make_tree_builder("auto")
 
 
 def test_streamer_with_a_batch_is_refused(model, prompts):

@@ -66,10 +66,8 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _tree_kwargs(args, model):
-    if args.tree == "auto":
-        from .autotree import AutoTree
-        return {"tree": AutoTree.for_model(model, max_nodes=args.tree_nodes or 32, depth=args.tree_depth)}
-    return {"tree": args.tree, "tree_nodes": args.tree_nodes, "tree_depth": args.tree_depth}
+    from .trees import make_tree_builder
+    return {"tree": make_tree_builder(args.tree, depth=args.tree_depth, nodes=args.tree_nodes, model=model)}
 
 
 def cmd_generate(args) -> int:

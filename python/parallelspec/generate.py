@@ -81,7 +81,7 @@ _IGNORED_MODEL_KWARGS = ("use_cache", "position_ids", "cache", "past_key_values"
 
 def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | None = None,
              attention_mask: torch.Tensor | None = None, generation_config=None, *,
-             tree: str | TreeBuilder = "chain", tree_depth: int | None = None, tree_nodes: int | None = None,
+             tree: str | TreeBuilder = "auto", tree_depth: int | None = None, tree_nodes: int | None = None,
              tree_choices=None, return_stats: bool = False, stopping_criteria=None, streamer=None,
              logits_processor=None, **kwargs):
     """Speculative decoding with `drafter` (None = plain decoding through the same loop).
@@ -96,7 +96,9 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | No
             top_p, eos_token_id, pad_token_id, return_dict_in_generate, as in transformers.
         stopping_criteria: extra transformers StoppingCriteria, checked token by token.
         streamer: a transformers streamer (batch size 1, as theirs).
-        tree: "chain" (top-1 per depth), "static" (``tree_choices`` paths), "dynamic"
+        tree: "auto" (``AutoTree``: every source's candidates in one tree, sized by this
+            machine's measured verify cost, up to ``tree_nodes`` nodes; measured once and cached),
+            "chain" (top-1 per depth), "static" (``tree_choices`` paths), "dynamic"
             (``tree_nodes`` best paths incl. the root, up to ``tree_depth``) or a TreeBuilder.
         return_stats: also return a GenerationStats (accepted lengths, steps, times).
 
@@ -122,7 +124,9 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | No
         if not isinstance(drafter, Drafter):
             raise TypeError(f"drafter: expected a parallelspec Drafter or None, got {type(drafter).__name__}")
         drafter.check_target(model)
-    builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices)
+    # without a drafter the tree is the root alone whatever was asked: nothing to measure
+    builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
+                                model=model) if drafter is not None or tree != "auto" else None
     stats = GenerationStats() if return_stats else None
     new_tokens = decode(target, input_ids, attention_mask, drafter, builder, settings, stats, pad)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
@@ -213,7 +217,7 @@ def _is_builtin_criterion(criterion) -> bool:
 # -- plugging into model.generate -------------------------------------------------------------
 
 def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
-                    synced_gpus=False, streamer=None, drafter: Drafter | None = None, tree="chain",
+                    synced_gpus=False, streamer=None, drafter: Drafter | None = None, tree="auto",
                     tree_depth=None, tree_nodes=None, tree_choices=None, **model_kwargs):
     """For ``model.generate(ids, custom_generate=parallelspec.custom_generate, drafter=d, ...)``.
 

@@ -208,14 +208,21 @@ class DynamicTree(TreeBuilder):
 
 
 def make_tree_builder(tree: str | TreeBuilder, *, depth: int | None = None, nodes: int | None = None,
-                      choices: Sequence[Sequence[int]] | None = None) -> TreeBuilder:
-    """tree: "chain" | "static" | "dynamic" or a TreeBuilder; the options apply to the named kinds."""
+                      choices: Sequence[Sequence[int]] | None = None, model=None) -> TreeBuilder:
+    """tree: "auto" | "chain" | "static" | "dynamic" or a TreeBuilder; the options apply to the
+    named kinds. "auto" (``AutoTree``, up to ``nodes`` nodes, 32 by default) needs the target
+    ``model``: its verify-cost curve is measured once per machine and cached."""
     if isinstance(tree, TreeBuilder):
         return tree
+    if tree == "auto":
+        if model is None:
+            raise ValueError("tree: 'auto' sizes the tree by the target's verify cost and needs model=, got None")
+        from .autotree import AutoTree
+        return AutoTree.for_model(model, max_nodes=32 if nodes is None else nodes, depth=depth)
     if tree == "chain":
         return ChainTree(depth)
     if tree == "static":
         return StaticTree(DEFAULT_STATIC_CHOICES if choices is None else choices)
     if tree == "dynamic":
         return DynamicTree(16 if nodes is None else nodes, depth)
-    raise ValueError(f"tree: expected 'chain', 'static', 'dynamic' or a TreeBuilder, got {tree!r}")
+    raise ValueError(f"tree: expected 'auto', 'chain', 'static', 'dynamic' or a TreeBuilder, got {tree!r}")
