@@ -222,3 +222,17 @@ def test_engine_restarts_the_builders_record_at_every_call():
     for _ in range(2):
         ps.generate(model, ids, NgramDrafter(num_tokens=3), attention_mask=mask, max_new_tokens=4, tree=tree)
     assert Counting.resets == 2
+
+
+def test_verify_cost_is_measured_per_size_and_cached(tmp_path, monkeypatch):
+    """measure_verify_cost: one positive time per asked size, written once and read back as is."""
+    from parallelspec import autotree
+
+    monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
+    model = tiny_model("llama", VOCAB)
+    sizes = (1, 3, 8)
+    costs = autotree.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2)
+    assert sorted(costs) == list(sizes) and all(t > 0 for t in costs.values())
+    assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 1
+    # timed again, the figures would differ: read back, they are equal to the last bit
+    assert autotree.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2) == costs

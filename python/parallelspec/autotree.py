@@ -274,20 +274,23 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
     with torch.inference_mode(), target.attention():
         target.forward(ids[:, :prefix], torch.arange(prefix, device=dev)[None], kv, None)
         kv.lens.fill_(prefix)
-        costs = {}
-        for n in sizes:
-            x = ids[:, prefix:prefix + n]
-            pos = torch.arange(prefix, prefix + n, device=dev)[None]
-            times = []
-            for _ in range(repeats + 1):
+        times = {n: [] for n in sizes}
+        # the sizes take turns (one round = every size once; the first round warms up), so a
+        # shared machine's slow and fast spells fall on all of them alike: the curve's shape,
+        # which is what sizes the tree, does not depend on when each size was timed
+        for _ in range(repeats + 1):
+            for n in sizes:
+                x = ids[:, prefix:prefix + n]
+                pos = torch.arange(prefix, prefix + n, device=dev)[None]
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
                 target.logits(target.forward(x, pos, kv, None))
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                times.append(time.perf_counter() - t0)
-            costs[n] = min(times[1:])  # interference only ever adds time: the minimum is the cost
+                times[n].append(time.perf_counter() - t0)
+        # interference only ever adds time: the minimum is the cost
+        costs = {n: min(t[1:]) for n, t in times.items()}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs))
