@@ -1,0 +1,32 @@
+"""The end-to-end benchmark's summary and aims (parallelspec.bench): medians per method and
+category, ratios against the right baseline, end to end and for the decode phase alone."""
+import pytest
+
+from parallelspec.bench import _aims, _summary
+
+
+def _row(cat, prompt, method, tps, decode=None, acc=None):
+    return {"category": cat, "prompt": prompt, "method": method, "tokens_per_s": tps, "decode_tokens_per_s": decode,
+            "mean_accepted": acc, "equal_to_hf": True}
+
+
+def test_summary_medians_and_aims():
+    rows = []
+    for p, (hf, pl, ng, ngd, par, pard, hy, hyd) in enumerate([(10, 9, 20, 40, 22, 30, 24, 48),
+                                                                (12, 11, 21, 42, 25, 33, 27, 50),
+                                                                (11, 10, 19, 41, 23, 31, 25, 49)]):
+        rows += [_row("long", p, "hf_generate", hf), _row("long", p, "hf_prompt_lookup", pl),
+                 _row("long", p, "ngram_auto", ng, ngd, 3.0), _row("long", p, "parallel_auto", par, pard, 1.7),
+                 _row("long", p, "hybrid_auto", hy, hyd, 4.0)]
+    summary = _summary(rows, ["hf_generate", "hf_prompt_lookup", "ngram_auto", "parallel_auto", "hybrid_auto"], ["long"])
+    got = {s["method"]: s for s in summary}
+    assert got["hybrid_auto"]["tokens_per_s"] == 25 and got["hybrid_auto"]["decode_tokens_per_s"] == 49
+    assert got["hf_generate"]["decode_tokens_per_s"] is None
+    assert got["parallel_auto"]["speedup_vs_hf"] == pytest.approx(23 / 11)   # median of per-prompt ratios
+    aims = {a["aim"]: a for a in _aims(summary)}
+    single = aims["hybrid >= 1.15x best single drafter of ours"]
+    assert (single["b"], single["measured"]) == ("parallel_auto", pytest.approx(25 / 23))   # fastest end to end
+    decode = aims["(decode phase) hybrid >= 1.15x best single of ours"]
+    assert (decode["b"], decode["measured"]) == ("ngram_auto", pytest.approx(49 / 41))     # fastest decode
+    assert decode["met"] and not single["met"]
+    assert aims["hybrid >= 1.3x HF prompt lookup"]["measured"] == pytest.approx(25 / 10)
