@@ -148,6 +148,31 @@ def test_ngram_reports_its_longest_match():
     assert d.last_match_n == [3, 1]      # "6 7 1" seen before; for row 1 only "9"
 
 
+def test_ngram_chain_estimates_follow_the_match_length():
+    """A chain's path log-probabilities come from its match's length (how far back the context
+    agrees with the copied place), halved per lesser match; a scalar serves every length."""
+    first, nxt = (0.1, 0.4, 0.8), (0.5, 0.7, 0.9)
+    d = NgramDrafter(num_tokens=2, ngram_sizes=(3, 2, 1), first_prob=first, next_prob=nxt)
+    d.reset(3, 32, torch.device("cpu"), torch.float32)
+    rows = torch.tensor([[1, 2, 3, 4, 9, 8, 7, 2, 3],       # "2 3": two tokens agree (1 vs 7 before them)
+                         [5, 1, 2, 3, 4, 9, 1, 2, 3],       # "1 2 3": three agree
+                         [1, 2, 3, 4, 9, 8, 7, 6, 3]])      # "3" alone
+    cands = d.step(rows, None, torch.tensor([9, 9, 9]))
+    (c0, lp0), = cands.paths[0]
+    assert c0 == [4, 9] and lp0 == pytest.approx([math.log(0.4), math.log(0.7)])
+    assert cands.paths[1][0] == ([4, 9], pytest.approx([math.log(0.8), math.log(0.9)]))
+    assert cands.paths[2][0] == ([4, 9], pytest.approx([math.log(0.1), math.log(0.5)]))
+    # the shorter n-grams of row 1 continue at the same place: one chain
+    assert len(cands.paths[1]) == 1
+    flat = NgramDrafter(num_tokens=2, first_prob=0.5, next_prob=0.88)
+    flat.reset(1, 32, torch.device("cpu"), torch.float32)
+    (c, lp), = flat.step(rows[1:2], None, torch.tensor([9])).paths[0]
+    assert lp == pytest.approx([math.log(0.5), math.log(0.88)])
+    for bad in ((), (0.5, 1.5), 0.0, "0.5"):
+        with pytest.raises(ValueError, match="first_prob: expected a probability in \\(0, 1\\] or a tuple"):
+            NgramDrafter(first_prob=bad)
+
+
 def test_per_source_calibration_follows_each_sources_record():
     """Each source's scale is accepted / predicted over the nodes it contributed: a chain that the
     target keeps rejecting loses its place in the tree to the model's candidates, which keep

@@ -42,8 +42,8 @@ from .linear import native_serves
 from .trees import Tree, TreeBuilder, beam_levels
 
 _COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-# prompt lookup's fixed estimates may be scaled up to this (its first token's .5 -> 1): on inputs
-# it copies (summaries, rewrites) they are too low (benchmarks/results/variants/README.md)
+# prompt lookup's fixed estimates may be scaled up to this (a long match's first token .72 -> 1): on
+# inputs it copies (summaries, rewrites) they are too low (benchmarks/results/variants/README.md)
 CHAIN_TRUST = 2.0
 
 
