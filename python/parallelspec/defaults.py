@@ -68,7 +68,8 @@ HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": 3}
 #: 12 vs 4 (benchmarks/results/variants/README.md, "Session 4"; the main bench keeps 4 as
 #: ngram4_auto / hybrid_ngram4_auto): long inputs 2.6 -> 3.6 accepted tokens a step alone, 3.0 ->
 #: 4.8 in the hybrid (+23% tok/s); on chat and code the 4-token hybrid was 3-4% faster in
-#: that run (session 5's run, README: 5% faster on chat, 8% slower on code)
+#: that run (session 5's run: 5% faster on chat, 8% slower on code; session 6's, with chain
+#: estimates by match length, README: 4% / 1% / 7% slower on chat / code / long)
 NGRAM_TOKENS = 12
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
 #: largest read (one thread, quiet machine: parallel drafter step 8.7 -> 7.7 ms, EAGLE-style 24.4 -> 16.3 ms)
