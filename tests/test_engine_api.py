@@ -235,6 +235,10 @@ def test_default_tree_is_auto_and_plain_decoding_measures_nothing(model, prompts
     torch.testing.assert_close(ps.generate(model, ids, attention_mask=mask, max_new_tokens=6), reference)
     with pytest.raises(ValueError, match="tree: 'auto' .* needs model=, got None"):
         make_tree_builder("auto")
+    with pytest.raises(ValueError, match=r"tree_nodes: expected at least 1 \(the root\) for tree='auto', got 0"):
+        ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=2, tree_nodes=0)
+    with pytest.raises(ValueError, match="tree_depth: expected at least 1, got -1"):
+        ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=2, tree_depth=-1)
 
 
 def test_streamer_with_a_batch_is_refused(model, prompts):

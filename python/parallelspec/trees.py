@@ -218,6 +218,10 @@ def make_tree_builder(tree: str | TreeBuilder, *, depth: int | None = None, node
         if model is None:
             raise ValueError("tree: 'auto' sizes the tree by the target's verify cost and needs model=, got None")
         from .autotree import AutoTree
+        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
+            raise ValueError(f"tree_nodes: expected at least 1 (the root) for tree='auto', got {nodes!r}")
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise ValueError(f"tree_depth: expected at least 1, got {depth!r}")
         return AutoTree.for_model(model, max_nodes=32 if nodes is None else nodes, depth=depth)
     if tree == "chain":
         return ChainTree(depth)
