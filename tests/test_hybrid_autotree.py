@@ -125,6 +125,9 @@ def test_bad_arguments():
         AutoTree({2: 1.0})
     with pytest.raises(ValueError, match="max_nodes"):
         AutoTree(FLAT, max_nodes=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="tree_depth: expected at least 1"):
+            AutoTree(FLAT, depth=bad)
     with pytest.raises(TypeError, match="drafters"):
         HybridDrafter([])
     for bad in (1, 2.5, True, "3"):

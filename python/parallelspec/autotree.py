@@ -39,7 +39,7 @@ from ps_kernels._backend import native_build_id
 
 from .drafters.base import DraftCandidates
 from .linear import native_serves
-from .trees import Tree, TreeBuilder, beam_levels
+from .trees import Tree, TreeBuilder, beam_levels, check_depth
 
 _COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 # prompt lookup's fixed estimates may be scaled up to this (a long match's first token .72 -> 1): on
@@ -59,7 +59,7 @@ class AutoTree(TreeBuilder):
         self.sizes = sorted(verify_cost)
         self.verify_cost = dict(verify_cost)
         self.max_nodes = max_nodes
-        self.depth = depth
+        self.depth = check_depth(depth)
         # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
         # can overwrite this with what it measures
         self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
@@ -248,6 +248,7 @@ class AutoTree(TreeBuilder):
     def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True,
                   **options) -> "AutoTree":
         """options: per_source, chain_trust, draft_cost (see the class)."""
+        check_depth(depth)  # before the (first-use) measurement, not after it
         return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
 
 

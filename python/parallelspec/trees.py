@@ -117,13 +117,18 @@ class StaticTree(TreeBuilder):
         return Tree(tokens, parents, depths, mask)
 
 
+def check_depth(depth: int | None) -> int | None:
+    """A tree builder's depth limit (generate's tree_depth): None (the drafter's) or an int >= 1."""
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"tree_depth: expected at least 1, got {depth!r}")
+    return depth
+
+
 class ChainTree(TreeBuilder):
     """Top-1 candidate at each of the first `depth` depths (all of the drafter's by default)."""
 
     def __init__(self, depth: int | None = None):
-        if depth is not None and depth < 1:
-            raise ValueError(f"tree_depth: expected at least 1, got {depth}")
-        self.depth = depth
+        self.depth = check_depth(depth)
         self._static: dict[int, StaticTree] = {}
 
     def build(self, root, candidates):
@@ -172,10 +177,8 @@ class DynamicTree(TreeBuilder):
     def __init__(self, nodes: int = 16, depth: int | None = None):
         if nodes < 2:
             raise ValueError(f"tree_nodes: expected at least 2 (root + 1), got {nodes}")
-        if depth is not None and depth < 1:
-            raise ValueError(f"tree_depth: expected at least 1, got {depth}")
         self.nodes = nodes
-        self.depth = depth
+        self.depth = check_depth(depth)
 
     def build(self, root, candidates):
         tokens, logprobs = candidates.tokens, candidates.logprobs
@@ -220,8 +223,6 @@ def make_tree_builder(tree: str | TreeBuilder, *, depth: int | None = None, node
         from .autotree import AutoTree
         if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
             raise ValueError(f"tree_nodes: expected at least 1 (the root) for tree='auto', got {nodes!r}")
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-            raise ValueError(f"tree_depth: expected at least 1, got {depth!r}")
         return AutoTree.for_model(model, max_nodes=32 if nodes is None else nodes, depth=depth)
     if tree == "chain":
         return ChainTree(depth)
