@@ -61,8 +61,11 @@ def test_messages_and_prompt():
 def test_extract_shard_matches_target():
     model = tiny_target()
     seqs = [[1, 2, 3, 6, 7, 8, 9], [4, 5, 10]]
-    out = extract_shard(model, seqs, [3, 2], top_k=5, autocast_dtype=None)
-    assert out["start"] == [3, 2]
+    calls = []
+    # batches of at most 7 tokens: one sequence each (shortest first), progress after each
+    out = extract_shard(model, seqs, [3, 2], top_k=5, batch_tokens=7, autocast_dtype=None,
+                        progress=lambda done, total: calls.append((done, total)))
+    assert out["start"] == [3, 2] and calls == [(1, 2), (2, 2)]
     for i, seq in enumerate(seqs):
         feats, probs = target_features(model, torch.tensor([seq]))
         assert out["ids"][i].tolist() == seq
@@ -79,7 +82,10 @@ def test_generate_and_extract_is_greedy_and_matches_the_target_pass():
     prompts = [[1, 5, 7], [3, 4, 9, 10, 11, 2, 8], [6], [12, 13]]
     probe = generate_and_extract(model, prompts, 7, -1, top_k=1, autocast_dtype=None)
     eos = int(probe["ids"][1][len(prompts[1]) + 2])          # a token some row makes early
-    batched = generate_and_extract(model, prompts, 7, eos, top_k=4, batch_size=3, autocast_dtype=None)
+    calls = []
+    batched = generate_and_extract(model, prompts, 7, eos, top_k=4, batch_size=3, autocast_dtype=None,
+                                   progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 4), (4, 4)]
     early = 0
     for i, p in enumerate(prompts):
         single = generate_and_extract(model, [p], 7, eos, top_k=4, autocast_dtype=None)

@@ -41,8 +41,9 @@ def target_pass(model, seqs: list[list[int]], top_k: int, autocast_dtype=torch.b
 
 
 def extract_shard(model, seqs: list[list[int]], starts: list[int], top_k: int = 32, max_len: int = 640,
-                  batch_tokens: int = 8192, autocast_dtype=torch.bfloat16) -> dict:
-    """The target pass over given sequences (cut at max_len); labels count from starts[i] on."""
+                  batch_tokens: int = 8192, autocast_dtype=torch.bfloat16, progress=None) -> dict:
+    """The target pass over given sequences (cut at max_len); labels count from starts[i] on.
+    progress(done, total): called after each batch with the sequences done so far."""
     seqs = [s[:max_len] for s in seqs]
     out = {"ids": [], "start": [], "feat": [], "topk_ids": [], "topk_p": []}
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -58,6 +59,8 @@ def extract_shard(model, seqs: list[list[int]], starts: list[int], top_k: int = 
             n = int(lens[r])
             results[i] = (h[r, :n].to(torch.bfloat16).cpu(), ti[r, :n].int().cpu(), tp[r, :n].half().cpu())
         s = e
+        if progress is not None:
+            progress(s, len(order))
     for i, seq in enumerate(seqs):
         f, ti, tp = results[i]
         out["ids"].append(torch.tensor(seq, dtype=torch.int32))
@@ -70,12 +73,13 @@ def extract_shard(model, seqs: list[list[int]], starts: list[int], top_k: int = 
 
 @torch.no_grad()
 def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, top_k: int = 32,
-                         batch_size: int = 32, autocast_dtype=torch.bfloat16) -> dict:
+                         batch_size: int = 32, autocast_dtype=torch.bfloat16, progress=None) -> dict:
     """Self-distillation and the target pass in one: the target continues every prompt
     greedily (KV cache, left-padded batches grouped by length, finished rows dropped from the
     batch), and the features / top-K probabilities computed on the way are kept, so no second
     pass over the generated text is needed. Same layout as extract_shard (top-K only where a
-    label can be: from the last prompt position on; zeros before)."""
+    label can be: from the last prompt position on; zeros before). progress(done, total): called
+    after each batch with the prompts done so far."""
     import inspect
 
     from transformers import DynamicCache
@@ -146,6 +150,8 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
             out["ids"][i] = torch.tensor(prompts[i] + gen[r], dtype=torch.int32)
             out["feat"][i] = f.to(torch.bfloat16)
             out["topk_ids"][i], out["topk_p"][i] = tk, tp
+        if progress is not None:
+            progress(min(s + batch_size, len(order)), len(order))
     return out
 
 
@@ -166,6 +172,16 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
     if not prior.exists():      # the draft vocabulary's prior (train.build_draft_vocab), ~1.5 min once
         save_atomic(sharegpt_token_counts(tokenizer, held_out), prior)
     t0, tokens = time.time(), 0
+    last_log = [t0]
+
+    def batch_progress(what):   # a line at most every 30 s: a shard takes minutes to an hour
+        def report(done, total):
+            now = time.time()
+            if now - last_log[0] >= 30.0 and done < total:
+                last_log[0] = now
+                log(f"{what}: {done}/{total} sequences, {now - t0:.0f} s")
+        return report
+
     for split, count in (("heldout", heldout_shards), ("train", train_shards)):
         items = load_prompts(tokenizer, split, held_out, max_prompt_tokens, conversations=source == "sharegpt")
         n = (len(items) + shard_size - 1) // shard_size
@@ -175,17 +191,19 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
             if path.exists():
                 continue
             chunk = items[s * shard_size:(s + 1) * shard_size]
+            report = batch_progress(f"{split} shard {s + 1}/{n}")
             if source == "self":
                 shard = generate_and_extract(model, [p for _, p, _ in chunk], max_new_tokens, tokenizer.eos_token_id,
-                                             top_k, gen_batch, autocast_dtype)
+                                             top_k, gen_batch, autocast_dtype, progress=report)
             else:
                 shard = extract_shard(model, [c for _, _, c in chunk], [len(p) for _, p, _ in chunk], top_k,
-                                      max_len, autocast_dtype=autocast_dtype)
+                                      max_len, autocast_dtype=autocast_dtype, progress=report)
             shard["conv"] = [c for c, _, _ in chunk]
             save_atomic(shard, path)
             new = sum(len(x) - st for x, st in zip(shard["ids"], shard["start"]))
             tokens += new
             el = time.time() - t0
+            last_log[0] = time.time()
             log(f"{split} shard {s + 1}/{n}: +{new} tokens ({tokens} this run, {tokens / el:.0f} tok/s), {el:.0f} s")
 
 
