@@ -193,8 +193,32 @@ def test_wrong_drafter_is_refused(model, prompts):
         ps.generate(model, ids, wrong, attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="drafter: built for vocab 129"):
         ps.patch(model, wrong)
-    with pytest.raises(TypeError, match="drafter: expected a parallelspec Drafter or None, got str"):
+    with pytest.raises(TypeError, match="drafter: expected a parallelspec Drafter, a list of them, or None, got str"):
         ps.generate(model, ids, "ngram", attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"drafter: expected a non-empty list of parallelspec Drafters, got "
+                                        r"\['NgramDrafter', 'str'\]"):
+        ps.generate(model, ids, [ps.NgramDrafter(), "eagle"], attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="drafter: built for vocab 129"):
+        ps.generate(model, ids, [ps.NgramDrafter(), wrong], attention_mask=mask, max_new_tokens=2)
+
+
+def test_a_list_of_drafters_is_one_hybrid_tree(model, prompts):
+    """drafter=[a, b] composes them (HybridDrafter): the target's output, and the same steps as
+    the HybridDrafter built by hand; patch takes a list too."""
+    ids, mask = prompts
+    reference = hf_greedy(model, ids, mask, 8)
+    make = lambda: [ps.NgramDrafter(num_tokens=4), OracleDrafter(unpadded_rows(reference, mask), VOCAB)]
+    out, stats = ps.generate(model, ids, make(), attention_mask=mask, max_new_tokens=8, tree="chain", return_stats=True)
+    by_hand, hand_stats = ps.generate(model, ids, ps.HybridDrafter(make()), attention_mask=mask, max_new_tokens=8,
+                                      tree="chain", return_stats=True)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(by_hand, reference)
+    assert stats.accept_histogram == hand_stats.accept_histogram and stats.mean_accepted > 1
+    ps.patch(model, make(), tree="chain")
+    try:
+        torch.testing.assert_close(model.generate(ids, attention_mask=mask, max_new_tokens=8), reference)
+    finally:
+        ps.unpatch(model)
 
 
 def test_unsupported_architecture_is_refused():

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .drafters.base import Drafter
+from .drafters.hybrid import HybridDrafter
 from .engine import DecodeSettings, GenerationStats, decode
 from .hf import TargetModel
 from .sampling import SamplingParams
@@ -79,7 +80,7 @@ _UNSUPPORTED = (
 _IGNORED_MODEL_KWARGS = ("use_cache", "position_ids", "cache", "past_key_values", "logits_to_keep")
 
 
-def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | None = None,
+def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | list[Drafter] | None = None,
              attention_mask: torch.Tensor | None = None, generation_config=None, *,
              tree: str | TreeBuilder = "auto", tree_depth: int | None = None, tree_nodes: int | None = None,
              tree_choices=None, return_stats: bool = False, stopping_criteria=None, streamer=None,
@@ -89,7 +90,8 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | No
     Args:
         model: a transformers causal LM (Llama, Qwen2, Qwen3, Mistral families).
         input_ids: [B, T] prompts, left-padded when B > 1 (``inputs=`` is accepted too).
-        drafter: a parallelspec Drafter built for this model, or None.
+        drafter: a parallelspec Drafter built for this model, a list of them (composed into one
+            ``HybridDrafter``: every source's candidates in one tree), or None.
         attention_mask: [B, T] 1 = token, 0 = left padding (inferred from pad_token_id like
             transformers when omitted).
         generation_config / kwargs: max_new_tokens, max_length, do_sample, temperature, top_k,
@@ -120,10 +122,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | No
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask, config, target)
     settings, pad = _settings(config, input_ids, stopping_criteria, streamer)
     target.check_length(int(attention_mask.sum(dim=1).max()), input_ids.shape[1] + settings.max_new_tokens)
-    if drafter is not None:
-        if not isinstance(drafter, Drafter):
-            raise TypeError(f"drafter: expected a parallelspec Drafter or None, got {type(drafter).__name__}")
-        drafter.check_target(model)
+    drafter = as_drafter(drafter, model)
     # without a drafter the tree is the root alone whatever was asked: nothing to measure
     builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
                                 model=model) if drafter is not None or tree != "auto" else None
@@ -217,7 +216,7 @@ def _is_builtin_criterion(criterion) -> bool:
 # -- plugging into model.generate -------------------------------------------------------------
 
 def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
-                    synced_gpus=False, streamer=None, drafter: Drafter | None = None, tree="auto",
+                    synced_gpus=False, streamer=None, drafter: Drafter | list[Drafter] | None = None, tree="auto",
                     tree_depth=None, tree_nodes=None, tree_choices=None, **model_kwargs):
     """For ``model.generate(ids, custom_generate=parallelspec.custom_generate, drafter=d, ...)``.
 
@@ -236,11 +235,26 @@ def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=N
                     streamer=streamer, **model_kwargs)
 
 
-def patch(model, drafter: Drafter | None = None, **options) -> None:
+def as_drafter(drafter, model) -> Drafter | None:
+    """generate()'s `drafter` argument checked against `model`: a Drafter, None, or a list /
+    tuple of Drafters composed into one ``HybridDrafter`` (all their candidates in one tree)."""
+    if isinstance(drafter, (list, tuple)):
+        if not drafter or not all(isinstance(d, Drafter) for d in drafter):
+            raise TypeError(f"drafter: expected a non-empty list of parallelspec Drafters, got "
+                            f"{[type(d).__name__ for d in drafter]}")
+        drafter = HybridDrafter(list(drafter))
+    if drafter is not None:
+        if not isinstance(drafter, Drafter):
+            raise TypeError(f"drafter: expected a parallelspec Drafter, a list of them, or None, got "
+                            f"{type(drafter).__name__}")
+        drafter.check_target(model)
+    return drafter
+
+
+def patch(model, drafter: Drafter | list[Drafter] | None = None, **options) -> None:
     """Make ``model.generate(...)`` run parallelspec.generate with this drafter and options
     (per-call arguments override them) until ``unpatch(model)``."""
-    if drafter is not None:
-        drafter.check_target(model)
+    drafter = as_drafter(drafter, model)
     TargetModel(model)  # refuse unsupported architectures now, not at the first call
 
     @functools.wraps(type(model).generate)
