@@ -141,6 +141,16 @@ def test_bad_arguments():
             HybridDrafter([OracleDrafter([[1, 2]], VOCAB, hidden=[torch.zeros(2, 4)])], **kw)
 
 
+def test_for_model_refuses_bad_options_before_measuring(monkeypatch):
+    """The verify-cost measurement takes seconds on first use: bad options are named first."""
+    import parallelspec.autotree as autotree
+    monkeypatch.setattr(autotree, "measure_verify_cost", lambda *a, **k: pytest.fail("measured before checking"))
+    for kwargs, name in (({"max_nodes": 0}, "max_nodes"), ({"depth": 0}, "tree_depth"),
+                         ({"chain_trust": 0.5}, "chain_trust")):
+        with pytest.raises(ValueError, match=f"{name}: expected at least 1"):
+            AutoTree.for_model(None, **kwargs)
+
+
 def test_ngram_reports_its_longest_match():
     d = NgramDrafter(num_tokens=2, ngram_sizes=(3, 2, 1))
     d.reset(2, 32, torch.device("cpu"), torch.float32)

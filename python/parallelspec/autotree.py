@@ -50,16 +50,13 @@ CHAIN_TRUST = 2.0
 class AutoTree(TreeBuilder):
     def __init__(self, verify_cost: dict[int, float], *, max_nodes: int = 32, depth: int | None = None,
                  draft_cost: float | None = None, per_source: bool = True, chain_trust: float = CHAIN_TRUST):
-        if max_nodes < 1:
-            raise ValueError(f"max_nodes: expected at least 1 (the root), got {max_nodes}")
-        if not chain_trust >= 1.0:
-            raise ValueError(f"chain_trust: expected at least 1 (a cap on the chains' scale), got {chain_trust}")
+        self._check_options(max_nodes, depth, chain_trust)
         if not verify_cost or 1 not in verify_cost:
             raise ValueError(f"verify_cost: expected measured times including N = 1, got {verify_cost}")
         self.sizes = sorted(verify_cost)
         self.verify_cost = dict(verify_cost)
         self.max_nodes = max_nodes
-        self.depth = check_depth(depth)
+        self.depth = depth
         # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
         # can overwrite this with what it measures
         self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
@@ -244,11 +241,20 @@ class AutoTree(TreeBuilder):
         return Tree(tok, par, dep, tree_mask_from_parents(par) if N > 1 else None)
 
     # -- construction -----------------------------------------------------------------------
+    @staticmethod
+    def _check_options(max_nodes: int, depth: int | None, chain_trust: float) -> None:
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes: expected at least 1 (the root), got {max_nodes}")
+        check_depth(depth)
+        if not chain_trust >= 1.0:
+            raise ValueError(f"chain_trust: expected at least 1 (a cap on the chains' scale), got {chain_trust}")
+
     @classmethod
     def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True,
                   **options) -> "AutoTree":
         """options: per_source, chain_trust, draft_cost (see the class)."""
-        check_depth(depth)  # before the (first-use) measurement, not after it
+        # before the (first-use) measurement, not after it
+        cls._check_options(max_nodes, depth, options.get("chain_trust", CHAIN_TRUST))
         return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
 
 
