@@ -143,6 +143,31 @@ def test_real_rows_ignore_slots_and_later_tokens():
     assert not torch.allclose(slots, slots3)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_run_out_rows_equals_the_full_run_at_those_rows(layers):
+    """run(out_rows=...) skips the last layer's projection and MLP on the other rows: the kept
+    rows' outputs are the full run's (per sequence, repeated and unordered rows too)."""
+    _, drafter = make(ParallelDrafter, layers=layers)
+    net = drafter.net
+    B, T = 2, 9
+    x = torch.randn(B, T, D)
+    positions = torch.arange(T).expand(B, -1) + torch.tensor([[0], [5]])
+    attend = causal_attention(net, T)
+    rows = torch.tensor([[8, 0, 3], [2, 2, 7]])
+    with torch.no_grad():
+        full = net.run(x, positions, attend)
+        kept = net.run(x, positions, causal_attention(net, T), out_rows=rows)
+    assert kept.shape == (B, 3, D)
+    torch.testing.assert_close(kept, full.gather(1, rows[:, :, None].expand(-1, -1, D)), atol=1e-6, rtol=1e-6)
+
+
+def causal_attention(net, T):
+    from parallelspec.drafters.layer import MaskedAttention
+    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
+    attend.allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    return attend
+
+
 def test_group_layout():
     positions, allowed = group_layout(4, torch.tensor([0, 2]), 2)
     assert positions.tolist() == [0, 1, 2, 3, 1, 3, 2, 4]

@@ -35,9 +35,10 @@ class EagleDrafter(NetworkDrafter):
         B, R = tokens.shape
         dev = tokens.device
         positions = self.cache_lens[:, None] + torch.arange(R, device=dev)
-        h = net.run(net.fuse(tokens, features), positions, self._cached_attention(self.cache_lens, lens, 0))
+        h = net.run(net.fuse(tokens, features), positions, self._cached_attention(self.cache_lens, lens, 0),
+                    out_rows=(lens - 1).clamp(min=0)[:, None])   # the last real row's output only
         self.cache_lens += lens
-        g = net.features_out(h.gather(1, (lens - 1).clamp(min=0)[:, None, None].expand(B, 1, h.shape[-1])))
+        g = net.features_out(h)
         one = torch.ones_like(lens)
         ids, logps = [], []
         for j in range(self.depth):

@@ -259,12 +259,22 @@ class DraftNetwork(nn.Module):
         e = F.embedding(tokens, self.embed_weight)
         return self.fc(torch.cat([e, features.to(e.dtype)], dim=-1))
 
-    def run(self, x, positions, attend):
-        """x [B, T, d] at integer positions [B, T]; attend(layer_index, q, k, v) -> [B, H, T, D]."""
+    def run(self, x, positions, attend, out_rows=None):
+        """x [B, T, d] at integer positions [B, T]; attend(layer_index, q, k, v) -> [B, H, T, D].
+
+        out_rows [B, T'] (int64): only these rows' outputs are wanted, so the last layer runs its
+        output projection and MLP on them alone (the other rows still attend: their K/V are
+        what a step leaves in the cache). Returns [B, T', d] then, else [B, T, d]. A step over a
+        long prompt wants 1 + k - 1 rows of hundreds: this skips most of its work."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
-            x = layer.finish(x, attend(i, q, k, v))
+            attn = attend(i, q, k, v)
+            if i == last and out_rows is not None:
+                x = x.gather(1, out_rows[:, :, None].expand(-1, -1, x.shape[-1]))
+                attn = attn.gather(2, out_rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
+            x = layer.finish(x, attn)
         return x
 
     def forward(self, tokens, features, anchors):

@@ -39,15 +39,17 @@ class ParallelDrafter(NetworkDrafter):
         real_pos = self.cache_lens[:, None] + torch.arange(R, device=dev)
         last = self.cache_lens + lens - 1
         mask_pos = last[:, None] + torch.arange(1, M + 1, device=dev)
+        # outputs wanted: depth 1 from the last real row, depths 2..k from the mask slots
+        last_row = (lens - 1).clamp(min=0)[:, None]
         if draft_fed:   # pass 1: the real tokens alone
-            h = net.run(x, real_pos, self._cached_attention(self.cache_lens, lens, 0))
+            h_last = net.run(x, real_pos, self._cached_attention(self.cache_lens, lens, 0), out_rows=last_row)
         else:           # one pass: real tokens and mask slots
-            h = net.run(x, torch.cat([real_pos, mask_pos], dim=1), self._cached_attention(self.cache_lens, lens, M))
-        # depth 1 from the last real row, depths 2..k from the mask slots
-        h_last = h.gather(1, (lens - 1).clamp(min=0)[:, None, None].expand(B, 1, h.shape[-1]))
+            rows = torch.cat([last_row, torch.arange(R, R + M, device=dev).expand(B, -1)], dim=1)
+            h = net.run(x, torch.cat([real_pos, mask_pos], dim=1), self._cached_attention(self.cache_lens, lens, M),
+                        out_rows=rows)
         self.cache_lens += lens
         if not draft_fed:
-            logits = self._logits(net.features_out(torch.cat([h_last, h[:, R:]], dim=1)))
+            logits = self._logits(net.features_out(h))
             ids, logp = top_candidates(logits, net.draft_to_target, self.top_m)
             return DraftCandidates(ids, logp)
         g1 = net.features_out(h_last)
