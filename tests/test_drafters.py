@@ -6,7 +6,7 @@ from drafter_helpers import tiny_target
 
 from parallelspec.drafters import EagleDrafter, ParallelDrafter, build_network
 from parallelspec.drafters.eagle import eagle_train_forward
-from parallelspec.drafters.layer import group_layout
+from parallelspec.drafters.layer import MaskedAttention, group_layout
 from parallelspec.drafters.parallel import parallel_train_forward
 
 V, D = 96, 48
@@ -152,17 +152,15 @@ def test_run_out_rows_equals_the_full_run_at_those_rows(layers):
     B, T = 2, 9
     x = torch.randn(B, T, D)
     positions = torch.arange(T).expand(B, -1) + torch.tensor([[0], [5]])
-    attend = causal_attention(net, T)
     rows = torch.tensor([[8, 0, 3], [2, 2, 7]])
     with torch.no_grad():
-        full = net.run(x, positions, attend)
+        full = net.run(x, positions, causal_attention(net, T))
         kept = net.run(x, positions, causal_attention(net, T), out_rows=rows)
     assert kept.shape == (B, 3, D)
     torch.testing.assert_close(kept, full.gather(1, rows[:, :, None].expand(-1, -1, D)), atol=1e-6, rtol=1e-6)
 
 
 def causal_attention(net, T):
-    from parallelspec.drafters.layer import MaskedAttention
     attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
     attend.allowed = torch.ones(T, T, dtype=torch.bool).tril()
     return attend

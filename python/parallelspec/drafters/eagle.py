@@ -32,7 +32,7 @@ class EagleDrafter(NetworkDrafter):
 
     def _step(self, tokens: torch.Tensor, features: torch.Tensor, lens: torch.Tensor) -> DraftCandidates:
         net = self.net
-        B, R = tokens.shape
+        R = tokens.shape[1]
         dev = tokens.device
         positions = self.cache_lens[:, None] + torch.arange(R, device=dev)
         h = net.run(net.fuse(tokens, features), positions, self._cached_attention(self.cache_lens, lens, 0),
