@@ -45,11 +45,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`linear` once native_serves is known to hold: only the per-call conditions are checked
-    (a decoding step makes ~200 of these calls)."""
-    if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and x.shape[-1]:
+    (a decoding step makes ~200 of these calls), then the native op is called directly: the
+    backend choice ``ps_kernels.skinny_linear`` would make is the one native_serves already
+    made, and going through it doubled each call's ~4 us of host time."""
+    K = x.shape[-1]
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and K:
         lo, hi = ps_kernels.SKINNY_ROWS.get(x.dtype, (1, 0))
-        if lo * x.shape[-1] <= x.numel() <= hi * x.shape[-1]:
-            return ps_kernels.skinny_linear(x, weight, bias, backend="cpu", validate=False)
+        rows = x.numel() // K
+        if lo <= rows <= hi:
+            if torch.compiler.is_compiling():   # the registered custom op, which compile traces
+                return ps_kernels.skinny_linear(x, weight, bias, backend="cpu", validate=False)
+            return _native(x.reshape(rows, K), weight.contiguous(), bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -58,17 +64,7 @@ def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The patched forward (only where native_serves held, on a contiguous CPU weight): the
-    native op called directly. A target step makes ~200 of these calls, and going through
-    ``ps_kernels.skinny_linear`` (backend choice, checks) doubled each one's ~4 us of host time."""
-    weight = module.weight
-    K = x.shape[-1]
-    if x.dtype is weight.dtype and K and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        lo, hi = ps_kernels.SKINNY_ROWS.get(x.dtype, (1, 0))
-        rows = x.numel() // K
-        if lo <= rows <= hi and x.device.type == "cpu":
-            return _native(x.reshape(rows, K), weight, module.bias).view(*x.shape[:-1], weight.shape[0])
-    return _routed(x, weight, module.bias)
+    return _routed(x, module.weight, module.bias)  # patched only where native_serves held
 
 
 @contextlib.contextmanager
@@ -78,8 +74,7 @@ def skinny_linears(module: nn.Module):
     patched = []
     if native_serves(torch.device("cpu")):
         for m in module.modules():
-            if (type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu"
-                    and m.weight.is_contiguous()):
+            if type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu":
                 m.forward = _forward.__get__(m)  # bound method: the module's own forward, routed
                 patched.append(m)
     try:
