@@ -100,18 +100,18 @@ def test_routing_inside_the_block_only():
 
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
     calls = []
-    real, real_native = ps_kernels.skinny_linear, linear._native
+    real, real_launch = ps_kernels.skinny_linear, linear._launch
 
     def spy(*a, **k):
         calls.append(a[0].shape)
         return real(*a, **k)
 
-    def spy_native(*a):   # the patched modules call the native op directly
+    def spy_launch(*a):   # the patched modules launch the op past its backend selection
         calls.append(a[0].shape)
-        return real_native(*a)
+        return real_launch(*a)
 
     few, many = torch.randn(2, 3, 32), torch.randn(ps_kernels.SKINNY_ROWS[torch.float32][1] + 1, 32)
-    ps_kernels.skinny_linear, linear._native = spy, spy_native
+    ps_kernels.skinny_linear, linear._launch = spy, spy_launch
     try:
         with torch.no_grad():
             want_few, want_many = model(few), model(many)
@@ -123,6 +123,6 @@ def test_routing_inside_the_block_only():
         assert len(calls) == 2
         assert all("forward" not in m.__dict__ for m in model.modules())  # restored
     finally:
-        ps_kernels.skinny_linear, linear._native = real, real_native
+        ps_kernels.skinny_linear, linear._launch = real, real_launch
     torch.testing.assert_close(got_few, want_few, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_many, want_many)

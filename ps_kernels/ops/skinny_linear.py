@@ -82,10 +82,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     if validate:
         _validate(x, weight, bias)
-    name = _backend.select(OP, x.device, backend)
-    if name == "cpu" and not weight.is_contiguous():
+    return launch(x, weight, bias, _backend.select(OP, x.device, backend))
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """``skinny_linear`` past validation and backend selection: for callers that made both once
+    for many calls (``parallelspec.linear`` routes ~200 a decoding step, where ``select`` would
+    double each call's ~4 us of host time). backend: a name ``_backend.select`` returned."""
+    if backend == "cpu" and not weight.is_contiguous():
         weight = weight.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     run = _skinny_linear_op if torch.compiler.is_compiling() else _run  # as in tree_attention
-    return run(x2, weight, bias, name).reshape(*lead, weight.shape[0])
+    return run(x2, weight, bias, backend).reshape(*lead, weight.shape[0])

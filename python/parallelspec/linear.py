@@ -21,6 +21,7 @@ from torch import nn
 
 import ps_kernels
 from ps_kernels import _backend
+from ps_kernels.ops.skinny_linear import launch as _launch
 
 
 def native_serves(device: torch.device) -> bool:
@@ -45,22 +46,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`linear` once native_serves is known to hold: only the per-call conditions are checked
-    (a decoding step makes ~200 of these calls), then the native op is called directly: the
-    backend choice ``ps_kernels.skinny_linear`` would make is the one native_serves already
-    made, and going through it doubled each call's ~4 us of host time."""
+    (a decoding step makes ~200 of these calls), then the op is launched on the native CPU
+    backend, the choice native_serves already made (``ps_kernels.skinny_linear`` making it again
+    doubled each call's ~4 us of host time)."""
     K = x.shape[-1]
     if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and K:
         lo, hi = ps_kernels.SKINNY_ROWS.get(x.dtype, (1, 0))
-        rows = x.numel() // K
-        if lo <= rows <= hi:
-            if torch.compiler.is_compiling():   # the registered custom op, which compile traces
-                return ps_kernels.skinny_linear(x, weight, bias, backend="cpu", validate=False)
-            return _native(x.reshape(rows, K), weight.contiguous(), bias).view(*x.shape[:-1], weight.shape[0])
+        if lo <= x.numel() // K <= hi:
+            return _launch(x, weight, bias, "cpu")
     return F.linear(x, weight, bias)
-
-
-def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.ps_kernels_C.skinny_linear(x, weight, bias)
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
