@@ -18,6 +18,51 @@ def test_bad_flag_values_are_refused(capsys):
     assert "invalid choice: 'forest'" in capsys.readouterr().err
 
 
+def test_device_flag_is_checked(capsys):
+    import torch
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "--prompt", "hi", "--device", "tpu9"])
+    assert exc.value.code == 2
+    assert "--device: expected cpu, cuda or cuda:N, got 'tpu9'" in capsys.readouterr().err
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for argv in (["generate", "--prompt", "hi", "--device", missing], ["bench", "--device", missing]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert "--device: expected " in (err := capsys.readouterr().err) and f"got '{missing}'" in err
+
+
+def _word_tokenizer(vocab: int):
+    """A whitespace word-level tokenizer over the words t0..t{vocab-1} (id i = word ti)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+def test_generate_command_prints_hf_greedy_text(tmp_path, capsys, drafter):
+    """`parallelspec generate --model DIR --device cpu` streams what transformers' greedy
+    generate gives for the same model and prompt."""
+    import torch
+    model, tok = tiny_model("llama", 64), _word_tokenizer(64)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prompt = "t5 t9 t5 t9 t5 t1 t2"
+    code = cli.main(["generate", "--prompt", prompt, "--model", str(tmp_path), "--drafter", drafter,
+                     "--device", "cpu", "--max-new-tokens", "12", "--stats"])
+    assert code == 0
+    out = capsys.readouterr()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    want = tok.decode(ref[0, ids.shape[1]:])
+    assert out.out.strip() == want.strip()
+    assert "12 tokens in" in out.err
+
+
 def test_missing_model_directory(tmp_path, capsys):
     code = cli.main(["generate", "--prompt", "hi", "--model", str(tmp_path / "nope")])
     assert code == 2

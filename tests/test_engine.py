@@ -159,3 +159,35 @@ def test_model_drafters_greedy_match_hf(case, kind, tree):
     builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
     out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=builder, tree_nodes=8)
     torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loop on the GPU backends)")
+@pytest.mark.parametrize("tree", ["chain", "dynamic", "auto"])
+@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid"])
+def test_greedy_batch_on_cuda_matches_hf(case, kind, tree):
+    """The whole loop on a GPU (tree_attention, draft_attention, tree_accept and kv_rollback on
+    their CUDA / Triton backends, the drafters' caches on the device) against transformers'
+    generate on the same GPU."""
+    import copy
+
+    from parallelspec.autotree import AutoTree
+    from parallelspec.drafters import build_network
+
+    if kind is None and tree != "chain":
+        pytest.skip("no drafter: the tree is the root alone whatever its kind")
+    model, ids, mask, _ = case
+    model = copy.deepcopy(model).to("cuda")
+    ids, mask = ids.to("cuda"), mask.to("cuda")
+    reference = hf_greedy(model, ids, mask, NEW)
+    drafter = None
+    if kind == "ngram":
+        drafter = ps.NgramDrafter(num_tokens=4)
+    elif kind is not None:
+        net = build_network(model, parallel=kind != "eagle", depth=3, seed=2)
+        drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
+        if kind == "hybrid":
+            drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter])
+    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
+    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=builder, tree_nodes=8)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)

