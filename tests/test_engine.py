@@ -57,14 +57,11 @@ def test_hybrid_deferral_feeds_the_whole_stream(case, tree, trigger):
     """HybridDrafter(defer_after=2): the feature-needing source sits out steps after a long
     acceptance and then gets the held-back (token, feature) pairs with the new ones; the oracle
     checks every pair it is given against the reference, and the output stays HF's."""
-    from parallelspec.autotree import AutoTree
-
     model, ids, mask, reference = case
     oracle = _drafter("oracle+features", model, ids, mask, reference)
     oracle.p_true = 0.97   # mostly whole acceptances across the batch: deferral happens
     hybrid = ps.HybridDrafter([_AlwaysMatching(num_tokens=3), oracle], **trigger)
-    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
-    out = ps.generate(model, ids, hybrid, attention_mask=mask, max_new_tokens=NEW, tree=builder)
+    out = ps.generate(model, ids, hybrid, attention_mask=mask, max_new_tokens=NEW, tree=_small_tree(tree))
     torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
     assert hybrid.deferred_steps > 0, "the deferral path was not exercised"
     assert oracle.checked_tokens > 0
@@ -146,19 +143,30 @@ def test_max_length_counts_the_prompt_columns():
 def test_model_drafters_greedy_match_hf(case, kind, tree):
     """The real drafter networks (random weights: losslessness must not depend on their
     quality) through the whole loop: draft_attention, their caches, features, rollback."""
-    from parallelspec.autotree import AutoTree
+    model, ids, mask, reference = case
+    out = ps.generate(model, ids, _network_drafter(kind, model), attention_mask=mask, max_new_tokens=NEW,
+                      tree=_small_tree(tree), tree_nodes=8)
+    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+
+
+def _network_drafter(kind, model):
+    """A drafter network with random weights (losslessness must not depend on their quality):
+    parallel, parallel_slot1_draft, eagle, or hybrid / hybrid_defer (prompt lookup + parallel)."""
     from parallelspec.drafters import build_network
 
-    model, ids, mask, reference = case
     net = build_network(model, parallel=kind != "eagle", depth=3, seed=2,
                         slot1="draft" if kind == "parallel_slot1_draft" else "mask")
     drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
     if kind.startswith("hybrid"):
         drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter],
                                    defer_after=2 if kind == "hybrid_defer" else None)
-    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
-    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=builder, tree_nodes=8)
-    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+    return drafter
+
+
+def _small_tree(tree):
+    """tree= for generate: an AutoTree on a fixed cost table (10 nodes at most) for "auto"."""
+    from parallelspec.autotree import AutoTree
+    return AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loop on the GPU backends)")
@@ -170,24 +178,15 @@ def test_greedy_batch_on_cuda_matches_hf(case, kind, tree):
     generate on the same GPU."""
     import copy
 
-    from parallelspec.autotree import AutoTree
-    from parallelspec.drafters import build_network
-
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
     model, ids, mask, _ = case
     model = copy.deepcopy(model).to("cuda")
     ids, mask = ids.to("cuda"), mask.to("cuda")
     reference = hf_greedy(model, ids, mask, NEW)
-    drafter = None
-    if kind == "ngram":
-        drafter = ps.NgramDrafter(num_tokens=4)
-    elif kind is not None:
-        net = build_network(model, parallel=kind != "eagle", depth=3, seed=2)
-        drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
-        if kind == "hybrid":
-            drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter])
-    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
-    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=builder, tree_nodes=8)
+    drafter = (None if kind is None else ps.NgramDrafter(num_tokens=4) if kind == "ngram"
+               else _network_drafter(kind, model))
+    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=_small_tree(tree),
+                      tree_nodes=8)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
