@@ -25,7 +25,8 @@ def test_device_flag_is_checked(capsys):
     assert exc.value.code == 2
     assert "--device: expected cpu, cuda or cuda:N, got 'tpu9'" in capsys.readouterr().err
     missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    for argv in (["generate", "--prompt", "hi", "--device", missing], ["bench", "--device", missing]):
+    for argv in (["generate", "--prompt", "hi", "--device", missing], ["bench", "--device", missing],
+                 ["extract", "--device", missing], ["train", "--device", missing]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .benchutil import RESULTS, machine_info, markdown_table, pyplot, sync, write_results
+from .cli import device_arg
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
 # the smallest SmolLM2 and no other is shipped for offline use, so there is none to compare.
@@ -291,8 +292,6 @@ ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,
 
 
 def main(argv=None) -> int:
-    from .cli import device_arg
-
     ap = argparse.ArgumentParser(prog="parallelspec bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per category")
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -16,18 +16,15 @@ DEMO_PROMPTS = [
 def load_target(path: str | None, dtype: str = "fp32", device="cpu"):
     """(model, tokenizer): the embedded SmolLM2-135M-Instruct when path is None, else a local
     transformers checkpoint directory; the model on `device`."""
-    import torch
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if path is None:
-        from .models import load_default_target
-        model, tok = load_default_target(torch_dtype)
-        return model.to(device), tok
     from pathlib import Path
-    if not Path(path).is_dir():
+
+    import torch
+
+    from . import models
+    if path is not None and not Path(path).is_dir():
         raise FileNotFoundError(f"--model: expected a local model directory (config.json + weights), got {path!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
-    return model.to(device), AutoTokenizer.from_pretrained(path)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return models.load_target(path, torch_dtype, device)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool):

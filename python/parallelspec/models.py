@@ -44,6 +44,19 @@ def load_default_target(dtype: torch.dtype = torch.float32, verbose: bool = True
     return model, tokenizer
 
 
+def load_target(path: str | None = None, dtype: torch.dtype = torch.float32, device="cpu", with_tokenizer: bool = True):
+    """(model, tokenizer or None) on `device`, in eval mode: a local transformers checkpoint
+    directory, or the embedded default when path is None (whose tokenizer always loads)."""
+    if path is None:
+        model, tok = load_default_target(dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        tok = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    return model.to(device), tok
+
+
 def _convert_gguf(local: Path, verbose: bool) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 

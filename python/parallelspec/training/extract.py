@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..cli import device_arg
+from ..models import load_target
 from .data import autocast_for, load_prompts, save_atomic, shard_path, sharegpt_token_counts
 
 
@@ -226,30 +228,16 @@ def main_extract(argv=None) -> int:
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(args.target, torch.device(args.device))
+    model, tokenizer = load_target(args.target, args.device)
     build_data(model, tokenizer, args.out, train_shards=args.train_shards, heldout_shards=args.heldout_shards,
                source=args.source,               shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
                top_k=args.top_k, max_len=args.max_len, held_out=args.held_out, max_prompt_tokens=args.max_prompt_tokens,
                autocast_dtype=None if args.fp32 else torch.bfloat16, log=lambda m: print(m, flush=True))
     return 0
-
-
-def load_target(path, device=torch.device("cpu"), with_tokenizer: bool = True):
-    """(model, tokenizer or None): a HF causal LM directory, or the embedded default target."""
-    if path is None:
-        from ..models import load_default_target
-
-        model, tokenizer = load_default_target()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
-    return model.to(device), tokenizer
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli import device_arg
 from ..drafters import EagleDrafter, ParallelDrafter, build_network
 from . import dist as pdist
 
@@ -486,7 +487,7 @@ def main_train(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK where a GPU is, else cpu)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -500,12 +501,12 @@ def main_train(argv=None) -> int:
                       eval_sequences=args.eval_sequences, time_budget=args.time_budget, train_tokens=args.tokens)
     pdist.init()
     try:
-        from .extract import load_target
+        from ..models import load_target
 
         target, _ = load_target(args.target, with_tokenizer=False)
         data = Path(args.data)
         train(cfg, target, sorted(data.glob("train-ext-*.pt")), sorted(data.glob("heldout-ext-*.pt")),
-                        args.out, torch.device(args.device) if args.device else None,
+                        args.out, args.device,
                         log=lambda m: print(m, flush=True))
     finally:
         pdist.shutdown()
