@@ -65,11 +65,13 @@ DEFAULT_DRAFTER = "hybrid"
 HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": 3}
 #: prompt lookup's longest continuation ("ngram" and "hybrid"): the tree='auto' builder keeps only
 #: the nodes worth their verify cost, so a long continuation costs nothing when it is not taken.
-#: 12 vs 4 (benchmarks/results/variants/README.md, "Session 4"; the main bench keeps 4 as
+#: 12 vs 4 (benchmarks/results/variants/README.md, "Prompt lookup's continuation length"; the
+#: main bench keeps 4 as
 #: ngram4_auto / hybrid_ngram4_auto): long inputs 2.6 -> 3.6 accepted tokens a step alone, 3.0 ->
 #: 4.8 in the hybrid (+23% tok/s); on chat and code the 4-token hybrid was 3-4% faster in
-#: that run (session 5's run: 5% faster on chat, 8% slower on code; session 6's, with chain
-#: estimates by match length, README: 4% / 1% / 7% slower on chat / code / long)
+#: that run (the later run with the record restarting per call: 5% faster on chat, 8% slower on
+#: code; the one with chain estimates by match length, README: 4% / 1% / 7% slower on chat /
+#: code / long)
 NGRAM_TOKENS = 12
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
 #: largest read (one thread, quiet machine: parallel drafter step 8.7 -> 7.7 ms, EAGLE-style 24.4 -> 16.3 ms)
