@@ -36,46 +36,83 @@ from .trees import TreeBuilder, make_tree_builder
 CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
 
 # Generation options whose non-default values change the output in ways the loop does not
-# reproduce: (name, test that the value is inactive)
-_UNSUPPORTED = (
-    ("num_beams", lambda v: v in (None, 1)),
-    ("num_return_sequences", lambda v: v in (None, 1)),
-    ("num_beam_groups", lambda v: v in (None, 1)),
-    ("diversity_penalty", lambda v: not v),
-    ("penalty_alpha", lambda v: v is None),
-    ("dola_layers", lambda v: v is None),
-    ("repetition_penalty", lambda v: v in (None, 1.0)),
-    ("encoder_repetition_penalty", lambda v: v in (None, 1.0)),
-    ("no_repeat_ngram_size", lambda v: not v),
-    ("encoder_no_repeat_ngram_size", lambda v: not v),
-    ("bad_words_ids", lambda v: v is None),
-    ("force_words_ids", lambda v: v is None),
-    ("constraints", lambda v: v is None),
-    ("sequence_bias", lambda v: v is None),
-    ("suppress_tokens", lambda v: v is None),
-    ("begin_suppress_tokens", lambda v: v is None),
-    ("forced_bos_token_id", lambda v: v is None),
-    ("forced_eos_token_id", lambda v: v is None),
-    ("min_length", lambda v: not v),
-    ("min_new_tokens", lambda v: not v),
-    ("min_p", lambda v: v is None),
-    ("top_h", lambda v: v is None),
-    ("typical_p", lambda v: v in (None, 1.0)),
-    ("epsilon_cutoff", lambda v: not v),
-    ("eta_cutoff", lambda v: not v),
-    ("exponential_decay_length_penalty", lambda v: v is None),
-    ("guidance_scale", lambda v: v in (None, 1.0)),
-    ("watermarking_config", lambda v: v is None),
-    ("stop_strings", lambda v: v is None),
-    ("max_time", lambda v: v is None),
-    ("token_healing", lambda v: not v),
-    ("output_scores", lambda v: not v),
-    ("output_logits", lambda v: not v),
-    ("output_attentions", lambda v: not v),
-    ("output_hidden_states", lambda v: not v),
-    ("prompt_lookup_num_tokens", lambda v: v is None),
-    ("cache_implementation", lambda v: v is None),
-)
+# reproduce, and the value that turns each off (None is off for all of them)
+UNSUPPORTED_OPTIONS = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": 1.0,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "max_time": None,
+    "token_healing": False,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "prompt_lookup_num_tokens": None,
+    "cache_implementation": None,
+}
+# the logits processors transformers builds from those options: the option to name in errors
+_PROCESSOR_OPTIONS = {
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty",
+    "EncoderRepetitionPenaltyLogitsProcessor": "encoder_repetition_penalty",
+    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "EncoderNoRepeatNGramLogitsProcessor": "encoder_no_repeat_ngram_size",
+    "NoBadWordsLogitsProcessor": "bad_words_ids",
+    "SequenceBiasLogitsProcessor": "sequence_bias",
+    "SuppressTokensLogitsProcessor": "suppress_tokens",
+    "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
+    "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
+    "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
+    "MinLengthLogitsProcessor": "min_length",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
+    "MinPLogitsWarper": "min_p",
+    "TopHLogitsWarper": "top_h",
+    "TypicalLogitsWarper": "typical_p",
+    "EpsilonLogitsWarper": "epsilon_cutoff",
+    "EtaLogitsWarper": "eta_cutoff",
+    "ExponentialDecayLengthPenalty": "exponential_decay_length_penalty",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "ClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "WatermarkLogitsProcessor": "watermarking_config",
+    "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
+}
+
+
+def unsupported_options(config) -> dict:
+    """{name: value} of the options set in a GenerationConfig that parallelspec.generate refuses."""
+    out = {}
+    for name, off in UNSUPPORTED_OPTIONS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != off and not (off in (0, False) and not value):
+            out[name] = value
+    return out
+
+
 # model_kwargs that transformers' generate builds itself and we may receive through custom_generate
 _IGNORED_MODEL_KWARGS = ("use_cache", "position_ids", "cache", "past_key_values", "logits_to_keep")
 
@@ -107,27 +144,32 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     Returns: [B, T + G] prompt + new tokens (or GenerateDecoderOnlyOutput), and the stats when
     return_stats.
     """
-    if input_ids is None:
-        input_ids = kwargs.pop("inputs", None)
-    if input_ids is None:
-        raise ValueError("input_ids: expected a [batch, length] tensor of prompt token ids, got None")
+    input_ids = _one_prompt(input_ids, kwargs)
     if logits_processor:
         raise ValueError(f"logits_processor: custom logits processors are not supported, got {list(logits_processor)}")
     target = TargetModel(model)
+    _check_weights(model)
+    # transformers' rule: with no max_length anywhere, the default 20 counts new tokens, not the total
+    default_length = (kwargs.get("max_length") is None and getattr(generation_config, "max_length", None) is None
+                      and getattr(model.generation_config, "max_length", None) is None)
     config, extra = _resolve_config(model, generation_config, kwargs)
     unknown = sorted(k for k, v in extra.items() if k not in _IGNORED_MODEL_KWARGS and v is not None)
     if unknown:
         raise ValueError(f"{unknown[0]}: not a generation option parallelspec.generate supports "
                          f"(unsupported arguments: {unknown})")
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask, config, target)
-    settings, pad = _settings(config, input_ids, stopping_criteria, streamer)
+    settings, pad = _settings(config, input_ids, stopping_criteria, streamer, default_length, target.max_positions)
     target.check_length(int(attention_mask.sum(dim=1).max()), input_ids.shape[1] + settings.max_new_tokens)
     drafter = as_drafter(drafter, model)
     # without a drafter the tree is the root alone whatever was asked: nothing to measure
     builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
                                 model=model) if drafter is not None or tree != "auto" else None
     stats = GenerationStats() if return_stats else None
-    new_tokens = decode(target, input_ids, attention_mask, drafter, builder, settings, stats, pad)
+    # masked-out tokens inside a prompt (a pad id that is not padding, with no mask given: transformers
+    # infers a mask with holes) are left out of the run, as transformers' attention leaves them out;
+    # the output keeps them, as transformers' does
+    run_ids, run_mask = _without_holes(input_ids, attention_mask, pad)
+    new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
     result = sequences
     if config.return_dict_in_generate:
@@ -136,16 +178,62 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     return (result, stats) if return_stats else result
 
 
+def _one_prompt(input_ids, kwargs: dict):
+    """The prompt given positionally, as ``inputs=`` or as ``input_ids=`` (transformers' and its
+    pipelines' ways of calling generate), exactly once."""
+    given = {name: kwargs.pop(name) for name in ("inputs", "input_ids") if kwargs.get(name) is not None}
+    if input_ids is not None:
+        given = {"the first argument": input_ids, **given}
+    if len(given) > 1:
+        raise ValueError(f"input_ids: expected the prompt once, got it as {' and as '.join(given)}")
+    if not given:
+        raise ValueError("input_ids: expected a [batch, length] tensor of prompt token ids, got None")
+    return next(iter(given.values()))
+
+
+def _check_weights(model) -> None:
+    """A model whose weights are not loaded (``meta`` tensors: from_pretrained with
+    device_map / low_cpu_mem_usage halfway, or init_empty_weights) cannot run."""
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"model: expected loaded weights, got {meta} on the 'meta' device (no data); load the "
+                         "model fully, e.g. from_pretrained(path) without device_map, or model.to_empty() and "
+                         "load_state_dict(...)")
+
+
+def _without_holes(input_ids: torch.Tensor, mask: torch.Tensor, pad: int):
+    """(ids, mask) with every row's masked tokens moved to its left as padding: a prompt whose
+    mask has zeros after a one runs as its unmasked tokens alone (what attention sees in
+    transformers, with positions counted over the unmasked tokens). Left-padded prompts are
+    returned as they are."""
+    if not bool((mask[:, 1:] < mask[:, :-1]).any()):
+        return input_ids, mask
+    order = torch.sort(mask, dim=1, stable=True).indices     # zeros first, tokens in their order
+    ids = input_ids.gather(1, order)
+    sorted_mask = mask.gather(1, order)
+    return ids.masked_fill(sorted_mask == 0, pad), sorted_mask
+
+
 def _resolve_config(model, generation_config, kwargs: dict):
     """transformers' own resolution (argument > generation_config > model.generation_config >
     global defaults); returns (config, leftover kwargs)."""
     config, extra = model._prepare_generation_config(generation_config, **kwargs)
-    for name, inactive in _UNSUPPORTED:
-        value = getattr(config, name, None)
-        if not inactive(value):
-            raise ValueError(f"{name}={value!r} is not supported by parallelspec.generate (only greedy decoding "
-                             "and sampling with temperature/top_k/top_p are)")
+    refused = unsupported_options(config)
+    if refused:
+        name, value = next(iter(refused.items()))
+        source = ("passed to generate" if name in kwargs else "set by the generation_config passed"
+                  if getattr(generation_config, name, None) == value else
+                  "set by the model's generation_config, i.e. its generation_config.json")
+        raise ValueError(_refusal(name, value, source, refused))
     return config, extra
+
+
+def _refusal(name: str, value, source: str, refused: dict) -> str:
+    off = UNSUPPORTED_OPTIONS[name]
+    return (f"{name}={value!r} is not supported by parallelspec.generate ({source}; only greedy decoding and "
+            f"sampling with temperature/top_k/top_p are, the output would differ from transformers'). To decode "
+            f"without it, pass {name}={off!r} (or set model.generation_config.{name} = {off!r}); unsupported "
+            f"options set here: {refused}")
 
 
 def _check_inputs(input_ids, attention_mask, config, target: TargetModel):
@@ -156,7 +244,13 @@ def _check_inputs(input_ids, attention_mask, config, target: TargetModel):
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty prompt per sequence, got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.to(device=target.device, dtype=torch.int64)
-    if attention_mask is None:
+    vocab = target.vocab_size
+    if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+        raise ValueError(f"input_ids: expected token ids in 0..{vocab - 1} (the model's vocab_size = {vocab}), got "
+                         f"{sorted(set(bad.tolist()))[:8]}; was the prompt encoded with this model's tokenizer?")
+    inferred = attention_mask is None
+    if inferred:
         pad, eos = config.pad_token_id, _as_list(config.eos_token_id)
         if pad is not None and pad not in eos and bool((input_ids == pad).any()):  # transformers' inference rule
             attention_mask = input_ids.ne(pad).long()
@@ -168,7 +262,7 @@ def _check_inputs(input_ids, attention_mask, config, target: TargetModel):
     mask = attention_mask.to(device=input_ids.device, dtype=torch.int64)
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask: expected only 0 (padding) and 1 (token) entries")
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+    if not inferred and bool((mask[:, 1:] < mask[:, :-1]).any()):
         b = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
         raise ValueError(f"attention_mask: expected left padding (zeros, then ones), got row {b} = {mask[b].tolist()}; "
                          "use tokenizer.padding_side = 'left'")
@@ -186,11 +280,17 @@ def _as_list(token_ids) -> list[int]:
     return [int(t) for t in token_ids] if isinstance(token_ids, (list, tuple)) else [int(token_ids)]
 
 
-def _settings(config, input_ids: torch.Tensor, stopping_criteria, streamer) -> tuple[DecodeSettings, int]:
+def _settings(config, input_ids: torch.Tensor, stopping_criteria, streamer, default_length: bool = False,
+              max_positions: int | None = None) -> tuple[DecodeSettings, int]:
     T = input_ids.shape[1]
     if config.max_new_tokens is not None:
         max_new = config.max_new_tokens
         what = f"max_new_tokens={max_new}"
+    elif default_length:        # transformers: the default max_length (20) new tokens, within the model's positions
+        total = config.max_length + T if max_positions is None else min(config.max_length + T, max_positions)
+        max_new = total - T
+        what = (f"the default max_length={config.max_length} new tokens with a prompt of {T} columns and "
+                f"max_position_embeddings={max_positions}")
     else:
         max_new = config.max_length - T
         what = f"max_length={config.max_length} with a prompt of {T} columns"
@@ -224,11 +324,21 @@ def custom_generate(model, input_ids, logits_processor=None, stopping_criteria=N
     only the warpers we apply ourselves (temperature, top-k, top-p) may be among them."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+    if generation_config is not None:   # name the option behind a processor, as generate() does
+        refused = unsupported_options(generation_config)
+        if refused:
+            name, value = next(iter(refused.items()))
+            raise ValueError(_refusal(name, value, "in the generation config transformers resolved: the model's "
+                                      "generation_config.json or this call's options", refused))
     own = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
     extra = [type(p).__name__ for p in (logits_processor or []) if not isinstance(p, own)]
     if extra:
-        raise ValueError(f"logits_processor: {extra[0]} is not supported by parallelspec (from the generation "
-                         f"options or logits_processor; unsupported: {extra})")
+        option = _PROCESSOR_OPTIONS.get(extra[0])
+        hint = (f"it is what the generation option {option!r} makes, which parallelspec does not support either; "
+                f"leave both out" if option else "parallelspec supports no logits processors besides temperature, "
+                "top_k and top_p (give those as options)")
+        raise ValueError(f"logits_processor: {extra[0]} is not supported by parallelspec.custom_generate; {hint} "
+                         f"(unsupported processors: {extra})")
     attention_mask = model_kwargs.pop("attention_mask", None)
     return generate(model, input_ids, drafter, attention_mask, generation_config, tree=tree, tree_depth=tree_depth,
                     tree_nodes=tree_nodes, tree_choices=tree_choices, stopping_criteria=stopping_criteria,
@@ -260,7 +370,9 @@ def patch(model, drafter: Drafter | list[Drafter] | None = None, **options) -> N
     @functools.wraps(type(model).generate)
     def patched_generate(inputs=None, generation_config=None, **kwargs):
         merged = {"drafter": drafter, **options, **kwargs}
-        return generate(model, inputs, generation_config=generation_config, **merged)
+        if inputs is not None:      # the prompt may come as input_ids= instead (pipelines, **tokenizer(...))
+            merged["inputs"] = inputs
+        return generate(model, generation_config=generation_config, **merged)
 
     patched_generate._parallelspec_patch = True
     model.generate = patched_generate
