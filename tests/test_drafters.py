@@ -13,11 +13,11 @@ V, D = 96, 48
 CPU = torch.device("cpu")
 
 
-def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1, slot1="mask"):
+def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1, slot1="mask", layout="fused"):
     target = tiny_target()
     d2t = None if vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:vocab]
     net = build_network(target, parallel=kind is ParallelDrafter, depth=depth, draft_to_target=d2t, head=head,
-                        num_layers=layers, slot1=slot1, seed=seed)
+                        num_layers=layers, slot1=slot1, layout=layout, seed=seed)
     return target, kind(net, top_m=net.draft_vocab_size)
 
 
@@ -41,13 +41,15 @@ def as_dense(cands, d2t):
 SHAPES = [(4, 40, "target", 1), (3, None, "trained", 2), (1, 40, "trained", 1)]
 
 
-@pytest.mark.parametrize("kind,slot1,depth,vocab,head,layers",
-                         [(kind, "mask", *shape) for kind in (ParallelDrafter, EagleDrafter) for shape in SHAPES]
-                         + [(ParallelDrafter, "draft", *shape) for shape in SHAPES if shape[0] >= 2])
-def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers):
+@pytest.mark.parametrize("kind,slot1,depth,vocab,head,layers,layout",
+                         [(kind, "mask", *shape, "fused") for kind in (ParallelDrafter, EagleDrafter) for shape in SHAPES]
+                         + [(ParallelDrafter, "draft", *shape, "fused") for shape in SHAPES if shape[0] >= 2]
+                         + [(ParallelDrafter, "mask", *shape, "eagle3") for shape in SHAPES])
+def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers, layout):
     """Ragged batch stepped in chunks; each step's per-depth distributions equal the training
-    forward's at that anchor (real row + its group of slots), to fp32 rounding."""
-    _, drafter = make(kind, depth=depth, head=head, vocab=vocab, layers=layers, slot1=slot1)
+    forward's at that anchor (real row + its group of slots), to fp32 rounding; in either
+    layer layout (fused, or vLLM's eagle3 with one shared mask)."""
+    _, drafter = make(kind, depth=depth, head=head, vocab=vocab, layers=layers, slot1=slot1, layout=layout)
     B, n = 3, 14
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (B, n), generator=g)
@@ -143,6 +145,54 @@ def test_real_rows_ignore_slots_and_later_tokens():
     assert not torch.allclose(slots, slots3)
 
 
+def test_eagle3_layout_shape_and_shared_mask():
+    """eagle3: no fc, layer 0 has q/k/v over 2d and a hidden_norm, one mask_hidden [d] and the
+    mask token's embedding feed every slot; the fused layout's tensors are unchanged."""
+    _, fused = make(ParallelDrafter)
+    assert fused.net.mask_hidden is None and fused.net.fc is not None
+    assert "layers.0.hidden_norm.weight" not in fused.net.state_dict()
+    _, drafter = make(ParallelDrafter, layout="eagle3", layers=2)
+    net = drafter.net
+    names = set(net.state_dict())
+    assert net.fc is None and not any(k.startswith("fc.") or k == "mask_embed" for k in names)
+    assert net.layers[0].q_proj.weight.shape == (48, 96) and net.layers[1].q_proj.weight.shape == (48, 48)
+    assert "layers.0.hidden_norm.weight" in names and "layers.1.hidden_norm.weight" not in names
+    assert net.mask_hidden.shape == (D,) and net.cfg.mask_token_id == V - 1
+    slots = net.mask_inputs()
+    assert slots.shape == (3, 2 * D) and torch.equal(slots[0], slots[2])
+    torch.testing.assert_close(slots[0, :D], net.embed_weight[V - 1])
+    torch.testing.assert_close(slots[0, D:], net.mask_hidden)
+
+
+def test_eagle3_slots_differ_by_position_only():
+    """One shared mask input: a group's slots still draft different distributions (their
+    positions differ), and moving mask_hidden moves the slots but not the real rows."""
+    _, drafter = make(ParallelDrafter, layout="eagle3")
+    g = torch.Generator().manual_seed(7)
+    tokens, features = torch.randint(0, V, (1, 10), generator=g), torch.randn(1, 10, D, generator=g)
+    anchors = torch.tensor([3, 6])
+    real, slots = parallel_train_forward(drafter.net, tokens, features, anchors)
+    assert not torch.allclose(slots[:, :, 0], slots[:, :, 1])
+    with torch.no_grad():
+        drafter.net.mask_hidden.add_(1.0)
+    real2, slots2 = parallel_train_forward(drafter.net, tokens, features, anchors)
+    torch.testing.assert_close(real, real2)
+    assert not torch.allclose(slots, slots2)
+
+
+def test_eagle3_config_checked():
+    target = tiny_target()
+    for kw in (dict(parallel=False), dict(parallel=True, slot1="draft")):
+        with pytest.raises(ValueError, match="layout='eagle3' is vLLM's parallel drafting"):
+            build_network(target, layout="eagle3", **kw)
+    with pytest.raises(ValueError, match="layout: expected 'fused' or 'eagle3', got 'medusa'"):
+        build_network(target, parallel=True, layout="medusa")
+    with pytest.raises(ValueError, match=r"mask_token_id: expected a target id in \[0, 96\), got 96"):
+        build_network(target, parallel=True, layout="eagle3", mask_token_id=96)
+    with pytest.raises(ValueError, match="mask_token_id: only layout='eagle3' has one"):
+        build_network(target, parallel=True, mask_token_id=3)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_run_out_rows_equals_the_full_run_at_those_rows(layers):
     """run(out_rows=...) skips the last layer's projection and MLP on the other rows: the kept
@@ -175,9 +225,10 @@ def test_group_layout():
     assert rows[7] == [1, 1, 1, 0, 0, 1, 0, 1]          # anchor 2, slot 1: prefix 0..2, own slots
 
 
-@pytest.mark.parametrize("kind", [ParallelDrafter, EagleDrafter])
-def test_save_load_round_trip(kind, tmp_path):
-    target, drafter = make(kind, head="trained")
+@pytest.mark.parametrize("kind,layout", [(ParallelDrafter, "fused"), (EagleDrafter, "fused"),
+                                         (ParallelDrafter, "eagle3")])
+def test_save_load_round_trip(kind, layout, tmp_path):
+    target, drafter = make(kind, head="trained", layout=layout)
     drafter.save_pretrained(tmp_path, dtype=torch.float32)
     names = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "model.safetensors")))
     assert not any("embed" in k and "mask" not in k for k in names), names   # the target's tensors stay out

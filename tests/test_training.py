@@ -128,18 +128,18 @@ def small_cfg(**kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("kind", ["parallel", "eagle"])
-def test_training_learns_and_saves(kind, tmp_path):
+@pytest.mark.parametrize("kind,layout", [("parallel", "fused"), ("eagle", "fused"), ("parallel", "eagle3")])
+def test_training_learns_and_saves(kind, layout, tmp_path):
     model, tr, ho = tiny_shards(tmp_path)
-    net, summary = train(small_cfg(kind=kind, steps=30, eval_every=30), model, tr, ho, tmp_path / "run",
-                         log=lambda m: None)
+    net, summary = train(small_cfg(kind=kind, layout=layout, steps=30, eval_every=30), model, tr, ho,
+                         tmp_path / "run", log=lambda m: None)
     losses = summary["losses"]
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
     ev = summary["history"][-1]
     assert len(ev["heldout_top1"]) == 3 and 1.0 <= ev["chain_accept"] <= 4.0
     cls = ParallelDrafter if kind == "parallel" else __import__("parallelspec").drafters.EagleDrafter
     loaded = cls.from_pretrained(tmp_path / "run" / "drafter", model)
-    assert loaded.net.draft_vocab_size == 64
+    assert loaded.net.draft_vocab_size == 64 and loaded.net.cfg.layout == layout
 
 
 def test_main_train_cli(tmp_path):

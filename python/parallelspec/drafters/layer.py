@@ -6,6 +6,17 @@
     output  g_t = RMSNorm(h_t): the drafter's estimate of the target's next feature f_{t+1}
             (the input of the target's LM head), and logits = head(g_t) over a draft vocabulary
 
+That is the default layout, ``layout="fused"`` (mask slot j fed its own learned vector m_j in
+the fused-input space). ``layout="eagle3"`` is the one vLLM serves (its EAGLE-3 decoder layer
+without auxiliary hidden states, with its parallel drafting; ``parallelspec.export``):
+
+    layer 0 q/k/v = W_{q,k,v} [input_norm(e(x_{t+1})); hidden_norm(f_t)]   (2d wide, no fc)
+            residual = f_t, then o_proj, post norm, SwiGLU MLP as in a Llama layer
+    mask    every slot is fed (e(mask_token_id), mask_hidden): one learned feature vector and one
+            reserved token id for all slots; the position tells the slots apart
+
+RMSNorm is nonlinear, so neither layout converts into the other: a drafter is trained in one.
+
 The head is either the target's own LM head restricted to the draft vocabulary (frozen, not
 stored: ``head="target"``), or a trained matrix initialised from those rows (``head="trained"``).
 The draft vocabulary is a list of target ids (``draft_to_target``); ``None`` means all of them.
@@ -62,6 +73,11 @@ class DraftConfig:
     # feature (EAGLE's second step) plus that vector, in a second pass with the other slots, so
     # depths 2..k are conditioned on the drafted token (two passes per step instead of k).
     slot1: str = "mask"
+    # "fused": fc([e; f]) into layer 0, one learned vector per mask slot (the default);
+    # "eagle3": vLLM's EAGLE-3 layer 0 over [input_norm(e); hidden_norm(f)], residual f, one shared
+    # mask_hidden and mask token id for every slot (what `parallelspec export --format vllm` writes)
+    layout: str = "fused"
+    mask_token_id: int | None = None     # eagle3: the token id fed to every mask slot
     target: dict = field(default_factory=dict)   # what check_target compares (target_signature)
 
     @property
@@ -79,6 +95,20 @@ class DraftConfig:
                              f"parallel={self.parallel}, depth={self.depth}")
         if self.depth < 1:
             raise ValueError(f"depth: expected >= 1, got {self.depth}")
+        if self.layout not in ("fused", "eagle3"):
+            raise ValueError(f"layout: expected 'fused' or 'eagle3', got {self.layout!r}")
+        if self.layout == "eagle3":
+            if not self.parallel or self.slot1 != "mask":
+                raise ValueError(f"layout='eagle3' is vLLM's parallel drafting: expected parallel=True, "
+                                 f"slot1='mask', got parallel={self.parallel}, slot1={self.slot1!r}")
+            if self.mask_token_id is None:
+                self.mask_token_id = self.vocab_size - 1
+            if not 0 <= self.mask_token_id < self.vocab_size:
+                raise ValueError(f"mask_token_id: expected a target id in [0, {self.vocab_size}), "
+                                 f"got {self.mask_token_id}")
+        elif self.mask_token_id is not None:
+            raise ValueError(f"mask_token_id: only layout='eagle3' has one, got {self.mask_token_id} "
+                             f"with layout={self.layout!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, "
                              f"got {self.num_heads}")
@@ -167,14 +197,20 @@ def apply_rope(x, cos, sin):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DraftConfig):
+    """A Llama decoder layer; with ``two_inputs`` (layer 0 of the eagle3 layout) its input is
+    [e; f] (2d): q/k/v over [input_norm(e); hidden_norm(f)], and the residual stream starts at f."""
+
+    def __init__(self, cfg: DraftConfig, two_inputs: bool = False):
         super().__init__()
         d, H, Hkv, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.two_inputs = two_inputs
         self.input_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps) if two_inputs else None
+        width = 2 * d if two_inputs else d
+        self.q_proj = nn.Linear(width, H * D, bias=False)
+        self.k_proj = nn.Linear(width, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(width, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, d, bias=False)
         self.post_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
@@ -184,11 +220,19 @@ class DecoderLayer(nn.Module):
     def qkv(self, x, cos, sin):
         """x [B, T, d] -> q [B, H, T, D], k/v [B, Hkv, T, D] (RoPE applied to q and k)."""
         B, T, _ = x.shape
-        h = self.input_norm(x)
+        if self.two_inputs:
+            e, f = x.chunk(2, dim=-1)
+            h = torch.cat([self.input_norm(e), self.hidden_norm(f)], dim=-1)
+        else:
+            h = self.input_norm(x)
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def residual(self, x):
+        """The residual stream of input x: the feature half of [e; f] for a two-input layer."""
+        return x[..., x.shape[-1] // 2:] if self.two_inputs else x
 
     def finish(self, x, attn):
         """Residual + output projection, then the SwiGLU MLP block. attn [B, H, T, D]."""
@@ -213,12 +257,15 @@ class DraftNetwork(nn.Module):
             raise ValueError(f"draft_to_target: expected {vd} target ids, got "
                              f"{None if draft_to_target is None else tuple(draft_to_target.shape)}")
         self.register_buffer("draft_to_target", draft_to_target.long().clone())
-        self.fc = nn.Linear(2 * d, d, bias=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        eagle3 = cfg.layout == "eagle3"
+        self.fc = None if eagle3 else nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, two_inputs=eagle3 and i == 0) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.head = nn.Linear(d, vd, bias=False) if cfg.head == "trained" else None
-        # one learned input vector per mask-slot index (in the fused-input space)
-        self.mask_embed = nn.Parameter(torch.zeros(cfg.mask_slots, d)) if cfg.mask_slots else None
+        # fused: one learned input vector per mask-slot index (in the fused-input space);
+        # eagle3: one learned feature for every slot (paired with e(mask_token_id))
+        self.mask_embed = (nn.Parameter(torch.zeros(cfg.mask_slots, d)) if cfg.mask_slots and not eagle3 else None)
+        self.mask_hidden = nn.Parameter(torch.zeros(d)) if cfg.mask_slots and eagle3 else None
         # frozen target tensors, non-persistent: referenced from the target, never stored
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)
         self.register_buffer("target_head_weight", torch.empty(0), persistent=False)
@@ -232,8 +279,8 @@ class DraftNetwork(nn.Module):
         trained head (its initialisation before training)."""
         emb = model.get_input_embeddings().weight.detach()
         out = model.get_output_embeddings().weight.detach()
-        dev = self.fc.weight.device
-        dtype = self.fc.weight.dtype
+        dev = self.norm.weight.device
+        dtype = self.norm.weight.dtype
         self.embed_weight = emb.to(dev, dtype)
         rows = out.to(dev)[self.draft_to_target.to(dev)].to(dtype)
         if self.head is None:
@@ -252,12 +299,24 @@ class DraftNetwork(nn.Module):
         self.attach_target(target)
 
     def fuse(self, tokens, features):
-        """tokens [B, T] (target ids), features [B, T, d] -> fused inputs [B, T, d]."""
+        """tokens [B, T] (target ids), features [B, T, d] -> the inputs of layer 0: fused [B, T, d],
+        or [e; f] [B, T, 2d] for the eagle3 layout (its layer 0 normalises the halves itself)."""
         if self.embed_weight.numel() == 0:
             raise RuntimeError("drafter has no target attached: call attach_target(model) "
                                "(from_pretrained(path, target) does it)")
         e = F.embedding(tokens, self.embed_weight)
-        return self.fc(torch.cat([e, features.to(e.dtype)], dim=-1))
+        x = torch.cat([e, features.to(e.dtype)], dim=-1)
+        return x if self.fc is None else self.fc(x)
+
+    def mask_inputs(self, dtype=None) -> torch.Tensor:
+        """The layer-0 inputs of mask slots 1..k-1 [k-1, width]: their learned vectors (fused), or
+        (e(mask_token_id), mask_hidden) for every slot (eagle3)."""
+        if self.mask_hidden is None:
+            x = self.mask_embed
+        else:
+            e = self.embed_weight[self.cfg.mask_token_id]
+            x = torch.cat([e, self.mask_hidden.to(e.dtype)]).expand(self.cfg.mask_slots, -1)
+        return x if dtype is None else x.to(dtype)
 
     def run(self, x, positions, attend, out_rows=None):
         """x [B, T, d] at integer positions [B, T]; attend(layer_index, q, k, v) -> [B, H, T, D].
@@ -270,6 +329,7 @@ class DraftNetwork(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
+            x = layer.residual(x)
             attn = attend(i, q, k, v)
             if i == last and out_rows is not None:
                 x = x.gather(1, out_rows[:, :, None].expand(-1, -1, x.shape[-1]))
@@ -483,18 +543,21 @@ class NetworkDrafter(Drafter):
 
 
 def build_network(target, *, parallel: bool, depth: int = 4, draft_to_target: torch.Tensor | None = None,
-                  head: str = "target", num_layers: int = 1, slot1: str = "mask", seed: int = 0) -> DraftNetwork:
+                  head: str = "target", num_layers: int = 1, slot1: str = "mask", layout: str = "fused",
+                  mask_token_id: int | None = None, seed: int = 0) -> DraftNetwork:
     """A freshly initialised network for `target` (random init: it learned faster than a warm
-    start from the target's last layer in method.md's runs), target tensors attached."""
+    start from the target's last layer in method.md's runs), target tensors attached.
+    layout / mask_token_id: ``DraftConfig`` (eagle3: the id defaults to the target's last one)."""
     cfg = DraftConfig.for_target(target, depth=depth, head=head, num_layers=num_layers, parallel=parallel,
-                                 slot1=slot1,
+                                 slot1=slot1, layout=layout, mask_token_id=mask_token_id,
                                  draft_vocab_size=None if draft_to_target is None else int(draft_to_target.numel()))
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     net = DraftNetwork(cfg, draft_to_target)
     init_weights(net)
-    if net.mask_embed is not None:
-        nn.init.normal_(net.mask_embed, std=0.02)
+    for vectors in (net.mask_embed, net.mask_hidden):
+        if vectors is not None:
+            nn.init.normal_(vectors, std=0.02)
     torch.random.set_rng_state(gen_state)
     net.attach_target(target, init_head=True)
     return net

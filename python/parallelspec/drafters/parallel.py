@@ -1,6 +1,7 @@
 """ParallelDrafter: k tokens from ONE forward pass (ParallelSpec).
 
-The step's input is [the new real (token, feature) pairs, k - 1 learned mask slots]. Real
+The step's input is [the new real (token, feature) pairs, k - 1 learned mask slots] (the
+slots' inputs: ``DraftNetwork.mask_inputs``, per layout). Real
 token i sits at its cache row's position; mask slot j (1-based) at last_real_position + j.
 Real tokens attend causally over the drafter's cache and each other and their K/V are
 appended to the cache; mask slots attend every real token and the slots before them, and
@@ -35,7 +36,7 @@ class ParallelDrafter(NetworkDrafter):
         x = net.fuse(tokens, features)
         draft_fed = net.cfg.slot1 == "draft"
         if M and not draft_fed:
-            x = torch.cat([x, net.mask_embed.to(x.dtype).expand(B, M, -1)], dim=1)
+            x = torch.cat([x, net.mask_inputs(x.dtype).expand(B, M, -1)], dim=1)
         real_pos = self.cache_lens[:, None] + torch.arange(R, device=dev)
         last = self.cache_lens + lens - 1
         mask_pos = last[:, None] + torch.arange(1, M + 1, device=dev)
@@ -81,7 +82,7 @@ def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: to
     if not (M and A):
         slots = None
     else:
-        slots = net.mask_embed.to(x.dtype).repeat_interleave(A, dim=0).expand(B, -1, -1)   # slot-major rows
+        slots = net.mask_inputs(x.dtype).repeat_interleave(A, dim=0).expand(B, -1, -1)   # slot-major rows
     if slots is not None and net.cfg.slot1 == "draft":
         # pass 1 over the real rows; pass 2 over the slots, slot 1 fed (the data's next token, the
         # drafter's own output feature at the anchor) plus its vector; anchors at n - 1 have no next

@@ -152,6 +152,7 @@ class TrainConfig:
     head: str = "target"
     num_layers: int = 1
     slot1: str = "mask"                  # parallel drafter: "mask" or "draft" (DraftConfig.slot1)
+    layout: str = "fused"                # "fused" or "eagle3" (vLLM's layer; DraftConfig.layout)
     steps: int = 1000
     batch_size: int = 16                 # sequences per global step
     max_len: int = 512
@@ -234,7 +235,7 @@ def teacher_features(teacher, batch: dict, anchors: torch.Tensor, cfg: TrainConf
 @torch.no_grad()
 def _teacher_labels(teacher, g: torch.Tensor, top_k: int = 32):
     """Teacher features [R, d] -> its top-K (target ids, probabilities) per row."""
-    p = torch.softmax(teacher.logits(g.to(teacher.fc.weight.dtype)), dim=-1)
+    p = torch.softmax(teacher.logits(g.to(teacher.norm.weight.dtype)), dim=-1)
     top = p.topk(min(top_k, p.shape[-1]), dim=-1)
     return teacher.draft_to_target[top.indices], top.values
 
@@ -333,7 +334,7 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
         d2t, coverage = None, 1.0
     net = build_network(target, parallel=cfg.kind == "parallel", depth=cfg.depth, draft_to_target=d2t,
                         head=cfg.head, num_layers=cfg.num_layers,
-                        slot1=cfg.slot1, seed=cfg.seed).to(device)
+                        slot1=cfg.slot1, layout=cfg.layout, seed=cfg.seed).to(device)
     t2d = target_to_draft(net.draft_to_target, net.cfg.vocab_size)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -466,6 +467,9 @@ def main_train(argv=None) -> int:
     ap.add_argument("--slot1", choices=("mask", "draft"), default="mask",
                     help="parallel drafter: mask slot 1 fed its learned vector (one pass a step) or the "
                          "drafted depth-1 token and feature (two passes a step)")
+    ap.add_argument("--layout", choices=("fused", "eagle3"), default="fused",
+                    help="parallel drafter: the fused input layer (default) or vLLM's EAGLE-3 layer with one "
+                         "shared mask (servable by vLLM: parallelspec export --format vllm)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16, help="sequences per global step")
     ap.add_argument("--max-len", type=int, default=512)
@@ -494,7 +498,7 @@ def main_train(argv=None) -> int:
     prior = args.vocab_prior or (Path(args.data) / "sharegpt-counts.pt")
     cfg = TrainConfig(kind=args.kind, depth=args.k, draft_vocab=args.draft_vocab, head=args.head,
                       vocab_prior=str(prior) if Path(prior).exists() else None,
-                      num_layers=args.layers, slot1=args.slot1, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
+                      num_layers=args.layers, slot1=args.slot1, layout=args.layout, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
                       anchor_frac=args.anchor_frac, lr=args.lr, warmup=args.warmup, feat_weight=args.feat_weight,
                       depth_weights=args.depth_weights, distill_from=args.distill_from,
                       distill_weight=args.distill_weight, restart_schedule=args.restart_schedule, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
