@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -258,6 +259,9 @@ class AutoTree(TreeBuilder):
         return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
 
 
+_ANNOUNCED: set[str] = set()     # models whose measurement this process has announced on stderr
+
+
 def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 7,
                         cache: bool = True) -> dict[int, float]:
     """Fastest of `repeats` timings of one target forward (LM head included) over N new tokens on a
@@ -276,6 +280,15 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
     path = cache_dir() / "verify_cost" / f"{key}.json"
     if cache and path.exists():
         return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    # a first use waits for this (~20 s for SmolLM2 on 2 CPU cores): say what it is, once per process and model
+    announce = key not in _ANNOUNCED
+    if announce:
+        _ANNOUNCED.add(key)
+        where = f"once per model and machine, saved to {path}" if cache else "not cached: cache=False"
+        print(f"parallelspec: measuring the target's forward time for {min(sizes)}..{max(sizes)} tokens on this "
+              f"{'GPU' if dev.type == 'cuda' else 'CPU'} to size the draft tree ({where})...",
+              file=sys.stderr, flush=True)
+    started = time.perf_counter()
     kv = target.new_cache(1, prefix + max(sizes) + 1)
     ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), device=dev)
     with torch.inference_mode(), target.attention():
@@ -298,6 +311,8 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
                 times[n].append(time.perf_counter() - t0)
         # interference only ever adds time: the minimum is the cost
         costs = {n: min(t[1:]) for n, t in times.items()}
+    if announce:
+        print(f"parallelspec: measured in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs))
