@@ -245,3 +245,22 @@ def test_torch_compile_traces_the_op():
     want, want_lse = ref.tree_attention(q, k, v, kc2, vc2, lens, mask, 0.125, return_lse=True)
     assert torch.equal(out, want * 2) and torch.equal(lse, want_lse)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 65, 130])
+@pytest.mark.parametrize("shape", ["chain", "bushy", "mixed_batch"])
+def test_mask_from_parents_on_device_matches_the_reference_walk(n, shape):
+    """Pointer doubling (the op, no host sync with validate=False) against the reference's
+    node-by-node walk, on odd trees: a chain of depth n - 1 (the most doubling rounds), bushy
+    trees, and a batch whose trees differ."""
+    g = torch.Generator().manual_seed(n)
+    rows = 3 if shape == "mixed_batch" else 1
+    parents = torch.full((rows, n), -1, dtype=torch.int64)
+    for b in range(rows):
+        reach = {"chain": 1, "bushy": 9}.get(shape, 1 + 4 * b)
+        for i in range(1, n):
+            parents[b, i] = int(torch.randint(max(0, i - reach), i, (1,), generator=g))
+    parents = parents.to(DEVICE)
+    expected = ref.tree_mask_from_parents(parents)
+    assert torch.equal(ps_kernels.tree_mask_from_parents(parents, validate=False), expected)
+    assert torch.equal(ps_kernels.tree_mask_from_parents(parents[0].to(torch.int32)), expected[0])

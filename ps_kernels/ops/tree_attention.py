@@ -170,9 +170,18 @@ def pack_tree_mask(allowed: torch.Tensor) -> torch.Tensor:
     return _ref.pack_tree_mask(allowed)
 
 
-def tree_mask_from_parents(parents: torch.Tensor) -> torch.Tensor:
+def tree_mask_from_parents(parents: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """``parents [N]`` or ``[B, N]`` (``parents[..., 0] = -1``, ``0 <= parents[i] < i``) -> the
-    packed ancestor-or-self mask ``[N, W]`` / ``[B, N, W]``. Build it once per tree shape.
+    packed ancestor-or-self mask ``[N, W]`` / ``[B, N, W]``, built on the parents' device.
+
+    By pointer doubling over depth: after round r every node holds its ancestors closer than 2^r
+    and a pointer to the one 2^r up, so ``ceil(log2 N)`` rounds of one gather each finish any tree
+    (a number fixed by N: no host sync, whatever the parents). The reference
+    (``ps_kernels.reference.tree_mask_from_parents``, a walk over the nodes) is the specification.
+
+    validate: check the parents form a tree in topological order (one host sync); the decoding
+    loop passes False for parents it built itself (out-of-range parents are clamped, never read
+    out of bounds, and give an unspecified mask).
 
     Example::
 
@@ -186,12 +195,26 @@ def tree_mask_from_parents(parents: torch.Tensor) -> torch.Tensor:
     n = parents.shape[-1]
     if n == 0:
         raise ValueError("parents: expected at least the root (N >= 1), got an empty tensor")
-    p = parents.to(torch.int64).cpu().reshape(-1, n)
-    i = torch.arange(n)
-    bad = torch.where(i == 0, p != -1, (p < 0) | (p >= i)).nonzero()
-    if len(bad):
-        b, j = (int(x) for x in bad[0])
-        where = f"parents[{b}, {j}]" if parents.dim() == 2 else f"parents[{j}]"
-        raise ValueError(f"parents: expected parents[..., 0] = -1 and 0 <= parents[..., i] < i (topological "
-                         f"order), got {where} = {int(p[b, j])}")
-    return _ref.tree_mask_from_parents(parents.to(torch.int64))
+    if validate:
+        p = parents.to(torch.int64).cpu().reshape(-1, n)
+        i = torch.arange(n)
+        bad = torch.where(i == 0, p != -1, (p < 0) | (p >= i)).nonzero()
+        if len(bad):
+            b, j = (int(x) for x in bad[0])
+            where = f"parents[{b}, {j}]" if parents.dim() == 2 else f"parents[{j}]"
+            raise ValueError(f"parents: expected parents[..., 0] = -1 and 0 <= parents[..., i] < i (topological "
+                             f"order), got {where} = {int(p[b, j])}")
+    packed = _ref.pack_tree_mask(ancestor_matrix(parents.reshape(-1, n)))
+    return packed[0] if parents.dim() == 1 else packed
+
+
+def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
+    """``parents [B, N]`` -> ``[B, N, N]`` bool, row i = node i and its ancestors (pointer doubling)."""
+    B, n = parents.shape
+    node = torch.arange(n, device=parents.device)
+    allowed = (node[:, None] == node[None, :]).expand(B, n, n)
+    up = torch.where(node == 0, 0, parents.to(torch.int64).clamp(0, n - 1))   # the root points at itself
+    for _ in range((n - 1).bit_length()):
+        allowed = allowed | allowed.gather(1, up[:, :, None].expand(B, n, n))
+        up = up.gather(1, up)
+    return allowed
