@@ -8,7 +8,8 @@ long inputs (summarise / rewrite a held-out ShareGPT answer). All methods run si
 one run on the same prompts, interleaved prompt by prompt so machine noise hits them alike,
 greedy, and every greedy output is checked token for token against transformers' generate.
 One sampled setting (T = 0.7) measures acceptance. A batch-4 run compares throughput with
-transformers' batched generate. Writes benchmarks/results/e2e_<cpu|cuda>.{json,csv,png}.
+transformers' batched generate. Writes e2e_<cpu|cuda>.{json,csv,png} to --out (default
+./parallelspec-bench in the current directory; the project's own runs pass --out benchmarks/results).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .benchutil import RESULTS, machine_info, markdown_table, pyplot, sync, write_results
+from .benchutil import machine_info, markdown_table, pyplot, sync, write_results
 from .cli import device_arg
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
@@ -291,6 +292,10 @@ ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,
                "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto,hybrid_trust1_auto")
 
 
+#: where `parallelspec bench` writes unless --out says otherwise: never the checkout's committed results
+DEFAULT_OUT = "parallelspec-bench"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="parallelspec bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per category")
@@ -302,7 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--quick", action="store_true", help="2 prompts per category, 24 new tokens (smoke run)")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="results directory (default: ./%(default)s in the current directory; the checkout's "
+                         "committed results are benchmarks/results, written only when asked for)")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens = 2, 24
