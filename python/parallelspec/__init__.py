@@ -1,14 +1,46 @@
-"""parallelspec: ParallelSpec speculative decoding on top of ps_kernels."""
+"""parallelspec: ParallelSpec speculative decoding on top of ps_kernels.
+
+The public names load on first use (torch, transformers and the kernels take seconds to
+import; ``parallelspec --help`` needs none of them)."""
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from .autotree import AutoTree
-from .cache import KVCache
-from .defaults import load_drafter
-from .drafters import DraftCandidates, Drafter, EagleDrafter, HybridDrafter, NgramDrafter, ParallelDrafter
-from .engine import GenerationStats
-from .generate import CUSTOM_GENERATE_DIR, custom_generate, generate, patch, unpatch
-from .trees import ChainTree, DynamicTree, StaticTree, Tree, TreeBuilder
+_EXPORTS = {
+    "AutoTree": ".autotree", "KVCache": ".cache", "load_drafter": ".defaults",
+    "DraftCandidates": ".drafters", "Drafter": ".drafters", "EagleDrafter": ".drafters",
+    "HybridDrafter": ".drafters", "NgramDrafter": ".drafters", "ParallelDrafter": ".drafters",
+    "GenerationStats": ".engine",
+    "CUSTOM_GENERATE_DIR": ".generate", "custom_generate": ".generate", "generate": ".generate",
+    "patch": ".generate", "unpatch": ".generate",
+    "ChainTree": ".trees", "DynamicTree": ".trees", "StaticTree": ".trees", "Tree": ".trees",
+    "TreeBuilder": ".trees",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["AutoTree", "CUSTOM_GENERATE_DIR", "ChainTree", "DraftCandidates", "Drafter", "DynamicTree",
-           "EagleDrafter", "GenerationStats", "HybridDrafter", "KVCache", "NgramDrafter", "ParallelDrafter",
-           "StaticTree", "Tree", "TreeBuilder", "custom_generate", "generate", "load_drafter", "patch", "unpatch"]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'parallelspec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    setattr(sys.modules[__name__], name, value)
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`parallelspec.generate` is the function, as with an eager ``from .generate import
+    generate``: importing the submodule of that name must not replace it."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

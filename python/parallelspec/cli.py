@@ -1,4 +1,4 @@
-"""The `parallelspec` command: demo, generate, bench, train, extract."""
+"""The `parallelspec` command: demo, generate, bench, train, extract, export."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,7 @@ def cmd_generate(args) -> int:
     if not text.strip():
         raise SystemExit("parallelspec generate: --prompt: expected a non-empty prompt (or text on stdin), got ''")
     model, tok = load_target(args.model, args.dtype, args.device)
+    options = _generation_options(args, model)
     drafter = load_drafter(args.drafter, model)
     ids = encode_prompt(tok, text, args.chat).to(args.device)
     if args.seed is not None:
@@ -107,11 +108,44 @@ def cmd_generate(args) -> int:
     if args.do_sample:
         sampling |= {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     out, stats = generate(model, ids, drafter, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tok, skip_prompt=True),
-                          return_stats=True, **sampling, **_tree_kwargs(args, model))
+                          return_stats=True, **{**options, **sampling}, **_tree_kwargs(args, model))
     if args.stats:
         print(f"\n[{stats.new_tokens} tokens in {stats.total_time:.2f} s: {stats.tokens_per_second:.1f} tok/s, "
               f"mean accepted {stats.mean_accepted:.2f} per step over {stats.steps} steps]", file=sys.stderr)
     return 0
+
+
+def _option_arg(text: str):
+    """--generation-option NAME=VALUE: VALUE read as JSON (1.0, null, [1, 2], true), else as a string."""
+    import json
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--generation-option: expected NAME=VALUE (e.g. repetition_penalty=1.0), "
+                                         f"got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _generation_options(args, model) -> dict:
+    """The --generation-option values, plus, with --ignore-unsupported-options, every option the
+    model's generation config sets that parallelspec cannot honour, turned off (said on stderr)."""
+    from .generate import UNSUPPORTED_OPTIONS, unsupported_options
+    options = dict(args.generation_option or [])
+    refused = {k: v for k, v in unsupported_options(model.generation_config).items() if k not in options}
+    if refused and args.ignore_unsupported_options:
+        print(f"parallelspec generate: decoding without the model's generation options {refused} (not supported; "
+              "the output is transformers' with them turned off)", file=sys.stderr)
+        options |= {k: UNSUPPORTED_OPTIONS[k] for k in refused}
+    elif refused:
+        name, value = next(iter(refused.items()))
+        raise ValueError(f"{name}={value!r} is set by the model's generation_config.json and is not supported by "
+                         "parallelspec (only greedy decoding and temperature / top-k / top-p sampling are); pass "
+                         "--ignore-unsupported-options to decode without every such option "
+                         f"({', '.join(f'{k}={v!r}' for k, v in refused.items())}), or --generation-option "
+                         f"{name}={UNSUPPORTED_OPTIONS[name]!r} for this one")
+    return options
 
 
 def cmd_demo(args) -> int:
@@ -181,6 +215,11 @@ def cmd_extract(argv) -> int:
     return main_extract(argv)
 
 
+def cmd_export(argv) -> int:
+    from .export import main_export
+    return main_export(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parallelspec", description="ParallelSpec speculative decoding")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -199,16 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stats", action="store_true", help="print tokens/s and accepted length")
+    g.add_argument("--generation-option", action="append", type=_option_arg, metavar="NAME=VALUE",
+                   help="a transformers generation option over the model's generation config, VALUE as JSON "
+                        "(e.g. repetition_penalty=1.0); repeatable")
+    g.add_argument("--ignore-unsupported-options", action="store_true",
+                   help="decode without the options of the model's generation config that parallelspec does not "
+                        "support (e.g. Qwen2.5-Instruct's repetition_penalty 1.05): the output is then transformers' "
+                        "with them off")
     for name, helptext in (("bench", "end-to-end benchmark against the peers (see --help)"),
                            ("train", "train a drafter (see --help)"),
-                           ("extract", "build training data: target features and probabilities (see --help)")):
+                           ("extract", "build training data: target features and probabilities (see --help)"),
+                           ("export", "write a drafter for a serving engine: --format vllm RUN OUT (see --help)")):
         sub.add_parser(name, help=helptext, add_help=False)
     return ap
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = {"bench": cmd_bench, "train": cmd_train, "extract": cmd_extract}
+    passthrough = {"bench": cmd_bench, "train": cmd_train, "extract": cmd_extract, "export": cmd_export}
     if argv and argv[0] in passthrough:
         return passthrough[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
