@@ -44,15 +44,27 @@ def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_op
         raise FileNotFoundError(f"drafter: {where} does not exist; expected one of {DRAFTER_CHOICES} "
                                 "or a directory written by save_pretrained")
     config = path / "config.json"
+    if not config.exists() and (path / "drafter" / "config.json").exists():
+        path, config = path / "drafter", path / "drafter" / "config.json"   # a `parallelspec train --out` run directory
     if not config.exists():
-        raise FileNotFoundError(f"drafter: {path} has no config.json (not a saved drafter)")
+        raise FileNotFoundError(f"drafter: {path} has no config.json (not a saved drafter; `parallelspec train --out "
+                                "RUN` saves its drafter in RUN/drafter)")
     import json
     kind = json.loads(config.read_text()).get("kind")
     cls = {"parallel": ParallelDrafter, "eagle": EagleDrafter}.get(kind)
     if cls is None:
         raise ValueError(f"drafter: {config} records kind {kind!r}; expected 'parallel' or 'eagle'")
     head_dtype = HEAD_DTYPE if head_dtype == "default" else head_dtype
-    return cls.from_pretrained(path, target=model, head_dtype=getattr(torch, head_dtype) if isinstance(head_dtype, str) else head_dtype)
+    try:
+        return cls.from_pretrained(path, target=model,
+                                   head_dtype=getattr(torch, head_dtype) if isinstance(head_dtype, str) else head_dtype)
+    except ValueError as exc:
+        if spec not in SHIPPED:
+            raise
+        raise ValueError(f"drafter: the shipped '{spec}' drafter is trained for the embedded SmolLM2-135M-Instruct, "
+                         f"not this model ({exc}). Use prompt lookup (--drafter ngram / load_drafter('ngram', "
+                         "model)), no drafter ('none'), or train one for your model: parallelspec extract, then "
+                         "parallelspec train (README, 'Training your own drafter'), and pass its run directory") from None
 
 
 #: chosen from benchmarks/results/e2e_cpu.json (see README)

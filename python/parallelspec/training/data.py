@@ -147,3 +147,125 @@ def save_atomic(obj, path: Path) -> None:
 
 def shard_path(out_dir, split: str, index: int) -> Path:
     return Path(out_dir) / f"{split}-ext-{index:05d}.pt"
+
+
+# ---------------------------------------------------------------- the user's own data
+
+DATA_FORMATS = ("a JSONL file (one record a line), a JSON file (an array of records), or a directory saved by "
+                "datasets' save_to_disk; a record is a prompt string, {\"prompt\"|\"text\"|\"instruction\"|"
+                "\"question\": str}, a chat [{\"role\", \"content\"}, ...], or {\"messages\"|\"conversations\": chat}")
+
+
+def iter_records(path) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of a user data file or dataset directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: expected {DATA_FORMATS}; {path} does not exist")
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"--data: {path} is a directory, read as a `datasets` dataset (save_to_disk), but the "
+                             "`datasets` package is not installed: pip install datasets, or write the records to "
+                             "a JSONL file") from None
+        ds = datasets.load_from_disk(str(path))
+        if hasattr(ds, "keys") and not hasattr(ds, "column_names"):      # a DatasetDict: its train split
+            split = "train" if "train" in ds else next(iter(ds.keys()))
+            ds = ds[split]
+        for i, record in enumerate(ds):
+            yield f"{path} row {i}", record
+        return
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{n}", json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"--data: {path} line {n} is not JSON ({exc.msg}); expected {DATA_FORMATS}") from None
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--data: {path} is not a JSON file ({exc}); expected {DATA_FORMATS}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"--data: {path} holds a JSON {type(records).__name__}; expected an array of records "
+                         f"({DATA_FORMATS})")
+    for i, record in enumerate(records):
+        yield f"{path} record {i}", record
+
+
+def _is_chat(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def record_prompt(record, where: str):
+    """("text", str) or ("chat", messages) of one record."""
+    if isinstance(record, str):
+        return "text", record
+    if _is_chat(record):
+        messages = record
+    elif isinstance(record, dict):
+        for key in ("messages", "conversations", "conversation"):
+            if _is_chat(record.get(key)):
+                messages = record[key]
+                break
+        else:
+            for key in ("prompt", "text", "instruction", "question"):
+                if isinstance(record.get(key), str):
+                    return "text", record[key]
+            raise ValueError(f"--data: {where} has keys {sorted(record)}; expected {DATA_FORMATS}")
+    else:
+        raise ValueError(f"--data: {where} is a {type(record).__name__}; expected {DATA_FORMATS}")
+    out = []
+    for m in messages:
+        role = ROLES.get(str(m.get("role", m.get("from", ""))).lower())
+        text = m.get("content", m.get("value"))
+        if role is None or not isinstance(text, str):
+            raise ValueError(f"--data: {where}: a chat message {dict(list(m.items())[:2])} lacks a known role "
+                             "(user / assistant / system) or a string content")
+        out.append({"role": role, "content": text})
+    return "chat", out
+
+
+def load_user_prompts(tokenizer, path, split: str, held_out: float = 0.02, max_prompt_tokens: int = 256,
+                      chat: bool | None = None):
+    """[(record id, prompt ids, None)] of one split of the user's data, in file order. A chat's
+    prompt is its messages up to its last user turn, in the tokenizer's chat template; a plain
+    prompt goes into the chat template as a user turn when `chat` (None: when the tokenizer has
+    one), else is tokenized as it is. Held out by a hash of the record, like ShareGPT's split."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
+    chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    out = []
+    for where, record in iter_records(path):
+        kind, value = record_prompt(record, where)
+        rid = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if is_held_out(rid, held_out) != (split == "heldout"):
+            continue
+        if kind == "chat":
+            last_user = max((i for i, m in enumerate(value) if m["role"] == "user"), default=None)
+            if last_user is None:
+                continue
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"--data: {where} is a chat, but the target's tokenizer has no chat template; "
+                                 "give plain prompts instead")
+            ids = encode_chat(tokenizer, value[:last_user + 1], add_generation_prompt=True)
+        elif not value.strip():
+            continue
+        elif chat:
+            ids = encode_chat(tokenizer, [{"role": "user", "content": value}], add_generation_prompt=True)
+        else:
+            ids = tokenizer(value)["input_ids"]
+        if len(ids) <= max_prompt_tokens:
+            out.append((rid, ids, None))
+    return out
+
+
+def prompt_token_counts(prompts, vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs in the given prompts (the draft vocabulary's prior on the
+    user's own data)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids in prompts:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    return counts

