@@ -132,3 +132,18 @@ def test_model_on_meta_device_is_refused():
     model = tiny_model("llama", 64).to("meta")
     with pytest.raises(ValueError, match="model: expected loaded weights, got .* on the 'meta' device"):
         ps.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
+
+def test_first_use_measurement_says_what_it_does_once(tmp_path, monkeypatch, capsys, one_thread):
+    """The verify-cost measurement (~20 s on SmolLM2, on a first use) says so on stderr, once per
+    process and model; a cached measurement is silent."""
+    from parallelspec import autotree
+    monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotree, "_ANNOUNCED", set())
+    model = tiny_model("llama", 64)
+    first = autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
+    err = capsys.readouterr().err
+    assert "parallelspec: measuring the target's forward time for 1..2 tokens" in err and str(tmp_path) in err
+    assert autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1) == first      # cached: silent
+    autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1, cache=False)      # announced already
+    assert capsys.readouterr().err == ""
