@@ -126,13 +126,16 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
 
     Args:
         model: a transformers causal LM (Llama, Qwen2, Qwen3, Mistral families).
-        input_ids: [B, T] prompts, left-padded when B > 1 (``inputs=`` is accepted too).
+        input_ids: [B, T] prompts, left-padded when B > 1 (``inputs=`` / ``input_ids=`` as keywords too).
         drafter: a parallelspec Drafter built for this model, a list of them (composed into one
             ``HybridDrafter``: every source's candidates in one tree), or None.
         attention_mask: [B, T] 1 = token, 0 = left padding (inferred from pad_token_id like
             transformers when omitted).
         generation_config / kwargs: max_new_tokens, max_length, do_sample, temperature, top_k,
-            top_p, eos_token_id, pad_token_id, return_dict_in_generate, as in transformers.
+            top_p, eos_token_id, pad_token_id, return_dict_in_generate, as in transformers (with no
+            max_new_tokens / max_length anywhere: 20 new tokens, as transformers 5). Options it
+            cannot honour (``UNSUPPORTED_OPTIONS``, e.g. repetition_penalty) raise a ValueError
+            saying which value turns each off.
         stopping_criteria: extra transformers StoppingCriteria, checked token by token.
         streamer: a transformers streamer (batch size 1, as theirs).
         tree: "auto" (``AutoTree``: every source's candidates in one tree, sized by this

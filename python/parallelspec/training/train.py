@@ -589,4 +589,4 @@ def check_run(cfg: TrainConfig, target, data: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main_train()
+    sys.exit(main_train())
