@@ -7,25 +7,96 @@ Backends, in the order `auto` tries them:
 ``triton`` also runs on CPU tensors when ``TRITON_INTERPRET=1`` is set, but only when asked
 for by name (it is a test vehicle there, not a fast path).
 
+The ``cpu`` backend's kernels are compiled once per capability level (``CPU_CAPABILITIES``,
+lowest first); the native library picks the best level the CPU runs at first use, or the one
+``PS_KERNELS_CPU_CAPABILITY`` names (an error when the CPU lacks it). ``cpu_capability()``
+reports the levels.
+
 A backend chosen automatically falls back quietly; a backend asked for by name (the
 ``backend=`` argument or ``PS_KERNELS_BACKEND``) that cannot run raises ``BackendUnavailable``
 with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+#: ops with a Triton kernel (ps_kernels/triton_kernels/<op>.py); skinny_linear has none (on CUDA
+#: cuBLAS, the reference's F.linear, is the peer to beat)
+TRITON_OPS = ("kv_rollback", "tree_attention", "draft_attention", "tree_accept")
 NATIVE_NAMESPACE = "ps_kernels_C"
 
 
 class BackendUnavailable(RuntimeError):
     """A backend asked for by name cannot run this call."""
+
+
+#: the native CPU kernels' capability levels, lowest first (csrc/cpu/dispatch.h)
+CPU_CAPABILITIES = ("default", "avx2", "avx512", "avx512_bf16")
+
+
+class CpuCapability(NamedTuple):
+    """The native CPU kernels' instruction-set levels: ``active`` (the level in use; None
+    without the native library), ``compiled`` (built into the library) and ``supported`` (this
+    CPU runs them)."""
+    active: str | None
+    compiled: tuple[str, ...]
+    supported: tuple[str, ...]
+
+
+_active_level: str | None = None  # cached answer of cpu_level(); reset by force_cpu_capability
+_forced_level: str | None = None  # the level force_cpu_capability set, None: automatic
+
+
+def cpu_capability() -> CpuCapability:
+    """The native CPU kernels' capability levels (see ``CpuCapability``).
+
+    The active level is the best one both compiled and supported, unless
+    ``PS_KERNELS_CPU_CAPABILITY`` (read at first use) names another: an unknown name or a level
+    the CPU lacks raises RuntimeError naming the variable, what the CPU supports and what was
+    asked. Example::
+
+        >>> ps_kernels.cpu_capability()
+        CpuCapability(active='avx2', compiled=('default', 'avx2', 'avx512', 'avx512_bf16'), supported=('default', 'avx2'))
+    """
+    if not native_library()[0]:
+        return CpuCapability(None, (), ())
+    compiled, supported = torch.ops.ps_kernels_C._cpu_capability_levels()
+    return CpuCapability(cpu_level(), tuple(compiled), tuple(supported))
+
+
+def cpu_level() -> str | None:
+    """The active capability level's name (cached; the per-call routing reads it), None without
+    the native library. Raises RuntimeError when PS_KERNELS_CPU_CAPABILITY cannot be honoured."""
+    global _active_level
+    if _active_level is None and native_library()[0]:
+        _active_level = str(torch.ops.ps_kernels_C._cpu_capability())
+    return _active_level
+
+
+@contextlib.contextmanager
+def force_cpu_capability(level: str):
+    """Run the native CPU kernels at `level` inside the block (tests and benchmarks compare
+    levels in one process); errors as for PS_KERNELS_CPU_CAPABILITY. Restores the previous
+    choice afterwards."""
+    global _active_level, _forced_level
+    if not native_library()[0]:
+        raise BackendUnavailable(f"cpu capability: {native_library()[1]}")
+    previous = _forced_level
+    torch.ops.ps_kernels_C._set_cpu_capability(level)
+    _forced_level, _active_level = level, None
+    try:
+        yield
+    finally:
+        torch.ops.ps_kernels_C._set_cpu_capability(previous or "")
+        _forced_level, _active_level = previous, None
 
 
 _loaded: list[Path] = []  # the native library native_library() loaded
@@ -38,7 +109,11 @@ def native_build_id() -> str:
     if not native_library()[0] or not _loaded:
         return "none"
     st = _loaded[0].stat()
-    return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    try:
+        level = cpu_level()  # the same library runs other code at another capability level
+    except RuntimeError:
+        level = "error"
+    return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}-{level}".encode()).hexdigest()[:10]
 
 
 @lru_cache(maxsize=None)
@@ -133,6 +208,8 @@ def _why_unavailable(op: str, backend: str, device_type: str, interp: bool) -> s
                     f"CUDA or failed to load ({native_library()[1]})")
         return None
     if backend == "triton":
+        if op not in TRITON_OPS:
+            return f"no Triton kernel for {op} (ps_kernels/triton_kernels has {', '.join(TRITON_OPS)})"
         ok, reason = triton_status()
         if not ok:
             return reason
@@ -149,6 +226,10 @@ def select(op: str, device: torch.device, backend: str | None, auto_order: tuple
     lets an op reorder the automatic choice for a shape where measurements favour another
     backend; a named backend is never overridden."""
     requested = backend if backend is not None else _requested_backend() or None
+    if backend is None and requested == "triton" and op not in TRITON_OPS:
+        # PS_KERNELS_BACKEND=triton forces every op that has a Triton kernel (the whole decoding
+        # loop on Triton); the others keep their automatic choice. backend="triton" still fails loudly.
+        requested = None
     if requested is not None and not isinstance(requested, str):
         raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {requested!r}")
     return _select(op, device.type, requested, auto_order, interpreting())
@@ -178,6 +259,13 @@ def backends() -> dict[str, str]:
     cuda_built = loaded and any(
         native_has(op, "CUDA") for op in ("kv_rollback", "tree_attention", "draft_attention", "tree_accept"))
     t_ok, t_why = triton_status()
+    if loaded:
+        try:
+            cap = cpu_capability()
+            why += (f"; CPU capability {cap.active} (compiled: {', '.join(cap.compiled)}; "
+                    f"this CPU supports: {', '.join(cap.supported)})")
+        except RuntimeError as exc:  # PS_KERNELS_CPU_CAPABILITY names a level the CPU cannot run
+            why += f"; CPU capability error: {exc}".split("\n")[0]
     return {
         "reference": "available (PyTorch)",
         "cpu": ("available (" + why + ")") if loaded else "unavailable: " + why,

@@ -110,7 +110,7 @@ def test_routing_inside_the_block_only():
         calls.append(a[0].shape)
         return real_launch(*a)
 
-    few, many = torch.randn(2, 3, 32), torch.randn(ps_kernels.SKINNY_ROWS[torch.float32][1] + 1, 32)
+    few, many = torch.randn(2, 3, 32), torch.randn(linear._level_rows()[torch.float32][1] + 1, 32)
     ps_kernels.skinny_linear, linear._launch = spy, spy_launch
     try:
         with torch.no_grad():

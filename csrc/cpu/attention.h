@@ -20,8 +20,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <cstdlib>
 #include <type_traits>
-#include <vector>
 
 #include "simd.h"
 
@@ -32,27 +32,16 @@
 #endif
 #endif
 
-// The register-tile kernels must be inlined and their fixed-size loops fully unrolled, or GCC
-// keeps the accumulator arrays on the stack (seen: a store per FMA, 2x slower).
-#if defined(__GNUC__)
-#define PS_ATTENTION_INLINE inline __attribute__((always_inline))
-#define PS_ATTENTION_UNROLL _Pragma("GCC unroll 16")
-#else
-#define PS_ATTENTION_INLINE inline
-#define PS_ATTENTION_UNROLL
-#endif
+#define PS_ATTENTION_INLINE PS_CPU_INLINE
+#define PS_ATTENTION_UNROLL PS_CPU_UNROLL
 
-namespace ps_kernels::cpu::attention {
+namespace ps_kernels::cpu::PS_CPU_LEVEL::attention {
 
-using cpu::BFloat16;
-using cpu::bits_to_float;
-using cpu::float_to_bits;
-using cpu::Half;
-using cpu::to_float;
-#if defined(PS_CPU_AVX512)
-using cpu::load16;
-using cpu::tail_mask;
-#endif
+using PS_CPU_LEVEL::BFloat16;
+using PS_CPU_LEVEL::bits_to_float;
+using PS_CPU_LEVEL::float_to_bits;
+using PS_CPU_LEVEL::Half;
+using PS_CPU_LEVEL::to_float;
 
 // fp32 -> storage, round to nearest even (what torch's .to() does).
 inline void store(float* dst, float x) { *dst = x; }
@@ -123,10 +112,31 @@ struct TreeBitsPolicy {
   }
 };
 
+// A growable scratch array of this level (not std::vector: its out-of-line members would be
+// COMDAT code shared with other levels' copies, see simd.h). Contents are not kept on growth.
+template <typename T>
+struct Buffer {
+  T* ptr = nullptr;
+  int64_t capacity = 0;
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(ptr); }
+  void resize(int64_t n) {
+    if (n <= capacity) return;
+    std::free(ptr);
+    ptr = static_cast<T*>(std::malloc(sizeof(T) * size_t(n)));
+    if (ptr == nullptr) std::abort();
+    capacity = n;
+  }
+  T* data() { return ptr; }
+  T& operator[](int64_t i) { return ptr[i]; }
+};
+
 // Scratch of one thread, reused across its work items.
 struct Workspace {
-  std::vector<float> q, o, m, l, kt, v, s, p, alpha;
-  std::vector<uint32_t> q_pairs, kt_pairs, v_pairs;  // the bf16 path's operands (pairs of bf16)
+  Buffer<float> q, o, m, l, kt, v, s, p, alpha;
+  Buffer<uint32_t> q_pairs, kt_pairs, v_pairs;  // the bf16 path's operands (pairs of bf16)
   void reserve(int64_t rows, int64_t d, int64_t dp) {
     q.resize(rows * d);
     q_pairs.resize(rows * (d + 1) / 2);
@@ -568,9 +578,9 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
       for (int64_t e = 0; e < D; ++e) ws.q[r * D + e] = to_float(src[e]) * qscale;
     }
   }
-  std::fill(ws.o.begin(), ws.o.begin() + rows * Dp, 0.0f);
-  std::fill(ws.m.begin(), ws.m.begin() + rows, kNegInf);
-  std::fill(ws.l.begin(), ws.l.begin() + rows * kSumLanes, 0.0f);
+  std::fill(ws.o.data(), ws.o.data() + rows * Dp, 0.0f);
+  std::fill(ws.m.data(), ws.m.data() + rows, kNegInf);
+  std::fill(ws.l.data(), ws.l.data() + rows * kSumLanes, 0.0f);
 
   const int64_t kv_base = (b * a.kv_heads + g);
   const T* kc = a.k_cache + kv_base * a.cache_rows * D;
@@ -602,30 +612,27 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
           any |= bits[r];
         }
         if (!any) continue;  // e.g. causal rows before this block
-        if (!staged) {       // convert the block once, on first use
-          if constexpr (kBf16Dots<T>) {
+#if defined(PS_ATTENTION_BF16_DOT)  // the bf16-pair kernels exist only in this build
+        if constexpr (kBf16Dots<T>) {
+          if (!staged) {  // convert the block once, on first use
             build_kt_pairs(krow, kb, D, ws.kt_pairs.data());
-          } else {
-            build_kt(krow, kb, D, ws.kt.data());
-          }
-          if constexpr (kBf16Dots<T>) {
             stage_v_pairs(vsrc, kb, D, Dp, ws.v_pairs.data());
-          } else {
-            stage_v_rows(vsrc, kb, D, Dp, ws.v.data(), vrow);
+            staged = true;
           }
+          qk_pairs(ws.q_pairs.data() + t0 * pairs, mr, pairs, ws.kt_pairs.data(), qscale, ws.s.data());
+          softmax(ws.s.data(), bits, mr, ws.m.data() + t0, ws.l.data() + t0 * kSumLanes, ws.p.data(), ws.alpha.data());
+          pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.alpha.data(), Bf16PairsPV(ws.p.data(), mr, ws.v_pairs.data(), Dp, kb));
+          continue;
+        }
+#endif
+        if (!staged) {  // convert the block once, on first use
+          build_kt(krow, kb, D, ws.kt.data());
+          stage_v_rows(vsrc, kb, D, Dp, ws.v.data(), vrow);
           staged = true;
         }
-        if constexpr (kBf16Dots<T>) {
-          qk_pairs(ws.q_pairs.data() + t0 * pairs, mr, pairs, ws.kt_pairs.data(), qscale, ws.s.data());
-        } else {
-          qk(ws.q.data() + t0 * D, mr, D, ws.kt.data(), ws.s.data());
-        }
+        qk(ws.q.data() + t0 * D, mr, D, ws.kt.data(), ws.s.data());
         softmax(ws.s.data(), bits, mr, ws.m.data() + t0, ws.l.data() + t0 * kSumLanes, ws.p.data(), ws.alpha.data());
-        if constexpr (kBf16Dots<T>) {
-          pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.alpha.data(), Bf16PairsPV(ws.p.data(), mr, ws.v_pairs.data(), Dp, kb));
-        } else {
-          pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.p.data(), ws.alpha.data(), vrow, kb);
-        }
+        pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.p.data(), ws.alpha.data(), vrow, kb);
       }
     }
   }
@@ -674,23 +681,4 @@ void attention_items(const Problem<T>& a, const SeqRowsFn& seq_rows, const Polic
   }
 }
 
-// How many chunks to cut each (b, g) group's query rows into: enough items to keep every
-// thread busy (2 per thread), never chunks thinner than one score tile.
-inline int64_t query_chunks(int64_t groups, int64_t rows_per_group, int threads) {
-  if (groups <= 0) return 1;
-  const int64_t want = (2 * int64_t(threads) + groups - 1) / groups;
-  return std::max<int64_t>(1, std::min<int64_t>(want, rows_per_group / kRowTile));
-}
-
-// Below this many multiply-adds in a call, waking the thread pool costs more than it saves
-// (a decode step of a small model: ~75k per head); the call then runs on the calling thread.
-constexpr double kInlineMacs = 5e5;
-
-template <typename T>
-inline double total_macs(const Problem<T>& p) {
-  double keys = 0;
-  for (int64_t b = 0; b < p.batch; ++b) keys += double(p.cache_lens[b] + p.rows);
-  return 2.0 * keys * double(p.q_heads * p.rows * p.head_dim);  // QK^T and PV
-}
-
-}  // namespace ps_kernels::cpu::attention
+}  // namespace ps_kernels::cpu::PS_CPU_LEVEL::attention

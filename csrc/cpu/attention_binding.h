@@ -1,13 +1,16 @@
 // What the torch bindings of tree_attention and draft_attention share: the raw-pointer
 // contract checks (inputs are validated in Python, ps_kernels/ops/_attention.py; these guard
-// memory safety), the dtype dispatch, and the parallel loop over work items.
+// memory safety), the raw arguments, and the parallel loop over work items, each range run by
+// the active capability level's kernel (attention.h, compiled per level; dispatch.h).
 #pragma once
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
-#include "attention.h"
+#include <algorithm>
 
-namespace ps_kernels::cpu::attention {
+#include "dispatch.h"
+
+namespace ps_kernels::cpu::attention_binding {
 
 inline void check_contract(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
@@ -49,43 +52,54 @@ inline void check_rows_fit(const at::Tensor& cache_lens, int64_t S, const RowsFn
   }
 }
 
-// Calls fn(Problem<T>) with T = float / Half / BFloat16 per q's dtype.
-template <typename Fn>
-void with_problem(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
-                  at::Tensor& v_cache, const at::Tensor& cache_lens, double scale, at::Tensor& out, at::Tensor& lse,
-                  const Fn& fn) {
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    Problem<T> p{static_cast<const T*>(q.data_ptr()),
-                 static_cast<const T*>(k_new.data_ptr()),
-                 static_cast<const T*>(v_new.data_ptr()),
-                 static_cast<T*>(k_cache.data_ptr()),
-                 static_cast<T*>(v_cache.data_ptr()),
-                 cache_lens.data_ptr<int64_t>(),
-                 static_cast<T*>(out.data_ptr()),
-                 lse.data_ptr<float>(),
-                 q.size(0), q.size(1), k_new.size(1), q.size(2), q.size(3), k_cache.size(2),
-                 static_cast<float>(scale)};
-    fn(p);
-  };
+// The raw-pointer arguments of one call; the caller sets the pattern (tree_words / new_lens).
+inline AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                               at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens, double scale,
+                               at::Tensor& out, at::Tensor& lse) {
+  DType dtype = DType::kFloat;
   switch (q.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(Half{}); break;
-    case at::kBFloat16: run(BFloat16{}); break;
+    case at::kFloat: dtype = DType::kFloat; break;
+    case at::kHalf: dtype = DType::kHalf; break;
+    case at::kBFloat16: dtype = DType::kBFloat16; break;
     default: TORCH_CHECK(false, "q: expected float32/float16/bfloat16, got ", q.scalar_type());
   }
+  return AttentionArgs{q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                       cache_lens.data_ptr<int64_t>(), out.data_ptr(), lse.data_ptr<float>(),
+                       q.size(0), q.size(1), k_new.size(1), q.size(2), q.size(3), k_cache.size(2),
+                       static_cast<float>(scale), dtype, nullptr, 0, nullptr, 0};
 }
 
-// Runs every (b, g, chunk) work item of `p` on ATen's thread pool.
-template <typename T, typename SeqRowsFn, typename Policy>
-void run_items(const Problem<T>& p, const SeqRowsFn& seq_rows, const Policy& policy) {
+// Query rows per score tile of the kernels (attention.h's kRowTile): no chunk is thinner.
+constexpr int64_t kRowTile = 8;
+
+// How many chunks to cut each (b, g) group's query rows into: enough items to keep every
+// thread busy (2 per thread), never chunks thinner than one score tile.
+inline int64_t query_chunks(int64_t groups, int64_t rows_per_group, int threads) {
+  if (groups <= 0) return 1;
+  const int64_t want = (2 * int64_t(threads) + groups - 1) / groups;
+  return std::max<int64_t>(1, std::min<int64_t>(want, rows_per_group / kRowTile));
+}
+
+// Below this many multiply-adds in a call, waking the thread pool costs more than it saves
+// (a decode step of a small model: ~75k per head); the call then runs on the calling thread.
+constexpr double kInlineMacs = 5e5;
+
+inline double total_macs(const AttentionArgs& p) {
+  double keys = 0;
+  for (int64_t b = 0; b < p.batch; ++b) keys += double(p.cache_lens[b] + p.rows);
+  return 2.0 * keys * double(p.q_heads * p.rows * p.head_dim);  // QK^T and PV
+}
+
+// Runs every (b, g, chunk) work item on ATen's thread pool, with the active level's kernel.
+inline void run_items(const AttentionArgs& p) {
+  const LevelKernels& kernels = active_kernels();
   const int64_t groups = p.batch * p.kv_heads;
   const bool inline_call = total_macs(p) < kInlineMacs;
   const int64_t chunks = inline_call ? 1 : query_chunks(groups, p.rows * (p.q_heads / p.kv_heads), at::get_num_threads());
   const int64_t grain = inline_call ? std::max<int64_t>(1, groups) : 1;  // grain >= range: the calling thread
   at::parallel_for(0, groups * chunks, grain, [&](int64_t begin, int64_t end) {
-    attention_items(p, seq_rows, policy, chunks, begin, end);
+    kernels.attention(p, chunks, begin, end);
   });
 }
 
-}  // namespace ps_kernels::cpu::attention
+}  // namespace ps_kernels::cpu::attention_binding

@@ -6,7 +6,7 @@
 
 namespace {
 
-namespace attn = ps_kernels::cpu::attention;
+namespace attn = ps_kernels::cpu::attention_binding;
 
 void draft_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k_cache,
                          at::Tensor v_cache, const at::Tensor& cache_lens, const at::Tensor& new_lens,
@@ -24,14 +24,10 @@ void draft_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at:
                 lens[b]);
   }
   attn::check_rows_fit(cache_lens, k_cache.size(2), [lens](int64_t b) { return lens[b]; }, "new_lens[b]");
-  attn::with_problem(q, k_new, v_new, k_cache, v_cache, cache_lens, scale, out, lse, [&](const auto& p) {
-    // real rows 0..r-1 then the mask slots R..T-1: the pattern is causal over that order
-    const auto seq_rows = [=](int64_t b) {
-      const int64_t r = lens[b];
-      return attn::SeqRows{r + num_masks, r, R - r, r};
-    };
-    attn::run_items(p, seq_rows, attn::CausalPolicy{});
-  });
+  auto args = attn::make_args(q, k_new, v_new, k_cache, v_cache, cache_lens, scale, out, lse);
+  args.new_lens = lens;  // real rows 0..r-1 then the mask slots R..T-1: causal over that order
+  args.num_masks = num_masks;
+  attn::run_items(args);
 }
 
 }  // namespace

@@ -1,15 +1,16 @@
-// Torch binding and schema of skinny_linear (the kernel is skinny_linear.h).
+// Torch binding and schema of skinny_linear (the kernel is skinny_linear.h, compiled per
+// capability level; this file reaches the active level's through dispatch.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "skinny_linear.h"
+#include "dispatch.h"
 
 namespace {
 
-namespace sk = ps_kernels::cpu::skinny;
+namespace cpu = ps_kernels::cpu;
 
 // x [M, K] (any float dtype; staged as fp32), weight [N, K] contiguous, bias [N] or None;
 // returns [M, N] in x's dtype.
@@ -36,28 +37,18 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   float* op = out.data_ptr<float>();
   // >= 64 weight rows (and >= ~256 KiB of weight) per task: big contiguous streams per thread
   const int64_t grain = std::max<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, K * weight.element_size()));
-  auto run = [&](auto tag) {
-    using W = decltype(tag);
-    const W* wp = static_cast<const W*>(weight.data_ptr());
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { sk::rows_range(xp, M, K, wp, bp, op, N, begin, end); });
-  };
-  switch (wt) {
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(ps_kernels::cpu::Half{}); break;
-    default: run(ps_kernels::cpu::BFloat16{}); break;
-  }
+  const cpu::LevelKernels& kernels = cpu::active_kernels();
+  const cpu::SkinnyArgs args{xp, M, K, weight.data_ptr(),
+                             wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
+                             bp, op, N};
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.skinny_linear(args, begin, end); });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
-
-// True when the kernel was built with its AVX-512 tiles (the speed SKINNY_ROWS describes);
-// the portable build is correct but only routed to when asked for by name.
-bool skinny_linear_vectorized() { return sk::kVectorized; }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ps_kernels_C, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("skinny_linear_vectorized() -> bool", &skinny_linear_vectorized);
 }
 
 TORCH_LIBRARY_IMPL(ps_kernels_C, CPU, m) { m.impl("skinny_linear", &skinny_linear_cpu); }

@@ -9,6 +9,8 @@
 // row groups of x pass over them. The cost is the weight's bytes, about the GEMV's, up to
 // M ~ 16 where the FMAs start to count.
 //
+// Written once over Vec (simd.h) for the AVX-512 and AVX2 levels; plain loops for `default`.
+//
 // Contract: x fp32 [M, K] contiguous; W [N, K] contiguous in float / Half / BFloat16 (widened
 // to fp32 as it is loaded); bias fp32 [N] or null; out fp32 [M, N]; products and sums in fp32.
 // rows_range computes output columns [n_begin, n_end) (the binding splits N over threads).
@@ -18,85 +20,95 @@
 
 #include "simd.h"
 
-#if defined(__GNUC__)
-#define PS_LINEAR_INLINE inline __attribute__((always_inline))
-#define PS_LINEAR_UNROLL _Pragma("GCC unroll 8")
+namespace ps_kernels::cpu::PS_CPU_LEVEL::skinny {
+
+#if defined(PS_CPU_VEC_WIDTH)
+constexpr bool kVectorized = true;
+// Register tile: kRows weight rows x kCols x rows of accumulators. AVX-512: 4 x 4 = 16 of 32
+// registers. AVX2 has 16 registers: 4 x 2 = 8 accumulators + 2 x vectors + 1 weight vector
+// (tuned with the level forced to avx2; see the commit log for the figures).
+#if defined(PS_CPU_AVX512)
+constexpr int kRows = 4;
+constexpr int kCols = 4;
 #else
-#define PS_LINEAR_INLINE inline
-#define PS_LINEAR_UNROLL
+constexpr int kRows = 4;
+constexpr int kCols = 2;
 #endif
-
-namespace ps_kernels::cpu::skinny {
-
-constexpr int kRows = 4;  // weight rows per tile
-constexpr int kCols = 4;  // x rows per tile
+constexpr int kDotAccs = 4;  // row_dot's independent accumulators (hide the FMA latency)
 constexpr int kPrefetchRows = 2;  // software prefetch from this many x rows on (tile_rows)
 
 #if defined(PS_CPU_AVX512)
-constexpr bool kVectorized = true;  // the path SKINNY_ROWS was measured with
-
-// a0..a3 -> one vector whose 128-bit lane i holds, as element j, the sum of a_j's lane i.
-PS_LINEAR_INLINE __m512 lane_sums4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
-                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
-}
-
 // The 4 x 4 tile's 16 horizontal sums at once: lane m of the result is out[m, n0 .. n0 + 3]. One
 // shuffle tree (~45 operations) instead of 16 separate reductions (~130), which competed with
 // the FMAs once the tile is compute-bound (M >= 12: SmolLM2's 540 MB at M = 12 / 16 / 24, A/B
 // in one process: 23.6 / 29.7 / 43.6 -> 22.6 / 28.6 / 40.8 ms).
-PS_LINEAR_INLINE __m512 tile_sums(const __m512 (&acc)[4][4]) {
+PS_CPU_INLINE __m512 tile_sums(const Vec (&acc)[4][4]) {
   __m512 u[4];
-  PS_LINEAR_UNROLL
-  for (int m = 0; m < 4; ++m) u[m] = lane_sums4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]);
+  PS_CPU_UNROLL
+  for (int m = 0; m < 4; ++m) u[m] = lane_sums4(acc[0][m].v, acc[1][m].v, acc[2][m].v, acc[3][m].v);
   // u[m]'s lane i holds row m's 4 partial sums over lane i: add the 4 lanes, rows side by side
   const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
   const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
 }
+#endif
+
+// One step over K of the RR x MR tile; Tail: the last K - k0 < kWidth columns (zero-padded).
+template <int RR, int MR, bool Prefetch, bool Tail, typename W>
+PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const float* x, int64_t K, const W* w, int64_t n0, int64_t k0) {
+  Vec xv[MR];
+  PS_CPU_UNROLL
+  for (int m = 0; m < MR; ++m) xv[m] = Tail ? vload_part(x + m * K + k0, K - k0) : vload(x + m * K + k0);
+  if constexpr (Prefetch && !Tail) {  // the tile after next, same columns, once per 64-byte line
+    constexpr int64_t kLine = 64 / int64_t(sizeof(W));
+    if (kLine <= kWidth || (k0 & (kLine - 1)) == 0) {
+      PS_CPU_UNROLL
+      for (int r = 0; r < RR; ++r) vprefetch_l2(w + (n0 + 2 * RR + r) * K + k0);
+    }
+  }
+  PS_CPU_UNROLL
+  for (int r = 0; r < RR; ++r) {
+    const Vec wv = Tail ? vload_part(w + (n0 + r) * K + k0, K - k0) : vload(w + (n0 + r) * K + k0);
+    PS_CPU_UNROLL
+    for (int m = 0; m < MR; ++m) acc[r][m] = vfmadd(wv, xv[m], acc[r][m]);
+  }
+}
 
 // out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators.
 template <int RR, int MR, bool Prefetch, typename W>
-PS_LINEAR_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias, float* out, int64_t N,
-                           int64_t n0) {
-  __m512 acc[RR][MR];
-  PS_LINEAR_UNROLL
+PS_CPU_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias, float* out, int64_t N, int64_t n0) {
+  Vec acc[RR][MR];
+  PS_CPU_UNROLL
   for (int r = 0; r < RR; ++r) {
-    PS_LINEAR_UNROLL
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+    PS_CPU_UNROLL
+    for (int m = 0; m < MR; ++m) acc[r][m] = vzero();
   }
-  for (int64_t k0 = 0; k0 < K; k0 += 16) {
-    const __mmask16 mask = tail_mask(K - k0);
-    __m512 xv[MR];
-    PS_LINEAR_UNROLL
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k0);
-    if constexpr (Prefetch) {  // the tile after next, same columns (tile_rows)
-      PS_LINEAR_UNROLL
-      for (int r = 0; r < RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + 2 * RR + r) * K + k0), _MM_HINT_T1);
+  int64_t k0 = 0;
+  for (; k0 + kWidth <= K; k0 += kWidth) tile_step<RR, MR, Prefetch, false>(acc, x, K, w, n0, k0);
+  if (k0 < K) tile_step<RR, MR, Prefetch, true>(acc, x, K, w, n0, k0);
+  if constexpr (RR == 4) {  // 4 output columns per x row: vector sums, one 4-float store a row
+#if defined(PS_CPU_AVX512)
+    if constexpr (MR == 4) {  // the full tile: 16 sums in one shuffle tree, 4 stores
+      const __m512 sums = tile_sums(acc);
+      const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
+      _mm_storeu_ps(out + 0 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 0), b));
+      _mm_storeu_ps(out + 1 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 1), b));
+      _mm_storeu_ps(out + 2 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 2), b));
+      _mm_storeu_ps(out + 3 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 3), b));
+      return;
     }
-    PS_LINEAR_UNROLL
-    for (int r = 0; r < RR; ++r) {
-      const __m512 wv = load16(w + (n0 + r) * K + k0, mask);
-      PS_LINEAR_UNROLL
-      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-    }
-  }
-  if constexpr (RR == 4 && MR == 4) {  // the full tile: 16 sums in one shuffle tree, 4 stores
-    const __m512 sums = tile_sums(acc);
+#endif
     const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
-    _mm_storeu_ps(out + 0 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 0), b));
-    _mm_storeu_ps(out + 1 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 1), b));
-    _mm_storeu_ps(out + 2 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 2), b));
-    _mm_storeu_ps(out + 3 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 3), b));
+    PS_CPU_UNROLL
+    for (int m = 0; m < MR; ++m)
+      _mm_storeu_ps(out + m * N + n0, _mm_add_ps(vsums4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]), b));
     return;
   }
-  PS_LINEAR_UNROLL
+  PS_CPU_UNROLL
   for (int r = 0; r < RR; ++r) {
     const float b = bias ? bias[n0 + r] : 0.0f;
-    PS_LINEAR_UNROLL
-    for (int m = 0; m < MR; ++m) out[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + b;
+    PS_CPU_UNROLL
+    for (int m = 0; m < MR; ++m) out[m * N + n0 + r] = vreduce_add(acc[r][m]) + b;
   }
 }
 
@@ -105,6 +117,7 @@ inline void tile_groups(const float* x, int64_t M, int64_t K, const W* w, const 
                         int64_t n0) {
   int64_t m0 = 0;
   for (; m0 + kCols <= M; m0 += kCols) tile<RR, kCols, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0);
+  static_assert(kCols <= 4, "tile_groups handles remainders of up to 3 rows");
   switch (M - m0) {
     case 1: tile<RR, 1, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
     case 2: tile<RR, 2, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
@@ -131,25 +144,24 @@ inline void tile_rows(const float* x, int64_t M, int64_t K, const W* w, const fl
 }
 
 // One row (M = 1): weight rows one after another, a single sequential stream per thread for
-// the hardware prefetcher (the 4-row tiles read four streams 4K bytes apart); four accumulators
-// hide the FMA latency. SmolLM2's 540 MB, 2 threads: median 25.6 -> 23.5 ms (a software
-// prefetch on top of it measured slower: 26.7).
+// the hardware prefetcher (the 4-row tiles read four streams 4K bytes apart); kDotAccs
+// accumulators hide the FMA latency. SmolLM2's 540 MB, 2 threads (AVX-512): median 25.6 ->
+// 23.5 ms (a software prefetch on top of it measured slower: 26.7).
 template <typename W>
-PS_LINEAR_INLINE float row_dot(const float* x, int64_t K, const W* row) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  const __mmask16 all = 0xffff;
+PS_CPU_INLINE float row_dot(const float* x, int64_t K, const W* row) {
+  Vec a[kDotAccs];
+  PS_CPU_UNROLL
+  for (int j = 0; j < kDotAccs; ++j) a[j] = vzero();
   int64_t k0 = 0;
-  for (; k0 + 64 <= K; k0 += 64) {
-    a0 = _mm512_fmadd_ps(load16(row + k0, all), _mm512_loadu_ps(x + k0), a0);
-    a1 = _mm512_fmadd_ps(load16(row + k0 + 16, all), _mm512_loadu_ps(x + k0 + 16), a1);
-    a2 = _mm512_fmadd_ps(load16(row + k0 + 32, all), _mm512_loadu_ps(x + k0 + 32), a2);
-    a3 = _mm512_fmadd_ps(load16(row + k0 + 48, all), _mm512_loadu_ps(x + k0 + 48), a3);
+  for (; k0 + kDotAccs * kWidth <= K; k0 += kDotAccs * kWidth) {
+    PS_CPU_UNROLL
+    for (int j = 0; j < kDotAccs; ++j) a[j] = vfmadd(vload(row + k0 + j * kWidth), vload(x + k0 + j * kWidth), a[j]);
   }
-  for (; k0 < K; k0 += 16) {
-    const __mmask16 mask = tail_mask(K - k0);
-    a0 = _mm512_fmadd_ps(load16(row + k0, mask), _mm512_maskz_loadu_ps(mask, x + k0), a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; k0 + kWidth <= K; k0 += kWidth) a[0] = vfmadd(vload(row + k0), vload(x + k0), a[0]);
+  if (k0 < K) a[1] = vfmadd(vload_part(row + k0, K - k0), vload_part(x + k0, K - k0), a[1]);
+  PS_CPU_UNROLL
+  for (int j = 1; j < kDotAccs; ++j) a[0] = vadd(a[0], a[j]);
+  return vreduce_add(a[0]);
 }
 
 template <typename W>
@@ -161,6 +173,7 @@ inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const f
   }
   int64_t n0 = n_begin;
   for (; n0 + kRows <= n_end; n0 += kRows) tile_rows<kRows>(x, M, K, w, bias, out, N, n0);
+  static_assert(kRows <= 4, "rows_range handles remainders of up to 3 weight rows");
   switch (n_end - n0) {
     case 1: tile_rows<1>(x, M, K, w, bias, out, N, n0); break;
     case 2: tile_rows<2>(x, M, K, w, bias, out, N, n0); break;
@@ -169,8 +182,9 @@ inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const f
   }
 }
 #else
-// Portable version of the same contract. Sixteen independent partial sums per dot product
-// let the compiler vectorise the loop over K without reassociating a float sum (AVX2 / NEON).
+// Portable version of the same contract (the `default` level). Sixteen independent partial
+// sums per dot product let the compiler vectorise the loop over K without reassociating a
+// float sum (SSE2 on baseline x86-64, NEON).
 constexpr bool kVectorized = false;
 template <typename W>
 inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
@@ -194,4 +208,4 @@ inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const f
 }
 #endif
 
-}  // namespace ps_kernels::cpu::skinny
+}  // namespace ps_kernels::cpu::PS_CPU_LEVEL::skinny

@@ -6,7 +6,7 @@
 
 namespace {
 
-namespace attn = ps_kernels::cpu::attention;
+namespace attn = ps_kernels::cpu::attention_binding;
 
 // tree_mask: None (causal) or contiguous int64 [B, N, ceil(N / 64)] (a shared [N, W] mask is
 // expanded by the Python op).
@@ -22,14 +22,12 @@ void tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::
                 "tree_mask: expected contiguous int64 [", B, ", ", N, ", ", W, "], got ", tree_mask->scalar_type(),
                 " ", tree_mask->sizes());
   }
-  attn::with_problem(q, k_new, v_new, k_cache, v_cache, cache_lens, scale, out, lse, [&](const auto& p) {
-    const auto seq_rows = [N](int64_t) { return attn::SeqRows{N, N, 0, N}; };
-    if (tree_mask.has_value()) {
-      attn::run_items(p, seq_rows, attn::TreeBitsPolicy{tree_mask->data_ptr<int64_t>(), N, W});
-    } else {
-      attn::run_items(p, seq_rows, attn::CausalPolicy{});
-    }
-  });
+  auto args = attn::make_args(q, k_new, v_new, k_cache, v_cache, cache_lens, scale, out, lse);
+  if (tree_mask.has_value()) {
+    args.tree_words = tree_mask->data_ptr<int64_t>();
+    args.words_per_row = W;
+  }
+  attn::run_items(args);
 }
 
 }  // namespace

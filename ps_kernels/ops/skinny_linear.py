@@ -9,8 +9,9 @@ for all rows of x (csrc/cpu/skinny_linear.h). Backends: ``cpu`` (native), ``refe
 there).
 
 Rows: every leading dim of x counts (``x.numel() // K``). The kernel works for any number of
-rows; ``SKINNY_ROWS[dtype]`` is the range where it measured faster than torch's F.linear
-(callers route by it, see ``parallelspec.linear``).
+rows; ``SKINNY_ROWS[level][dtype]`` is the range where it measured faster than torch's F.linear
+at each CPU capability level (``ps_kernels.cpu_capability()``; callers route by the active
+level's, see ``parallelspec.linear``).
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from .. import _backend, _checks
 from .. import reference as _ref
 
 OP = "skinny_linear"
-#: (fewest, most) rows of x for which the native kernel beat torch's F.linear, per dtype, on the
-#: CPU measured (2-core AMD EPYC Zen 4, AVX-512, torch 2.13; benchmarks/results/kernels_cpu*.json):
-#: fp32 1.4-4.4x at 1..32 rows; bf16 1.1-1.6x at 1..4 rows (torch's oneDNN bf16 GEMM wins beyond);
-#: fp16 2-3.5x at 4..32 rows (torch's one-row fp16 GEMV is as fast at 1 row)
-SKINNY_ROWS = {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (2, 32)}
+#: Per CPU capability level, per weight dtype: (fewest, most) rows of x for which the native
+#: kernel beat torch's F.linear, measured with the level forced on one CPU (2-core Intel Xeon with
+#: AVX-512 and AVX512-BF16, torch 2.13; benchmarks/results/kernels_cpu*.json). A level or dtype
+#: missing here is not routed to (the kernel still runs when asked for by name).
+#:   avx512 / avx512_bf16: fp32 1.4-4.4x at 1..32 rows; bf16 1.1-1.6x at 1..4 rows (torch's
+#:   oneDNN bf16 GEMM wins beyond); fp16 2-3.5x at 2..32 rows (torch's one-row fp16 GEMV as fast)
+_AVX512_ROWS = {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (2, 32)}
+SKINNY_ROWS = {"default": {}, "avx2": {}, "avx512": _AVX512_ROWS, "avx512_bf16": _AVX512_ROWS}
 
 
 @torch.library.custom_op("ps_kernels::skinny_linear", mutates_args=())

@@ -4,7 +4,8 @@ A decoding step multiplies every weight by a handful of rows (batch x tree nodes
 drafter's new tokens and mask slots). On a CPU torch's GEMM is slow there (module docstring of
 ``ps_kernels.ops.skinny_linear``), so inside ``skinny_linears(module)`` every ``nn.Linear``
 of the module runs the native kernel when its input has as many rows as
-``ps_kernels.SKINNY_ROWS[dtype]`` allows (where it measured faster), no gradient is being
+``ps_kernels.SKINNY_ROWS[level][dtype]`` allows for the active CPU capability level (where it
+measured faster than torch at that level), no gradient is being
 recorded, and the native CPU backend serves the device; otherwise (prefill, training, CUDA)
 it runs ``F.linear`` as before. The modules are patched for the duration of
 the block only (an instance attribute ``forward``, removed afterwards): no modeling code is
@@ -13,7 +14,6 @@ forked and the model is unchanged outside the block.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +25,18 @@ from ps_kernels.ops.skinny_linear import launch as _launch
 
 
 def native_serves(device: torch.device) -> bool:
-    """True when skinny_linear would run the native CPU kernel, built with the AVX-512 tiles that
-    SKINNY_ROWS was measured with, for tensors on `device` (a portable build is not routed to:
-    it is correct, but nobody measured it faster than torch)."""
+    """True when skinny_linear would run the native CPU kernel for tensors on `device` and the
+    active CPU capability level has a row range measured faster than torch (SKINNY_ROWS; e.g.
+    the portable `default` level may have none)."""
     try:
-        return _backend.select("skinny_linear", device, None) == "cpu" and _vectorized()
+        return _backend.select("skinny_linear", device, None) == "cpu" and bool(_level_rows())
     except (ValueError, _backend.BackendUnavailable):  # PS_KERNELS_BACKEND names another backend
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def _vectorized() -> bool:
-    return bool(torch.ops.ps_kernels_C.skinny_linear_vectorized())
+def _level_rows() -> dict:
+    """SKINNY_ROWS of the active capability level (its dtype -> row range)."""
+    return ps_kernels.SKINNY_ROWS.get(_backend.cpu_level(), {})
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,7 +51,7 @@ def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     doubled each call's ~4 us of host time)."""
     K = x.shape[-1]
     if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and K:
-        lo, hi = ps_kernels.SKINNY_ROWS.get(x.dtype, (1, 0))
+        lo, hi = _level_rows().get(x.dtype, (1, 0))
         if lo <= x.numel() // K <= hi:
             return _launch(x, weight, bias, "cpu")
     return F.linear(x, weight, bias)
