@@ -45,8 +45,8 @@ class _AlwaysMatching(ps.NgramDrafter):
     """Prompt lookup that reports a 3-gram match every step (so defer_on_match=3 always fires
     after the first step: the test is about the stream the deferred source gets)."""
 
-    def step(self, tokens, features, lens):
-        out = super().step(tokens, features, lens)
+    def step(self, tokens, features, lens, host=None):
+        out = super().step(tokens, features, lens, host=host)
         self.last_match_n = [3] * len(self.last_match_n)
         return out
 

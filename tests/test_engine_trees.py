@@ -92,11 +92,11 @@ def test_cache_reserve_grows_and_keeps_rows():
     before = cache.kv.clone()
     cache.reserve(4)
     assert cache.capacity == 5
-    cache.reserve(7)
-    assert cache.capacity == 10 and torch.equal(cache.kv[..., :5, :], before)
+    cache.reserve(7)   # exactly what is asked: no doubling
+    assert cache.capacity == 7 and torch.equal(cache.kv[..., :5, :], before) and cache.reallocations == 1
     limited = KVCache(1, 1, 1, 4, 8, max_capacity=12)
     limited.reserve(11)
-    assert limited.capacity == 12
+    assert limited.capacity == 11
     with pytest.raises(ValueError, match="13 rows per sequence are needed but the cache is limited to 12 rows"):
         limited.reserve(13)
 

@@ -22,8 +22,11 @@ fixed estimates and a network drafter's probabilities are each corrected by thei
 record starts over with every generate call (``reset``): a summary that copies its input and a
 chat answer that copies nothing need opposite scales.
 
-One host transfer per step (the candidates); the trie and the choice of n are a few hundred
-Python operations on host lists.
+No host sync of its own inside the decoding loop: the model drafter's beam (a few hundred
+numbers) and the last step's acceptance record reach the host in the loop's one host read a step
+(``host_request`` / ``receive``); the trie and the choice of n are a few hundred Python operations
+on those host lists, and the tree goes back in one asynchronous copy, its mask built on the device.
+Called alone (tests), ``build`` / ``observe`` read the host themselves.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch
 from ps_kernels import tree_mask_from_parents
 from ps_kernels._backend import native_build_id
 
-from .drafters.base import DraftCandidates
+from .drafters.base import DraftCandidates, to_device
 from .linear import native_serves
 from .trees import Tree, TreeBuilder, beam_levels, check_depth
 
@@ -69,12 +72,16 @@ class AutoTree(TreeBuilder):
 
     def reset(self) -> None:
         """Start the acceptance record over (the engine calls this at every generate call)."""
-        self.calibration = 1.0        # accepted / predicted extra tokens (observe)
+        self._pending_record = None   # observe()'s device tensors, applied before the next build
+        self._host_record = None      # their host copies (receive)
+        self._host_beam = None        # (candidates.tokens it is for, host lists of the beam)
+        self._request = None
+        self._calibration = 1.0       # accepted / predicted extra tokens (observe)
         self._predicted = 0.0
         self._seen_total = self._predicted_total = 4.0
         # per source (0: per-depth candidates of a model drafter, 1: explicit chains): the same
         # ratio, when observe() is given the accepted nodes
-        self.source_calibration = [1.0, 1.0]
+        self._source_calibration = [1.0, 1.0]
         self._source_seen = [4.0, 4.0]
         self._source_predicted = [4.0, 4.0]
         self._kept_sources: list[list[int]] | None = None   # per sequence: node index -> source
@@ -109,22 +116,68 @@ class AutoTree(TreeBuilder):
                 best_n, best_rate = n, rate
         return best_n
 
+    @property
+    def calibration(self) -> float:
+        self._apply_record()
+        return self._calibration
+
+    @property
+    def source_calibration(self) -> list[float]:
+        self._apply_record()
+        return self._source_calibration
+
+    def max_size(self, depth):
+        return self.max_nodes
+
     def observe(self, accept_lens: torch.Tensor, accept_index: torch.Tensor | None = None) -> None:
-        """Rescale the draft's acceptance estimates by what was accepted (one host read; the
-        engine calls this after each step): calibration = accepted / predicted extra tokens
-        summed over the steps of this generate call, starting from a prior of 4 predicted = 4
-        accepted, capped at 1 (never trust a drafter more than it claims; prompt lookup's fixed
-        estimates: ``chain_trust``) and floored at 0.3 (a run of rejections must not shut
-        drafting off for good: with no tree there is nothing left to observe)."""
+        """Rescale the draft's acceptance estimates by what was accepted (the engine calls this
+        after each step; the tensors are read on the host with the next step's host sync):
+        calibration = accepted / predicted extra tokens summed over the steps of this generate
+        call, starting from a prior of 4 predicted = 4 accepted, capped at 1 (never trust a
+        drafter more than it claims; prompt lookup's fixed estimates: ``chain_trust``) and
+        floored at 0.3 (a run of rejections must not shut drafting off for good: with no tree
+        there is nothing left to observe)."""
+        self._apply_record()
+        self._pending_record = (accept_lens, accept_index)
+
+    def host_request(self, candidates: DraftCandidates | None) -> list[torch.Tensor]:
+        request, self._request = [], {}
+        if self._pending_record is not None:
+            lens, index = self._pending_record
+            request += [lens] if index is None else [lens, index]
+            self._request["record"] = len(request)
+        if self._uses_per_depth(candidates):
+            beam = self._beam_tensors(candidates, self.max_nodes - 1)
+            self._request["beam"] = (candidates.tokens, len(request), len(beam))
+            request += beam
+        return request
+
+    def receive(self, host: list) -> None:
+        n = self._request.get("record", 0)
+        if n:
+            self._host_record = (host[0], host[1] if n == 2 else None)
+        if "beam" in self._request:
+            tokens, at, count = self._request["beam"]
+            self._host_beam = (tokens, host[at:at + count])
+        self._request = None
+
+    def _apply_record(self) -> None:
+        if self._pending_record is None:
+            return
+        if self._host_record is not None:
+            lens, index = self._host_record
+        else:   # called outside the loop: read the host here
+            lens_t, index_t = self._pending_record
+            lens, index = lens_t.tolist(), None if index_t is None else index_t.tolist()
+        self._pending_record = self._host_record = None
         if self._predicted > 0:
-            self._seen_total += float((accept_lens - 1).clamp(min=0).sum())
+            self._seen_total += sum(max(n - 1, 0) for n in lens)
             self._predicted_total += self._predicted
-            self.calibration = min(1.0, max(0.3, self._seen_total / self._predicted_total))
-        if not self.per_source or accept_index is None or self._kept_sources is None:
-            self.source_calibration = [self.calibration] * 2   # one scale for all
+            self._calibration = min(1.0, max(0.3, self._seen_total / self._predicted_total))
+        if not self.per_source or index is None or self._kept_sources is None:
+            self._source_calibration = [self._calibration] * 2   # one scale for all
         elif self._predicted > 0:
             # the same per source: each accepted node counts for the source it came from
-            lens, index = accept_lens.tolist(), accept_index.tolist()
             for b, srcs in enumerate(self._kept_sources):
                 for i in index[b][1:lens[b]]:
                     if 0 < i < len(srcs):
@@ -132,21 +185,42 @@ class AutoTree(TreeBuilder):
             for s in (0, 1):
                 self._source_predicted[s] += self._kept_predicted[s]
                 ratio = self._source_seen[s] / self._source_predicted[s]
-                self.source_calibration[s] = min(self.source_cap[s], max(0.3, ratio))
+                self._source_calibration[s] = min(self.source_cap[s], max(0.3, ratio))
 
     # -- candidates -> trie ----------------------------------------------------------------
+    def _uses_per_depth(self, candidates: DraftCandidates | None) -> bool:
+        return candidates is not None and self.max_nodes > 1 and not candidates.per_depth_in_paths
+
+    def _conditioned(self, candidates: DraftCandidates) -> tuple[int, int]:
+        k = candidates.tokens.shape[1]
+        k = k if self.depth is None else min(self.depth, k)
+        return k, min(candidates.conditioned_depths, k)
+
+    def _beam_tensors(self, candidates: DraftCandidates, width: int) -> list[torch.Tensor]:
+        """What _beam_paths reads on the host: per beam level (scores, parent, token), then the
+        conditioned head's tokens and log-probabilities (device tensors)."""
+        k, c = self._conditioned(candidates)
+        out = []
+        for d, (scores, parent, choice) in enumerate(beam_levels(candidates.logprobs[:, c:], k - c, width)):
+            out += [scores, parent, candidates.tokens[:, c + d].gather(1, choice)]
+        if c:
+            out += [candidates.tokens[:, :c], candidates.logprobs[:, :c]]
+        return out
+
     def _beam_paths(self, candidates: DraftCandidates, width: int) -> list[dict[tuple, float]]:
         """Per sequence: {token path: score} of the `width` best paths at every depth. Depths up
         to ``conditioned_depths`` contribute their top-1 chain and, as leaves off it, their other
         candidates; the later depths are beam-expanded from the end of that chain."""
-        tokens = candidates.tokens
-        B, k, _ = tokens.shape
-        k = k if self.depth is None else min(self.depth, k)
-        c = min(candidates.conditioned_depths, k)
-        levels = beam_levels(candidates.logprobs[:, c:], k - c, width)
-        host = [(s.tolist(), p.tolist(), tokens[:, c + d].gather(1, ch).tolist())  # the step's host transfer
-                for d, (s, p, ch) in enumerate(levels)]
-        head = (tokens[:, :c].tolist(), candidates.logprobs[:, :c].tolist()) if c else None
+        B = candidates.tokens.shape[0]
+        k, c = self._conditioned(candidates)
+        if self._host_beam is not None and self._host_beam[0] is candidates.tokens:
+            flat = self._host_beam[1]   # copied in the loop's host sync
+        else:
+            flat = [t.tolist() for t in self._beam_tensors(candidates, width)]
+        self._host_beam = None
+        levels = len(flat) // 3 if not c else (len(flat) - 2) // 3
+        host = [tuple(flat[3 * d:3 * d + 3]) for d in range(levels)]
+        head = (flat[-2], flat[-1]) if c else None
         out = []
         for b in range(B):
             nodes: dict[tuple, float] = {}
@@ -175,7 +249,8 @@ class AutoTree(TreeBuilder):
     def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
         B = root.shape[0]
         width = self.max_nodes - 1
-        use_per_depth = candidates is not None and width > 0 and not candidates.per_depth_in_paths
+        self._apply_record()
+        use_per_depth = self._uses_per_depth(candidates)
         tries = self._beam_paths(candidates, width) if use_per_depth else [dict() for _ in range(B)]
         chained: list[set] = [set() for _ in range(B)]   # paths whose best score is a chain's
         if candidates is not None and candidates.paths is not None:
@@ -193,7 +268,7 @@ class AutoTree(TreeBuilder):
         # each node's estimate scaled by its source's calibration (one scale for both without
         # per_source), then capped by its parent's: scores never increase along a path, so the
         # best n (ties: shallower first) stay prefix-closed
-        cal = self.source_calibration
+        cal = self._source_calibration
         ranked = []
         for b, t in enumerate(tries):
             eff = {(): math.inf}
@@ -234,12 +309,10 @@ class AutoTree(TreeBuilder):
             # walk can never take ahead of a real child (same token as the root's first child)
             for i in range(len(ordered) + 1, N):
                 tokens[b][i] = tokens[b][1] if len(ordered) else 0
-        dev = root.device
-        tok = torch.tensor(tokens, dtype=torch.int64, device=dev)
-        tok[:, 0] = root
-        par = torch.tensor(parents, dtype=torch.int64, device=dev)
-        dep = torch.tensor(depths, dtype=torch.int64, device=dev)
-        return Tree(tok, par, dep, tree_mask_from_parents(par) if N > 1 else None)
+        packed = to_device([tokens, parents, depths], torch.int64, root.device)   # one asynchronous copy
+        tok = torch.cat([root[:, None], packed[0, :, 1:]], dim=1)
+        par, dep = packed[1], packed[2]
+        return Tree(tok, par, dep, tree_mask_from_parents(par, validate=False) if N > 1 else None)
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod

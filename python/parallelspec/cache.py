@@ -25,6 +25,7 @@ class KVCache:
         self.max_capacity = max_capacity
         self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.reallocations = 0   # reserve() growths (the decoding loop's test checks it stays 0)
         self._layers = self._views()
 
     def _views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,17 +44,17 @@ class KVCache:
         return self._layers[index]
 
     def reserve(self, rows: int) -> None:
-        """Make room for `rows` rows per sequence: grow (reallocate, copy the rows in use) when
-        needed, or fail clearly past max_capacity."""
+        """Make room for `rows` rows per sequence: grow to exactly that (reallocate, copy the rows
+        in use) when needed, or fail clearly past max_capacity. The decoding loop sizes the cache
+        once for a whole generation (prompt + new tokens + the largest tree its builder may
+        emit), so this is a no-op there unless a builder cannot tell its largest tree."""
         if rows <= self.capacity:
             return
         if self.max_capacity is not None and rows > self.max_capacity:
             raise ValueError(f"KV cache: {rows} rows per sequence are needed but the cache is limited to "
                              f"{self.max_capacity} rows (max_capacity)")
-        grown = max(rows, 2 * self.capacity)  # doubling: a few growths at most over a generation
-        if self.max_capacity is not None:
-            grown = min(grown, self.max_capacity)
-        kv = self.kv.new_zeros(*self.kv.shape[:4], grown, self.kv.shape[5])
+        self.reallocations += 1
+        kv = self.kv.new_zeros(*self.kv.shape[:4], rows, self.kv.shape[5])
         kv[..., :self.capacity, :] = self.kv
         self.kv = kv
         self._layers = self._views()

@@ -10,10 +10,16 @@ Each step is a handful of small functions over ps_kernels ops and whole-batch te
 
 Every sequence of the batch accepts its own number of tokens and stops at its own EOS; a
 finished sequence keeps running (shapes stay static) but commits nothing more, to the cache
-or to the drafter (its step() lens are 0 from then on). A step has one
-host sync (are all sequences done?), plus one when a streamer or user stopping criteria need
-the tokens; none per tree node. With no drafter the tree is the root alone: plain decoding
-through the same code.
+or to the drafter (its step() lens are 0 from then on). With no drafter the tree is the root
+alone: plain decoding through the same code.
+
+One host sync a step (``host_copy``), plus one when a streamer or user stopping criteria need
+the tokens; none per tree node. It sits after the step's device drafting and reads, in one
+transfer: whether every sequence is done, the host copies of the new tokens that prompt lookup
+matches on the host (``Drafter.wants_host_tokens``), and what the tree builder asked for
+(``TreeBuilder.host_request``: AutoTree's beam and acceptance record). Tree masks are built on the
+device, host-built trees go back in one asynchronous copy. The KV cache is sized once, for the
+prompt, the new tokens and the largest tree the builder may emit.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import ps_kernels
 import torch
 
-from .drafters.base import Drafter
+from .drafters.base import Drafter, HostTokens
 from .hf import TargetModel
 from .sampling import SamplingParams, probabilities, sample
 from .trees import RootOnly, Tree, TreeBuilder
@@ -135,6 +141,28 @@ def accept(tree: Tree, logits: torch.Tensor, sampling: SamplingParams):
                                   uniforms=uniforms, validate=False)
 
 
+def host_copy(tensors: list[torch.Tensor]) -> list:
+    """Device tensors -> their values as (nested) Python lists, in ONE device-to-host transfer
+    (float64 holds every int64 token id and index exactly; integer tensors come back as ints)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out, at = [], 0
+    for t in tensors:
+        n = t.numel()
+        part = flat[at:at + n] if t.is_floating_point() else [int(v) for v in flat[at:at + n]]
+        at += n
+        for size in reversed(t.shape[1:]):
+            part = [part[i:i + size] for i in range(0, len(part), size)]
+        out.append(part if t.dim() else part[0])
+    return out
+
+
+def drafter_depth(drafter: Drafter | None) -> int | None:
+    """How many tokens ahead the drafter drafts, when it says (``depth`` / ``num_tokens``)."""
+    return getattr(drafter, "depth", None) or getattr(drafter, "num_tokens", None)
+
+
 def first_token(target: TargetModel, hidden: torch.Tensor, lens: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     last = gather_rows(hidden, (lens - 1)[:, None])  # [B, 1, d]: logits only where needed
     logits = target.logits(last)[:, 0]
@@ -161,9 +189,9 @@ class _Output:
             grown[:, :self.tokens.shape[1]] = self.tokens
             self.tokens = grown
 
-    def record(self, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def record(self, emitted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Append the first counts[b] tokens of emitted[b] to every live sequence, cut at its
-        first EOS and at max_new_tokens. Returns (still live [B], all finished)."""
+        first EOS and at max_new_tokens. Returns still live [B] (on the device: no host sync)."""
         live = ~self.finished
         n = emitted.shape[1]
         col = torch.arange(n, device=emitted.device)
@@ -180,7 +208,7 @@ class _Output:
         self.finished = self.finished | (hit_eos & (upto <= room)) | (self.lens >= self.limit)
         if self.settings.stopping_criteria or self.settings.streamer is not None:
             self._host_side(before, keep)
-        return ~self.finished, bool(self.finished.all())
+        return ~self.finished
 
     def _host_side(self, before: torch.Tensor, keep: torch.Tensor) -> None:
         """User stopping criteria (token by token, each sequence alone, as transformers would see
@@ -214,15 +242,18 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     start = time.perf_counter()
     rows, lens, longest = pack_prompts(input_ids, attention_mask)
     B = rows.shape[0]
-    cache = target.new_cache(B, longest + settings.max_new_tokens)
-    out = _Output(input_ids, settings, slack=1)
+    # sized once: the committed rows stay below longest + max_new_tokens - 1, a tree goes after them
+    largest_tree = builder.max_size(drafter_depth(drafter)) or 1
+    cache = target.new_cache(B, longest + settings.max_new_tokens - 1 + largest_tree)
+    out = _Output(input_ids, settings, slack=largest_tree)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
+    host_drafting = drafter is not None and drafter.wants_host_tokens
     with torch.inference_mode(), target.attention():
         hidden = prefill(target, cache, rows, lens)
         root = first_token(target, hidden, lens, settings.sampling)
-        _, done = out.record(root[:, None], torch.ones_like(lens))
-        if drafter is not None and not done:
+        out.record(root[:, None], torch.ones_like(lens))
+        if drafter is not None:
             # a live sequence has committed fewer than longest + max_new_tokens - 1 tokens
             drafter.reset(B, longest + settings.max_new_tokens, target.device, target.dtype)
             new_tokens, new_features, new_lens = shift_in(rows, lens, root), hidden, lens
@@ -230,14 +261,26 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
         histogram = torch.zeros(2, dtype=torch.int64, device=target.device)  # [a] = (sequence, step) pairs
         if stats is not None:
             stats.prefill_time = clock.lap()
-        while not done:
-            candidates = None
-            if drafter is not None:
+        while True:
+            candidates = features = None
+            if drafter is not None:   # device drafting, before the host sync
                 features = new_features if drafter.needs_features else None
-                candidates = drafter.step(new_tokens, features, new_lens)
+                candidates = (drafter.launch(new_tokens, features, new_lens) if host_drafting
+                              else drafter.step(new_tokens, features, new_lens))
+            # the step's one host sync: all done?, prompt lookup's new tokens, the builder's request
+            parts = [out.finished.all()]
+            if host_drafting:
+                parts += [new_lens, new_tokens]
+            requested = builder.host_request(candidates)
+            host = host_copy(parts + requested)
+            if host[0]:
+                break
+            if requested:
+                builder.receive(host[len(parts):])
+            if host_drafting:
+                candidates = drafter.step(new_tokens, features, new_lens, host=HostTokens(host[2], host[1]))
             tree = builder.build(root, candidates)
-            # the tree goes after the committed rows
-            cache.reserve(longest + settings.max_new_tokens - 1 + tree.size)
+            cache.reserve(longest + settings.max_new_tokens - 1 + tree.size)   # sized for it already
             if stats is not None:
                 stats.draft_time += clock.lap()
             hidden, logits = verify(target, cache, tree)
@@ -245,7 +288,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
             path = accept_index.clamp(min=0)
             emitted = shift_in(tree.tokens.gather(1, path), accept_lens, next_token)
             was_live = ~out.finished
-            live, done = out.record(emitted, accept_lens)
+            live = out.record(emitted, accept_lens)
             # finished sequences stop growing: committed rows stay below longest + max_new - 1
             cache.commit(accept_index, accept_lens * live)
             builder.observe(accept_lens * live, accept_index)
@@ -267,4 +310,3 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
         stats.accept_histogram = histogram.tolist()
         stats.total_time = time.perf_counter() - start
     return result
-

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from ps_kernels import tree_mask_from_parents
 
-from .drafters.base import DraftCandidates
+from .drafters.base import DraftCandidates, to_device
 
 
 @dataclass
@@ -55,6 +55,20 @@ class TreeBuilder:
         """What the last tree earned (tokens accepted per sequence, root included, and the
         accepted nodes' indices in path order); builders that adapt their size to it override this."""
 
+    def max_size(self, depth: int | None) -> int | None:
+        """The most nodes (root included) a tree of this builder may have with a drafter drafting
+        `depth` tokens ahead (None: unknown), or None when it cannot tell: the loop sizes the KV
+        cache once with it."""
+        return None
+
+    def host_request(self, candidates: DraftCandidates | None) -> list[torch.Tensor]:
+        """Device tensors this builder needs on the host for the coming build(); the decoding loop
+        copies them in its one host sync a step and hands them to receive() (AutoTree)."""
+        return []
+
+    def receive(self, host: list) -> None:
+        """The host copies (nested lists) of what host_request asked for, in its order."""
+
 
 class RootOnly(TreeBuilder):
     """No drafter: the tree is the root alone, so a step is one plain decoding step."""
@@ -69,6 +83,9 @@ class RootOnly(TreeBuilder):
                                   torch.zeros(1, dtype=torch.int64, device=root.device))
         parents, depths = self._buffers[key]
         return Tree(root[:, None], parents, depths, None)
+
+    def max_size(self, depth):
+        return 1
 
 
 class StaticTree(TreeBuilder):
@@ -103,12 +120,15 @@ class StaticTree(TreeBuilder):
                 parents.append(node_of[p[:-1]])
                 depths.append(len(p))
                 gather.append((len(p) - 1) * m + p[-1])  # into tokens.view(B, k * m)
-            parents_t = torch.tensor(parents, dtype=torch.int64, device=device)
+            parents_t = to_device(parents, torch.int64, device)
             is_chain = all(par == i - 1 for i, par in enumerate(parents))
-            mask = None if is_chain else tree_mask_from_parents(parents_t)
-            self._buffers[key] = (parents_t, torch.tensor(depths, dtype=torch.int64, device=device),
-                                  torch.tensor(gather, dtype=torch.int64, device=device), mask)
+            mask = None if is_chain else tree_mask_from_parents(parents_t, validate=False)
+            self._buffers[key] = (parents_t, to_device(depths, torch.int64, device),
+                                  to_device(gather, torch.int64, device), mask)
         return self._buffers[key]
+
+    def max_size(self, depth):
+        return 1 + sum(1 for p in self.paths if depth is None or len(p) <= depth)
 
     def build(self, root, candidates):
         B, k, m = candidates.tokens.shape
@@ -136,6 +156,10 @@ class ChainTree(TreeBuilder):
         if k not in self._static:
             self._static[k] = StaticTree([[0] * d for d in range(1, k + 1)])
         return self._static[k].build(root, candidates)
+
+    def max_size(self, depth):
+        k = depth if self.depth is None else (self.depth if depth is None else min(self.depth, depth))
+        return None if k is None else k + 1
 
 
 #: a default static tree (10 nodes with the root): wide near the root, where acceptance is likeliest
@@ -179,6 +203,10 @@ class DynamicTree(TreeBuilder):
             raise ValueError(f"tree_nodes: expected at least 2 (root + 1), got {nodes}")
         self.nodes = nodes
         self.depth = check_depth(depth)
+        self._offsets: dict = {}
+
+    def max_size(self, depth):
+        return self.nodes
 
     def build(self, root, candidates):
         tokens, logprobs = candidates.tokens, candidates.logprobs
@@ -192,8 +220,12 @@ class DynamicTree(TreeBuilder):
         all_scores = torch.cat(level_scores, dim=1)  # [B, T], levels in depth order
         n = min(width, all_scores.shape[1])
         chosen = all_scores.topk(n, dim=1).indices.sort(dim=1).values  # depth-major: topological
-        level_of = torch.cat([torch.full((s,), d, dtype=torch.int64, device=dev) for d, s in enumerate(sizes)])
-        offset_of = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        key = (tuple(sizes), dev)
+        if key not in self._offsets:   # per beam layout, once: no host-to-device copy a step
+            self._offsets[key] = (
+                torch.cat([torch.full((s,), d, dtype=torch.int64, device=dev) for d, s in enumerate(sizes)]),
+                to_device(offsets, torch.int64, dev))
+        level_of, offset_of = self._offsets[key]
         choice = torch.cat(level_choice, dim=1).gather(1, chosen)
         parent_pos = torch.cat(level_parent, dim=1).gather(1, chosen)
         depth0 = level_of[chosen]  # 0-based depth of each chosen node
@@ -207,7 +239,7 @@ class DynamicTree(TreeBuilder):
         parents = torch.cat([minus_one, parents], dim=1)
         depths = torch.cat([torch.zeros_like(minus_one), depth0 + 1], dim=1)
         return Tree(torch.cat([root[:, None], node_tokens], dim=1), parents, depths,
-                    tree_mask_from_parents(parents))
+                    tree_mask_from_parents(parents, validate=False))
 
 
 def make_tree_builder(tree: str | TreeBuilder, *, depth: int | None = None, nodes: int | None = None,

@@ -34,11 +34,38 @@ class DraftCandidates:
         return self.tokens.shape[1]
 
 
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Python data -> a tensor on `device` without a host sync: built on the host, then copied
+    from pinned memory asynchronously on CUDA (a pageable copy makes torch wait for the stream)."""
+    t = torch.tensor(data, dtype=dtype)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if kind == "cpu" else t.to(device)
+
+
+@dataclass
+class HostTokens:
+    """Host copies of a step's new tokens, taken in the decoding loop's one host sync a step:
+    ``tokens[b][:lens[b]]`` are sequence b's new tokens (Python ints)."""
+    tokens: list[list[int]]
+    lens: list[int]
+
+
 class Drafter:
     """Base class. Subclasses keep per-sequence state (a KV cache, a token history...)."""
 
     #: True when step() needs the target's features (last hidden states)
     needs_features: bool = False
+    #: True when step() works on the host (prompt lookup): the loop then calls it after the step's
+    #: host sync with ``host=HostTokens(...)``, and ``launch`` before that sync
+    wants_host_tokens: bool = False
+
+    def launch(self, tokens: torch.Tensor, features: torch.Tensor | None, lens: torch.Tensor) -> DraftCandidates | None:
+        """For drafters with ``wants_host_tokens``: the device work of the step, started before
+        the loop's host sync (``HybridDrafter``: its network sources). Returns the per-depth
+        candidates that step() will return (a tree builder may ask for them in that sync), or None."""
+        return None
 
     def reset(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         raise NotImplementedError

@@ -12,7 +12,9 @@ per-depth candidates.
 chain sources are being accepted whole: a copying stretch), the sources that need the
 target's features (the network drafters, the costly ones) sit the next step out.
 ``defer_on_match``: the same when every sequence's prompt lookup (a source exposing
-``last_match_n``) matched at least that many trailing tokens this step. Either way the
+``last_match_n``) matched at least that many trailing tokens. The decision is taken on the host
+copies of one step and applies to the next one's network pass (``launch``), which the decoding
+loop starts before its one host read a step: a sit-out follows the step that called for it. Either way the
 skipped sources' new (token, feature) pairs are kept and fed with the next step's in one
 call, so their caches see the same stream as if they had never paused (a step over a few
 more rows costs about the same on a CPU).
@@ -23,12 +25,14 @@ import math
 
 import torch
 
-from .base import DraftCandidates, Drafter
+from .base import DraftCandidates, Drafter, HostTokens
 
 _MAX_DEFERRED_ROWS = 32
 
 
 class HybridDrafter(Drafter):
+    wants_host_tokens = True
+
     def __init__(self, drafters, defer_after: int | None = None, defer_on_match: int | None = None):
         drafters = list(drafters)
         if not drafters or not all(isinstance(d, Drafter) for d in drafters):
@@ -48,63 +52,122 @@ class HybridDrafter(Drafter):
         self.defer_after = defer_after
         self.defer_on_match = defer_on_match
         self._pending = None      # (tokens, features, lens) the deferred drafters have not seen yet
+        self._pending_rows = 0
+        self._held_lens = None
         self._steps = 0
         self.deferred_steps = 0
+        self._defer_next = False
+        self._launched = None
 
     def reset(self, batch_size, max_len, device, dtype):
         for d in self.drafters:
             d.reset(batch_size, max_len, device, dtype)
         self._pending = None
+        self._pending_rows = 0
+        self._held_lens = None
         self._steps = 0
         self.deferred_steps = 0
+        self._defer_next = False
+        self._launched = None
+
+    @property
+    def depth(self) -> int | None:
+        """The deepest candidates any source drafts (None when a source does not say)."""
+        depths = [getattr(d, "depth", None) or getattr(d, "num_tokens", None) for d in self.drafters]
+        return None if None in depths else max(depths)
 
     def check_target(self, model) -> None:
         for d in self.drafters:
             d.check_target(model)
 
-    def step(self, tokens, features, lens) -> DraftCandidates:
-        stream = (tokens, features, lens) if self._pending is None else _join(self._pending, (tokens, features, lens))
-        results = [d.step(tokens, None, lens) for d in self.drafters if not d.needs_features]
-        live = lens > 0
-        # never on a sequence's first step (its prompt); the whole batch must be copying; the
-        # deferred rows stay within what one drafter step handles cheaply
+    def launch(self, tokens, features, lens) -> DraftCandidates | None:
+        """The network sources' step (device work, before the loop's host sync), or their sitting
+        out: decided from the last step's host copies (the decoding loop reads the host once a step,
+        after this), so a sit-out follows the step whose acceptance or match called for it."""
+        if self._pending is None:
+            stream = (tokens, features, lens)
+        else:  # the held-back rows: as many columns as the longest held-back sequence
+            held = self._pending
+            rows = self._pending_rows
+            stream = _join((held[0][:, :rows], held[1][:, :rows], held[2]), (tokens, features, lens))
+        defer = (self._defer_next and self.needs_features and stream[0].shape[1] <= _MAX_DEFERRED_ROWS)
+        self._launched = (tokens, None)
+        if defer:
+            self._pending = stream
+            self.deferred_steps += 1
+            return None
+        self._pending = None
+        per_depth = [d.step(*stream) for d in self.drafters if d.needs_features]
+        if not per_depth:
+            return None
+        merged = per_depth[0] if len(per_depth) == 1 else _merge_per_depth(per_depth, None)
+        self._launched = (tokens, merged)
+        return merged
+
+    def step(self, tokens, features, lens, host: HostTokens | None = None) -> DraftCandidates:
+        if host is None:   # called alone, not by the decoding loop: one host transfer of its own
+            host = HostTokens(tokens.tolist(), lens.tolist())
+        if self._launched is None or self._launched[0] is not tokens:
+            self.launch(tokens, features, lens)
+        per_depth = self._launched[1]
+        self._launched = None
+        results = [d.step(tokens, None, lens, host=host) if d.wants_host_tokens else d.step(tokens, None, lens)
+                   for d in self.drafters if not d.needs_features]
+        if self._pending is None:
+            self._held_lens = None
+        else:   # rows held back per sequence (host ints): the next launch joins that many columns
+            self._held_lens = [a + b for a, b in zip(self._held_lens or [0] * len(host.lens), host.lens)]
+            self._pending_rows = max(max(self._held_lens), 1)
+        self._decide_deferral(host)
+        self._steps += 1
+        B = tokens.shape[0]
+        # sources without features may still draft per depth (any Drafter): those join the network's
+        per_depth = ([per_depth] if per_depth is not None else []) + [c for c in results if c.paths is None]
+        chains = [c for c in results if c.paths is not None]
+        paths = [[p for c in chains for p in c.paths[b]] for b in range(B)] if chains else None
+        if not per_depth:   # chains only: their own per-depth view, flagged as such
+            k = max(c.tokens.shape[1] for c in chains)
+            tok = torch.cat([_pad_depth(c.tokens, k, 0) for c in chains], dim=2)
+            lp = torch.cat([_pad_depth(c.logprobs, k, -math.inf) for c in chains], dim=2)
+            return DraftCandidates(tok, lp, paths, per_depth_in_paths=True)
+        if len(per_depth) == 1:   # the launched tensors themselves (a tree builder asked for them)
+            return DraftCandidates(per_depth[0].tokens, per_depth[0].logprobs, paths,
+                                   conditioned_depths=per_depth[0].conditioned_depths)
+        return _merge_per_depth(per_depth, paths)
+
+    def _decide_deferral(self, host: HostTokens) -> None:
+        """Whether the network sources sit out the next step: every live sequence is copying
+        (this step's committed tokens >= defer_after, or prompt lookup matched >= defer_on_match
+        trailing tokens); never on the first step (the prompt)."""
+        live = [n > 0 for n in host.lens]
         copying = False
         if self.defer_after is not None:
-            copying = bool(((lens >= self.defer_after) | ~live).all())
+            copying = all(n >= self.defer_after or not ok for n, ok in zip(host.lens, live))
         if self.defer_on_match is not None and not copying:
             matched = [getattr(d, "last_match_n", None) for d in self.drafters if not d.needs_features]
             matched = [m for m in matched if m is not None]
-            rows = live.tolist()
             copying = bool(matched) and all(max(m[b] for m in matched) >= self.defer_on_match
-                                            for b in range(len(rows)) if rows[b])
-        defer = (copying and self._steps > 0 and self.needs_features
-                 and stream[0].shape[1] <= _MAX_DEFERRED_ROWS)
-        self._steps += 1
-        if not defer:
-            results += [d.step(*stream) for d in self.drafters if d.needs_features]
-        self._pending = stream if defer else None
-        self.deferred_steps += defer
-        per_depth = [c for c in results if c.paths is None]
-        chains = [c for c in results if c.paths is not None]
-        B = tokens.shape[0]
-        views = per_depth or chains  # chains only: their own per-depth view, flagged as such
-        k = max(c.tokens.shape[1] for c in views)
-        tok = torch.cat([_pad_depth(c.tokens, k, 0) for c in views], dim=2)
-        lp = torch.cat([_pad_depth(c.logprobs, k, -math.inf) for c in views], dim=2)
-        paths = [[p for c in chains for p in c.paths[b]] for b in range(B)] if chains else None
-        # one per-depth source keeps its conditioning (its candidates come first, slot 0 is its
-        # top-1); with several, slot 0 is only the first one's: treated as independent
-        conditioned = per_depth[0].conditioned_depths if len(per_depth) == 1 else 0
-        return DraftCandidates(tok, lp, paths, per_depth_in_paths=not per_depth, conditioned_depths=conditioned)
+                                            for b in range(len(live)) if live[b])
+        self._defer_next = copying and self._steps > 0 and self.needs_features
+
+
+def _merge_per_depth(per_depth: list[DraftCandidates], paths) -> DraftCandidates:
+    """Per-depth candidates of several sources, concatenated along the candidate axis. One source
+    keeps its conditioning (its candidates come first, slot 0 is its top-1); with several, slot 0
+    is only the first one's: treated as independent."""
+    k = max(c.tokens.shape[1] for c in per_depth)
+    return DraftCandidates(torch.cat([_pad_depth(c.tokens, k, 0) for c in per_depth], dim=2),
+                           torch.cat([_pad_depth(c.logprobs, k, -math.inf) for c in per_depth], dim=2), paths,
+                           conditioned_depths=per_depth[0].conditioned_depths if len(per_depth) == 1 else 0)
 
 
 def _join(first, second):
-    """Two ragged (tokens [B, R], features [B, R, d], lens [B]) batches -> one, each row's first
-    entries followed by its second ones."""
+    """Two ragged (tokens [B, R1], features [B, R1, d], lens [B]) batches -> one of R1 + R2
+    columns (a width known without reading lens), each row's first entries followed by its
+    second ones (entries past lens arbitrary)."""
     (t1, f1, l1), (t2, f2, l2) = first, second
     R1 = t1.shape[1]
-    R = int((l1 + l2).max()) if l1.numel() else 0
-    j = torch.arange(max(R, 1), device=t1.device)[None, :]
+    j = torch.arange(max(R1 + t2.shape[1], 1), device=t1.device)[None, :]
     idx = torch.where(j < l1[:, None], j, R1 + j - l1[:, None]).clamp(max=R1 + t2.shape[1] - 1)
     tokens = torch.cat([t1, t2], dim=1).gather(1, idx)
     feats = torch.cat([f1, f2], dim=1)

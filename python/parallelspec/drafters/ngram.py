@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .base import DraftCandidates, Drafter
+from .base import DraftCandidates, Drafter, HostTokens, to_device
 
 
 #: chance that the target takes a match's first token / each next one, by match length 1, 2, 3+:
@@ -44,6 +44,7 @@ def _padded(a: tuple, b: tuple) -> tuple[tuple, tuple]:
 
 class NgramDrafter(Drafter):
     needs_features = False
+    wants_host_tokens = True
 
     def __init__(self, num_tokens: int = 4, ngram_sizes=(3, 2, 1), first_prob=FIRST_PROB, next_prob=NEXT_PROB):
         sizes = sorted({int(n) for n in ngram_sizes}, reverse=True)
@@ -110,8 +111,9 @@ class NgramDrafter(Drafter):
                 found.append((hist[start:start + k], m))
         return found
 
-    def step(self, tokens, features, lens):
-        rows, counts = tokens.tolist(), lens.tolist()  # the one host transfer of the step
+    def step(self, tokens, features, lens, host: HostTokens | None = None):
+        # the decoding loop hands over host copies taken in its one sync a step; alone, one transfer
+        rows, counts = (host.tokens, host.lens) if host is not None else (tokens.tolist(), lens.tolist())
         B, k, m = len(rows), self.num_tokens, len(self.ngram_sizes)
         out_tokens = [[[0] * m for _ in range(k)] for _ in range(B)]
         out_logprobs = [[[-math.inf] * m for _ in range(k)] for _ in range(B)]
@@ -123,6 +125,5 @@ class NgramDrafter(Drafter):
                 for d, t in enumerate(continuation):
                     out_tokens[b][d][i] = t
                     out_logprobs[b][d][i] = self._logprob[i][d]
-        return DraftCandidates(torch.tensor(out_tokens, dtype=torch.int64, device=self.device),
-                               torch.tensor(out_logprobs, dtype=torch.float32, device=self.device), paths,
-                               per_depth_in_paths=True)
+        return DraftCandidates(to_device(out_tokens, torch.int64, self.device),
+                               to_device(out_logprobs, torch.float32, self.device), paths, per_depth_in_paths=True)

@@ -1,0 +1,92 @@
+"""Host syncs per decoding step: at most one (the "all done?" read, which also carries what the
+host needs for the next step) for every drafter and tree kind. Counted on the CPU by
+instrumentation (sync_counter.py), per step: the events between consecutive calls of the loop's
+per-step bookkeeping (engine._Output.record), the last one ending where the loop's result is
+read (engine._Output.padded)."""
+import pytest
+import torch
+
+import parallelspec as ps
+from parallelspec import engine
+from engine_helpers import left_padded, tiny_model
+from sync_counter import count_step_syncs
+
+VOCAB = 256
+BUDGET = 1
+TREES = {"chain": {}, "static": {"tree_choices": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]},
+         "dynamic": {"tree_nodes": 8}, "auto": {}}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", VOCAB)
+
+
+def _drafter(kind, model):
+    from parallelspec.drafters import build_network
+
+    if kind is None:
+        return None
+    if kind == "ngram":
+        return ps.NgramDrafter(num_tokens=4)
+    net = build_network(model, parallel=kind != "eagle", depth=3, seed=2)
+    drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
+    if kind == "hybrid":   # the shipped options: the network sits out steps where prompt lookup matched
+        drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=4), drafter], defer_on_match=3)
+    return drafter
+
+
+def step_syncs(model, kind, tree, batch=(6, 9)):
+    from parallelspec.autotree import AutoTree
+
+    ids, mask = left_padded(list(batch), VOCAB)
+    # repeated prompts: prompt lookup matches, so its chains (and the hybrid's deferral) are exercised
+    ids[:, -4:] = ids[:, -8:-4]
+    builder = AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
+    drafter = _drafter(kind, model)
+    out = {}
+
+    def run():
+        out["ids"] = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=20, tree=builder,
+                                 **TREES[tree])
+    counter = count_step_syncs(run, (engine._Output, "record"), (engine._Output, "padded"))
+    # [0]: prompt packing and prefill; then one interval a step; [-1]: after the loop
+    steps = counter.intervals[1:-1]
+    return steps, out["ids"]
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid"])
+def test_at_most_one_host_sync_a_step(model, kind, tree):
+    if kind is None and tree != "chain":
+        pytest.skip("no drafter: the tree is the root alone whatever its kind")
+    steps, _ = step_syncs(model, kind, tree)
+    assert len(steps) >= 3
+    worst = max(steps, key=len)
+    assert len(worst) <= BUDGET, f"{kind} x {tree}: {len(worst)} host syncs in a step: {worst}"
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("kind", [None, "ngram", "hybrid"])
+def test_cache_sized_once(model, kind, tree, monkeypatch):
+    """The target's KV cache is allocated once per generation, for prompt + max_new_tokens + the
+    largest tree the builder may emit: no reallocation (no copy) while decoding."""
+    from parallelspec.hf import TargetModel
+
+    if kind is None and tree != "chain":
+        pytest.skip("no drafter: the tree is the root alone whatever its kind")
+    caches = []
+    original = TargetModel.new_cache
+
+    def capture(self, batch_size, capacity):
+        cache = original(self, batch_size, capacity)
+        caches.append((cache, cache.kv.data_ptr()))
+        return cache
+    monkeypatch.setattr(TargetModel, "new_cache", capture)
+    step_syncs(model, kind, tree)
+    (cache, ptr), = caches
+    assert cache.reallocations == 0 and cache.kv.data_ptr() == ptr
+    largest = {"chain": 5, "static": 7, "dynamic": 8, "auto": 10}[tree] if kind else 1
+    assert cache.capacity == 9 + 20 - 1 + largest   # longest prompt + max_new_tokens - 1 + largest tree
