@@ -77,10 +77,10 @@ def test_manifest(tmp_path, vocab, layers, dtype):
                          "num_key_value_heads", "head_dim", "num_hidden_layers", "hidden_act", "rms_norm_eps",
                          "rope_theta", "rope_parameters", "max_position_embeddings", "vocab_size", "draft_vocab_size",
                          "tie_word_embeddings", "attention_bias", "mlp_bias", "norm_before_residual", "eagle_config",
-                         "mask_token_id", "torch_dtype", "parallelspec"}
+                         "mask_token_id", "pard_token", "torch_dtype", "parallelspec"}
     assert conf["architectures"] == ["Eagle3LlamaForCausalLM"] and conf["model_type"] == "llama"
     assert conf["eagle_config"] == {"use_aux_hidden_state": False} and conf["norm_before_residual"] is False
-    assert (conf["vocab_size"], conf["draft_vocab_size"], conf["mask_token_id"]) == (V, Vd, 7)
+    assert (conf["vocab_size"], conf["draft_vocab_size"], conf["mask_token_id"], conf["pard_token"]) == (V, Vd, 7, 7)
     assert (conf["hidden_size"], conf["num_attention_heads"], conf["num_key_value_heads"], conf["head_dim"],
             conf["intermediate_size"], conf["num_hidden_layers"]) == (D, 6, 2, 8, 96, layers)
     assert conf["torch_dtype"] == dtype and conf["parallelspec"]["depth"] == K

