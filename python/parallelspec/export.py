@@ -114,7 +114,8 @@ def vllm_tensors(net, head_weight: torch.Tensor | None = None) -> dict[str, torc
     else:
         out["lm_head.weight"] = head
         out["d2t"] = d2t - torch.arange(d2t.numel())
-    out["mask_hidden"] = net.mask_hidden
+    # depth 1 has no mask slot, but vLLM's loader requires mask_hidden under parallel drafting
+    out["mask_hidden"] = net.mask_hidden if net.mask_hidden is not None else net.norm.weight.new_zeros(cfg.hidden_size)
     return {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.contiguous()
             for k, v in out.items()}
 
