@@ -85,7 +85,9 @@ def test_generate_and_extract_is_greedy_and_matches_the_target_pass():
     calls = []
     batched = generate_and_extract(model, prompts, 7, eos, top_k=4, batch_size=3, autocast_dtype=None,
                                    progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(3, 4), (4, 4)]
+    # within a batch after every step (fractional), and each batch's end
+    assert (3, 4) in calls and calls[-1] == (4, 4) and {t for _, t in calls} == {4}
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and 0 < calls[0][0] < 3
     early = 0
     for i, p in enumerate(prompts):
         single = generate_and_extract(model, [p], 7, eos, top_k=4, autocast_dtype=None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..linear import linear, skinny_linears
 from ..models import load_target
 from .data import (DATA_FORMATS, autocast_for, load_prompts, load_user_prompts, prompt_token_counts, save_atomic,
                    shard_path, sharegpt_token_counts)
@@ -83,10 +84,9 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
     batch), and the features / top-K probabilities computed on the way are kept, so no second
     pass over the generated text is needed. Same layout as extract_shard (top-K only where a
     label can be: from the last prompt position on; zeros before). progress(done, total): called
-    after each batch with the prompts done so far."""
+    after every decoding step with the prompts done so far (fractional within a batch, each row
+    counted as running to max_new_tokens: an upper bound, rows stop at EOS)."""
     import inspect
-
-    from transformers import DynamicCache
 
     # transformers renamed past_key_values to cache (5.x); take whichever this version has
     cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
@@ -97,66 +97,79 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
            "topk_ids": [None] * len(prompts), "topk_p": [None] * len(prompts)}
 
     def top(h):       # fp32 LM head: bf16 ties flipped 2-3% of argmaxes (method.md)
-        return torch.softmax(torch.nn.functional.linear(h.float(), head.float()), dim=-1).topk(top_k, dim=-1)
+        with torch.autocast(device.type, enabled=False):
+            return torch.softmax(linear(h.float(), head.float()), dim=-1).topk(top_k, dim=-1)
 
     for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        with autocast_for(device, autocast_dtype):
-            h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{cache_kw: cache}).last_hidden_state
-        p, t = top(h[:, -1])
-        feats = [[h[r, width - len(prompts[i]):].cpu()] for r, i in enumerate(rows)]
-        tks = [[t[r:r + 1].cpu()] for r in range(len(rows))]
-        tps = [[p[r:r + 1].cpu()] for r in range(len(rows))]
-        gen = [[] for _ in rows]
-        live = torch.arange(len(rows), device=device)        # batch row -> index into `rows`
-        nxt = t[:, 0]
-        for step in range(max_new_tokens):
-            for r, tok in zip(live.tolist(), nxt.tolist()):
-                gen[r].append(tok)
-            keep = (nxt != eos_id).nonzero().squeeze(1)
-            if step + 1 == max_new_tokens or keep.numel() == 0:
-                break
-            if keep.numel() < live.numel():
-                cache.batch_select_indices(keep)
-                live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            with autocast_for(device, autocast_dtype):
-                h = model.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                                **{cache_kw: cache}).last_hidden_state[:, 0]
-            p, t = top(h)
-            hc, tc, pc = h.cpu(), t.cpu(), p.cpu()
-            for j, r in enumerate(live.tolist()):
-                feats[r].append(hc[j:j + 1])
-                tks[r].append(tc[j:j + 1])
-                tps[r].append(pc[j:j + 1])
-            nxt = t[:, 0]
-        for r, i in enumerate(rows):
-            P, n = len(prompts[i]), len(prompts[i]) + len(gen[r])
-            # the last generated token's own feature is never computed (nothing is predicted after
-            # it); it is only ever a label, so pad that row: no training input reads it
-            f = torch.cat(feats[r])
-            f = torch.cat([f, f.new_zeros(n - f.shape[0], f.shape[1])])
-            tk = torch.zeros(n, top_k, dtype=torch.int32)
-            tp = torch.zeros(n, top_k, dtype=torch.float16)
-            tk[P - 1:P - 1 + len(tks[r])] = torch.cat(tks[r]).int()
-            tp[P - 1:P - 1 + len(tps[r])] = torch.cat(tps[r]).half()
-            out["ids"][i] = torch.tensor(prompts[i] + gen[r], dtype=torch.int32)
-            out["feat"][i] = f.to(torch.bfloat16)
-            out["topk_ids"][i], out["topk_p"][i] = tk, tp
+        # one autocast region per batch: autocast keeps the weights' bf16 copies until the region
+        # ends, so they are cast once a batch, not at every decoding step (3x slower in small batches);
+        # fp32 decoding steps (a few rows) run the few-row kernel, where torch's GEMM is slow on a CPU
+        with autocast_for(device, autocast_dtype), skinny_linears(model):
+            _continue_batch(model, prompts, order[s:s + batch_size], max_new_tokens, eos_id, top, cache_kw, device,
+                            out, top_k, progress and (lambda step, n, s=s: progress(s + n * step / max_new_tokens,
+                                                                                    len(order))))
         if progress is not None:
             progress(min(s + batch_size, len(order)), len(order))
     return out
+
+
+def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw, device, out, top_k, progress):
+    """generate_and_extract on one batch of prompt indices `rows`, into `out`."""
+    from transformers import DynamicCache
+
+    width = max(len(prompts[i]) for i in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, i in enumerate(rows):
+        ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+        mask[r, width - len(prompts[i]):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_kw: cache}).last_hidden_state
+    p, t = top(h[:, -1])
+    feats = [[h[r, width - len(prompts[i]):].cpu()] for r, i in enumerate(rows)]
+    tks = [[t[r:r + 1].cpu()] for r in range(len(rows))]
+    tps = [[p[r:r + 1].cpu()] for r in range(len(rows))]
+    gen = [[] for _ in rows]
+    live = torch.arange(len(rows), device=device)        # batch row -> index into `rows`
+    nxt = t[:, 0]
+    for step in range(max_new_tokens):
+        for r, tok in zip(live.tolist(), nxt.tolist()):
+            gen[r].append(tok)
+        keep = (nxt != eos_id).nonzero().squeeze(1)
+        if step + 1 == max_new_tokens or keep.numel() == 0:
+            break
+        if keep.numel() < live.numel():
+            cache.batch_select_indices(keep)
+            live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        h = model.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                        **{cache_kw: cache}).last_hidden_state[:, 0]
+        p, t = top(h)
+        hc, tc, pc = h.cpu(), t.cpu(), p.cpu()
+        for j, r in enumerate(live.tolist()):
+            feats[r].append(hc[j:j + 1])
+            tks[r].append(tc[j:j + 1])
+            tps[r].append(pc[j:j + 1])
+        nxt = t[:, 0]
+        if progress is not None:    # a batch takes minutes: report within it (the caller throttles)
+            progress(step + 1, len(rows))
+    for r, i in enumerate(rows):
+        P, n = len(prompts[i]), len(prompts[i]) + len(gen[r])
+        # the last generated token's own feature is never computed (nothing is predicted after
+        # it); it is only ever a label, so pad that row: no training input reads it
+        f = torch.cat(feats[r])
+        f = torch.cat([f, f.new_zeros(n - f.shape[0], f.shape[1])])
+        tk = torch.zeros(n, top_k, dtype=torch.int32)
+        tp = torch.zeros(n, top_k, dtype=torch.float16)
+        tk[P - 1:P - 1 + len(tks[r])] = torch.cat(tks[r]).int()
+        tp[P - 1:P - 1 + len(tps[r])] = torch.cat(tps[r]).half()
+        out["ids"][i] = torch.tensor(prompts[i] + gen[r], dtype=torch.int32)
+        out["feat"][i] = f.to(torch.bfloat16)
+        out["topk_ids"][i], out["topk_p"][i] = tk, tp
 
 
 TARGET_FILE = "target.json"      # what the shards were made from: train checks its target against it
@@ -246,7 +259,7 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
             finished = done_before + done
             rate = finished / max(now - t_run, 1e-9)
             left = (todo - finished) / rate if rate > 0 else float("nan")
-            log(f"{what}: {done}/{total} prompts; {finished}/{todo} this run, {now - t_run:.0f} s, "
+            log(f"{what}: {int(done)}/{total} prompts; {int(finished)}/{todo} this run, {now - t_run:.0f} s, "
                 f"about {_duration(left)} left")
         return progress
 
