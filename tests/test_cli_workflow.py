@@ -110,7 +110,13 @@ def test_extract_reads_chats_and_plain_prompts(workflow):
     assert ref[0].tolist() == ids
 
 
-def test_extract_progress_and_estimate(tmp_path, capsys, one_thread):
+def test_extract_progress_and_estimate(tmp_path, capsys, monkeypatch, one_thread):
+    """A line before anything slow, progress from the first decoding step, and a time estimate
+    once 10 s have passed (a clock that moves 4 s a reading here)."""
+    import types
+    from parallelspec.training import extract
+    now = iter(range(0, 100000, 4))
+    monkeypatch.setattr(extract, "time", types.SimpleNamespace(time=lambda: float(next(now))))
     _save_model(tmp_path / "model")
     data = _user_data(tmp_path / "d.jsonl", n=6)
     assert cli.main(["extract", "--target", str(tmp_path / "model"), "--data", str(data), "--out",
@@ -118,8 +124,9 @@ def test_extract_progress_and_estimate(tmp_path, capsys, one_thread):
                      "--heldout-shards", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("loading the target")
-    progress = [line for line in out if "left" in line]
-    assert progress and "prompts;" in progress[0]
+    progress = [line for line in out if "prompts;" in line]
+    assert "time estimate from the next line" in progress[0]
+    assert any("s left" in line for line in progress[1:])
     assert not list((tmp_path / "s").glob("heldout-*"))
 
 

@@ -256,11 +256,11 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
             if last_log[0] and now - last_log[0] < 10.0 and done < total:
                 return
             last_log[0] = now
-            finished = done_before + done
-            rate = finished / max(now - t_run, 1e-9)
-            left = (todo - finished) / rate if rate > 0 else float("nan")
-            log(f"{what}: {int(done)}/{total} prompts; {int(finished)}/{todo} this run, {now - t_run:.0f} s, "
-                f"about {_duration(left)} left")
+            finished, elapsed = done_before + done, now - t_run
+            # the first steps (warm-up, the prompts' forward) say little about the rate
+            left = (f"about {_duration((todo - finished) * elapsed / finished)} left" if elapsed >= 10 and finished
+                    else "time estimate from the next line")
+            log(f"{what}: {int(done)}/{total} prompts; {int(finished)}/{todo} this run, {elapsed:.0f} s, {left}")
         return progress
 
     for split, s, n, chunk in plan:
