@@ -58,9 +58,23 @@ def attention_inputs(g, device, dtype, shape_name, batch, n, prefix):
             rand(batch, Hkv, S, D), lens)
 
 
-def backends_for(op: str, device: torch.device) -> list[str]:
+def backend_table(op: str, device: torch.device) -> dict[str, str | None]:
+    """Each backend benchmarked on this device for `op` -> None (runs) or why it is skipped
+    (e.g. skinny_linear has no Triton kernel: on CUDA its baseline torch_linear is cuBLAS)."""
     names = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
-    return [b for b in names if _backend.why_unavailable(op, b, device) is None]
+    return {b: _backend.why_unavailable(op, b, device) for b in names}
+
+
+SKIPPED: dict[str, dict[str, str]] = {}   # op -> {backend: reason}, reported once per op
+
+
+def backends_for(op: str, device: torch.device) -> list[str]:
+    table = backend_table(op, device)
+    for b, why in table.items():
+        if why is not None and b not in SKIPPED.setdefault(op, {}):
+            SKIPPED[op][b] = why
+            print(f"  {op}: skipping backend {b}: {why}", file=sys.stderr)
+    return [b for b, why in table.items() if why is None]
 
 
 def bench_tree_attention(device, dtype, shape_name, prefix, n, batch=1):
@@ -207,6 +221,9 @@ def main(argv=None):
     wanted = set(args.ops.split(","))
     todo = [c for c in cases(args.quick or harness.quick()) if c[0] in wanted]
     rows = []
+    name = f"kernels_{device.type}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    if device.type == "cuda":   # --device cuda:N: the current device too (raw launches use it)
+        torch.cuda.set_device(device)
     gemm = gemm_gflops(device, dtype)
     print(f"GEMM ceiling ({args.dtype}): {gemm:.0f} GFLOP/s", file=sys.stderr)
     for i, (op, params) in enumerate(todo, 1):
@@ -241,9 +258,11 @@ def main(argv=None):
                 row[f"{k}_GBps"] = weight_bytes / v / 1e9
         rows.append(row)
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
-    meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm}
-    name = f"kernels_{device.type}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
-    jpath, _ = harness.write_results(name, rows, meta)
+        meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm,
+                                               "skipped_backends": SKIPPED, "complete": i == len(todo)}
+        jpath, _ = harness.write_results(name, rows, meta)   # after every case: a killed run keeps what it measured
+    if not rows:
+        return
     plot(rows, harness.RESULTS / f"{name}.png", meta)
     print(f"wrote {jpath}")
 

@@ -205,6 +205,13 @@ inline size_t attention_smem_bytes(int D) {
   return sizeof(float) * static_cast<size_t>(kAttnRowsPerCta * D + 2 * kAttnKeys * D);
 }
 
+// cache_lens[b] brought into [0, capacity - rows]: the rows written and read stay in the cache
+// whatever cache_lens holds (valid lengths are unchanged).
+__device__ __forceinline__ int64_t clamp_prefix(int64_t len, int64_t capacity, int64_t rows) {
+  const int64_t most = capacity - rows;
+  return len < 0 ? 0 : (len > most ? (most < 0 ? 0 : most) : len);
+}
+
 // kHeadDim > 0: that head dim exactly; 0: any head dim up to kAttnMaxHeadDim (p.head_dim).
 template <typename T, int kHeadDim, int kMask>
 __global__ void __launch_bounds__(kAttnWarps * 32) attention_fwd_kernel(AttentionParams p, bool vec16) {
@@ -224,8 +231,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_fwd_kernel(Attentio
   const int m_total = n_rows * group;
   const int m0 = blockIdx.y * kAttnRowsPerCta;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t prefix = p.cache_lens[b];
+  // cache room is checked on the host only for what the host knows (rows <= capacity, the
+  // bindings); a prefix past capacity - rows (an invalid cache_lens, read here without a host
+  // sync) is clamped: never a read or write outside the cache, the result unspecified
   const int n_real = kMask == kDraft ? static_cast<int>(p.new_lens[b]) : 0;
+  const int64_t prefix = clamp_prefix(p.cache_lens[b], p.capacity, kMask == kDraft ? n_real : p.rows);
   const int first_mask = n_rows - static_cast<int>(p.num_masks);
 
   auto row_ok = [&](int r) {
@@ -389,12 +399,13 @@ __global__ void append_rows_kernel(AttentionParams p, const int64_t* row_counts,
   const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads;
   const int64_t n = row_counts != nullptr ? row_counts[b] : p.rows;
   if (j >= n) return;
+  const int64_t dst_row = clamp_prefix(p.cache_lens[b], p.capacity, n) + j;   // as the attention reads it
   const bool is_v = blockIdx.y == 1;
   const int64_t* ss = is_v ? p.v_new_stride : p.k_new_stride;
   const int64_t* ds = is_v ? p.v_cache_stride : p.k_cache_stride;
   const char* src = static_cast<const char*>(is_v ? p.v_new : p.k_new) + (b * ss[0] + h * ss[1] + j * ss[2]) * elem_bytes;
   char* dst = static_cast<char*>(is_v ? p.v_cache : p.k_cache) +
-              (b * ds[0] + h * ds[1] + (p.cache_lens[b] + j) * ds[2]) * elem_bytes;
+              (b * ds[0] + h * ds[1] + dst_row * ds[2]) * elem_bytes;
   const int64_t vecs = p.head_dim * elem_bytes / static_cast<int64_t>(sizeof(Vec));
   for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
     reinterpret_cast<Vec*>(dst)[c] = reinterpret_cast<const Vec*>(src)[c];

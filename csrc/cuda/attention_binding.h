@@ -48,6 +48,12 @@ inline AttentionParams attention_params(const char* op, const at::Tensor& q, con
               ": k_cache/v_cache: expected shape [", B, ", ", Hkv, ", S, ", D, "], got ", k_cache.sizes(), " and ",
               v_cache.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out: expected q's shape ", q.sizes(), ", got ", out.sizes());
+  // Cache room, checked on the host with what the host knows without a device sync (the lengths
+  // live on the GPU): the rows of one call fit the cache at all. The kernels clamp each
+  // sequence's prefix to capacity - rows (attention.cuh, clamp_prefix), so an invalid
+  // cache_lens never reads or writes outside the cache, validate=False or not.
+  TORCH_CHECK(N <= k_cache.size(2), op, ": cache_lens: expected room for the ", N, " new rows in a cache of S = ",
+              k_cache.size(2), " rows (k_cache.shape[2]), got N = ", N, " > S");
   TORCH_CHECK(D <= kAttnMaxHeadDim, op, ": q: expected a head dim of at most ", kAttnMaxHeadDim, ", got ", D);
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == N,

@@ -20,13 +20,17 @@ __global__ void kv_rollback_kernel(KvRollbackParams p) {
   if (g >= p.slabs * vecs) return;
   const int64_t slab = g / vecs, col = g % vecs;
   const int64_t b = (slab / p.heads) % p.batch;
-  const int64_t n = p.accept_lens[b];
+  // values are read on the device (no host sync): out-of-range ones stop the move at the cache's
+  // and accept_index's bounds instead of writing outside them
+  const int64_t n = p.accept_lens[b] < p.accept_stride ? p.accept_lens[b] : p.accept_stride;
   if (n <= 0) return;
   const int64_t base = p.cache_lens[b];
+  if (base < 0 || base + n > p.seq) return;
   Vec* rows = reinterpret_cast<Vec*>(static_cast<char*>(p.cache) + slab * p.seq * p.row_bytes);
   const int64_t* idx = p.accept_index + b * p.accept_stride;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t src = base + idx[i], dst = base + i;
+    if (src < 0 || src >= p.seq) break;
     if (src != dst) rows[dst * vecs + col] = rows[src * vecs + col];
   }
 }

@@ -16,6 +16,10 @@ void kv_rollback_cuda(at::Tensor kv_cache, at::Tensor cache_lens, const at::Tens
   const auto idx = accept_index.to(at::kLong).contiguous();
   const auto lens = accept_lens.to(at::kLong).contiguous();
   const auto p = ps_kernels::make_kv_rollback_params(kv_cache, cache_lens, idx, lens);
+  // cache room on the host with the lengths it knows (no device sync): the accepted rows fit the
+  // cache; the kernel stops at the cache's bounds for values it reads on the device
+  TORCH_CHECK(idx.size(1) <= kv_cache.size(4), "kv_rollback: accept_index: expected at most S = ", kv_cache.size(4),
+              " columns (the cache capacity), got ", idx.size(1));
   const cudaError_t err = ps_kernels::cuda::launch_kv_rollback(p, cache_lens.data_ptr<int64_t>(),
                                                                at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "kv_rollback CUDA launch failed: ", cudaGetErrorString(err));

@@ -26,13 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 MASK_CAUSAL, MASK_TREE, MASK_DRAFT = 0, 1, 2
 # A split should at least stream this many prefix rows, or the combine pass costs more than
 # the parallelism gains.
 MIN_SPLIT_ROWS = 256
 
 
-@triton.jit
+# Sizes vary call to call (a tree's N, the drafter's rows, the split length): one compiled kernel per
+# (dtype, mask kind, blocks), not per divisibility pattern of each size. Strides keep their
+# specialisation (alignment of the rows: vector loads).
+@triton.jit(do_not_specialize=["n_rows", "num_masks", "n_kv_heads", "group", "split_rows"])
 def _attention_fwd_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, cache_lens_ptr, aux_ptr, out_ptr, lse_ptr,
                           part_out_ptr, part_lse_ptr, qk_scale, n_rows, num_masks, n_kv_heads, group,
                           split_rows,
@@ -223,6 +228,14 @@ def attention_forward(q, k_new, v_new, k_cache, v_cache, cache_lens, aux, mask_k
     else:
         aux, aux_strides = aux.to(torch.int64).contiguous(), (0, 0)
     split = num_splits > 1
+    with on_device(q):
+        _launch(q, k_new, v_new, k_cache, v_cache, cache_lens, aux, aux_strides, out, lse, scale, N, num_masks, Hkv,
+                group, Hq, D, mask_kind, split, num_splits, split_rows, m_total, m_tiles, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+def _launch(q, k_new, v_new, k_cache, v_cache, cache_lens, aux, aux_strides, out, lse, scale, N, num_masks, Hkv,
+            group, Hq, D, mask_kind, split, num_splits, split_rows, m_total, m_tiles, BLOCK_M, BLOCK_N, BLOCK_D):
+    B = q.shape[0]
     if split:
         part_out = torch.empty(B * Hkv * num_splits * m_total, BLOCK_D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B * Hkv * num_splits * m_total, dtype=torch.float32, device=q.device)

@@ -6,8 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["heads", "batch", "seq", "accept_stride"])   # sizes: one compile, any shape
 def _kv_rollback_kernel(cache_ptr, cache_lens_ptr, accept_index_ptr, accept_lens_ptr,
                         heads, batch, seq, accept_stride,
                         D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -44,10 +46,11 @@ def kv_rollback(kv_cache, cache_lens, accept_index, accept_lens):
     idx = accept_index.to(torch.int64).contiguous()
     lens = accept_lens.to(torch.int64).contiguous()
     slabs = L * 2 * B * H
-    if slabs:
-        _kv_rollback_kernel[(slabs,)](raw, cache_lens, idx, lens, H, B, S, idx.shape[1],
-                                      D=D, BLOCK_D=triton.next_power_of_2(D))
-    _advance_lens_kernel[(triton.cdiv(B, 128),)](cache_lens, lens, B, BLOCK=128)
+    with on_device(kv_cache):
+        if slabs:
+            _kv_rollback_kernel[(slabs,)](raw, cache_lens, idx, lens, H, B, S, idx.shape[1],
+                                          D=D, BLOCK_D=triton.next_power_of_2(D))
+        _advance_lens_kernel[(triton.cdiv(B, 128),)](cache_lens, lens, B, BLOCK=128)
 
 
 AOT_SPECS = [

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 BLOCK_V = 2048  # vocabulary entries per step of the V-wide loops (8 per thread at 8 warps)
 
 
@@ -176,12 +178,13 @@ def tree_accept(tokens, parents, target, sample, draft_probs, uniforms):
     # Pointers a mode never reads still need a tensor: the target stands in.
     scratch = torch.empty(B, V, dtype=torch.float64, device=dev) if sample else target
     draft = draft_probs if draft_probs is not None else target
-    _tree_accept_kernel[(B,)](
-        tokens, parents, N if parents.dim() == 2 else 0, target, target.stride(0), target.stride(1),
-        draft, draft.stride(0), draft.stride(1), uniforms if sample else target, scratch,
-        accept_index, accept_lens, next_token, N, V,
-        SAMPLE=sample, HAS_DRAFT=draft_probs is not None,
-        BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_V=BLOCK_V, num_warps=8)
+    with on_device(tokens):
+        _tree_accept_kernel[(B,)](
+            tokens, parents, N if parents.dim() == 2 else 0, target, target.stride(0), target.stride(1),
+            draft, draft.stride(0), draft.stride(1), uniforms if sample else target, scratch,
+            accept_index, accept_lens, next_token, N, V,
+            SAMPLE=sample, HAS_DRAFT=draft_probs is not None,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_V=BLOCK_V, num_warps=8)
     return accept_index, accept_lens, next_token
 
 
