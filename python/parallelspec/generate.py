@@ -170,7 +170,8 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     stats = GenerationStats() if return_stats else None
     # masked-out tokens inside a prompt (a pad id that is not padding, with no mask given: transformers
     # infers a mask with holes) are left out of the run, as transformers' attention leaves them out;
-    # the output keeps them, as transformers' does
+    # the output keeps them, as transformers' does (streamers and stopping criteria see the prompt
+    # with them moved to its left)
     run_ids, run_mask = _without_holes(input_ids, attention_mask, pad)
     new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
