@@ -266,3 +266,20 @@ def test_report_main_on_the_workflow(workflow, capsys):
     report.main(["--data", str(workflow["shards"]), "--curve", str(workflow["run"] / "summary.json")])
     out = capsys.readouterr().out
     assert "| step | tokens seen" in out and '"ngram"' in out
+
+
+def test_train_checks_shards_and_runs_of_older_versions(tmp_path, capsys, workflow):
+    """Shards without target.json and a run without run.json (made before those records existed)
+    are still checked: feature width against the target, the network settings its summary kept."""
+    import shutil
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(workflow["shards"], shards)
+    (shards / "target.json").unlink()
+    shutil.copytree(workflow["run"], run)
+    (run / "run.json").unlink()
+    _save_model(tmp_path / "other", hidden=32)
+    assert cli.main(["train", "--target", str(tmp_path / "other"), "--data", str(shards), "--out", str(tmp_path / "r")]) == 2
+    assert "features of width 64" in (err := capsys.readouterr().err) and "hidden_size is 32" in err
+    assert cli.main(["train", "--target", str(workflow["root"] / "model"), "--data", str(shards), "--out", str(run),
+                     "--k", "3", "--steps", "8", "--draft-vocab", "0"]) == 2
+    assert "--k 4 (now 3)" in capsys.readouterr().err

@@ -561,16 +561,26 @@ def check_run(cfg: TrainConfig, target, data: Path, out: Path) -> None:
             raise ValueError(f"--data: the shards in {data} were made for another model than --target "
                              f"({exc}); extract shards with this target (parallelspec extract --target ...) or "
                              "train for the model they were made for") from None
+    else:                       # shards of an older extract (no record): their shapes at least
+        first = torch.load(next(iter(sorted(data.glob("train-ext-*.pt")))), map_location="cpu", weights_only=False)
+        width, vocab = int(first["feat"][0].shape[-1]), int(max(int(t.max()) for t in first["topk_ids"])) + 1
+        if width != target.config.hidden_size or vocab > target.config.vocab_size:
+            raise ValueError(f"--data: the shards in {data} were made for another model than --target (features of "
+                             f"width {width}, token ids up to {vocab - 1}; the target's hidden_size is "
+                             f"{target.config.hidden_size}, vocab_size {target.config.vocab_size}); extract shards "
+                             "with this target (parallelspec extract --target ...)")
     network = {k: getattr(cfg, k) for k in _NETWORK_FIELDS if hasattr(cfg, k)}
-    ckpt, record = out / "checkpoint.pt", out / RUN_FILE
+    ckpt, record, summary = out / "checkpoint.pt", out / RUN_FILE, out / "summary.json"
     if ckpt.exists():
-        if record.exists():
-            old = json.loads(record.read_text())
-            diff = [f"{_NETWORK_FIELDS[k]} {old['network'][k]} (now {network[k]})" for k in network
-                    if k in old.get("network", {}) and old["network"][k] != network[k]]
-            if diff:
-                raise ValueError(f"--out: {out} holds a checkpoint of another drafter ({', '.join(diff)}); rerun with "
-                                 f"those settings to resume it, or give another --out")
+        # the run's record, or for a run made before it existed, the settings its summary keeps
+        old = (json.loads(record.read_text()) if record.exists() else
+               {"network": json.loads(summary.read_text()).get("config", {})} if summary.exists() else {})
+        diff = [f"{_NETWORK_FIELDS[k]} {old['network'][k]} (now {network[k]})" for k in network
+                if k in old.get("network", {}) and old["network"][k] != network[k]]
+        if diff:
+            raise ValueError(f"--out: {out} holds a checkpoint of another drafter ({', '.join(diff)}); rerun with "
+                             f"those settings to resume it, or give another --out")
+        if "target" in old:
             try:
                 check_signature(old["target"], target)
             except ValueError as exc:
