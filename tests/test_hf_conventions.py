@@ -51,6 +51,17 @@ def test_pipeline_through_a_patched_model_gives_transformers_text(model_and_tok)
         del model.generate
     assert calls and "input_ids" in calls[0]      # the pipeline passes the prompt by keyword
     assert got == ref
+    # batched: the pipeline pads the prompts (left, for generation) and passes the mask
+    tok.pad_token = "t0"
+    ref = pipeline("text-generation", model=model, tokenizer=tok, batch_size=2)(prompts, do_sample=False,
+                                                                               max_new_tokens=8)
+    ps.patch(model, ps.NgramDrafter())
+    try:
+        got = pipeline("text-generation", model=model, tokenizer=tok, batch_size=2)(prompts, do_sample=False,
+                                                                                   max_new_tokens=8)
+    finally:
+        ps.unpatch(model)
+    assert got == ref
 
 
 @pytest.mark.parametrize("prompt_len", [5, 25])
