@@ -4,7 +4,10 @@ Three roles, two virtualenvs (vLLM's CPU build pins its own transformers, so it 
 
   prepare  (the project's venv) a quick eagle3-layout drafter for SmolLM2-135M-Instruct:
            self-distilled data through ``training.extract.generate_and_extract`` (called
-           directly, not through ``parallelspec extract``), a short ``train`` run, ``export_vllm``;
+           directly, not through ``parallelspec extract``), a short ``train`` run, ``export_vllm``.
+           ``--data sharegpt``: ShareGPT prompts (a drafter that generalises, weakly after minutes);
+           ``--data bench``: the bench prompts' own continuations, memorised, so that every
+           depth, the mask slots' too, is accepted often (a check of the engine, not of training);
            the bench prompts (``bench.prompt_sets``), transformers' greedy outputs, and our
            loop's chain with the same drafter read back from the exported files (``import_vllm``)
            and the same k: outputs and accepted tokens per step.
@@ -40,26 +43,37 @@ def prepare(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, tok = load_default_target(torch.float32)
     target_dir = cache_dir() / "SmolLM2-135M-Instruct"      # the safetensors copy vLLM serves
+    prompts = [(cat, ids) for cat, items in prompt_sets(tok, args.prompts).items() for ids in items]
     data = work / "data"
     if not (data / "train-ext-00000.pt").exists():
         data.mkdir(exist_ok=True)
         t0 = time.time()
-        for split, n in (("heldout", args.heldout_prompts), ("train", args.train_prompts)):
-            prompts = [ids for _, ids, _ in load_prompts(tok, split, limit=n, max_prompt_tokens=200)]
-            shard = generate_and_extract(model, prompts, args.gen_tokens, tok.eos_token_id, top_k=32, batch_size=32)
+        if args.data == "bench":
+            splits = (("train", [ids[0].tolist() for _, ids in prompts], args.max_new_tokens + 8),)
+        else:
+            splits = tuple((split, [ids for _, ids, _ in load_prompts(tok, split, limit=n, max_prompt_tokens=200)],
+                            args.gen_tokens) for split, n in (("heldout", args.heldout_prompts),
+                                                             ("train", args.train_prompts)))
+        for split, texts, new in splits:
+            # the bench prompts' continuations in fp32: transformers' greedy outputs exactly
+            shard = generate_and_extract(model, texts, new, tok.eos_token_id, top_k=32, batch_size=32,
+                                         autocast_dtype=None if args.data == "bench" else torch.bfloat16)
             torch.save(shard, data / f"{split}-ext-00000.pt")
-            print(f"{split}: {len(prompts)} prompts, {sum(len(s) for s in shard['ids']) - sum(shard['start'])} "
+            print(f"{split}: {len(texts)} prompts, {sum(len(s) for s in shard['ids']) - sum(shard['start'])} "
                   f"generated tokens ({time.time() - t0:.0f} s)", flush=True)
+        if args.data == "bench":
+            (data / "heldout-ext-00000.pt").symlink_to("train-ext-00000.pt")
     run = work / "run"
     if not (run / "drafter" / "config.json").exists():
+        memorise = args.data == "bench"
         cfg = TrainConfig(kind="parallel", layout="eagle3", depth=args.k, draft_vocab=args.draft_vocab,
-                          head="trained", steps=args.steps, batch_size=8, lr=2e-3, warmup=20, eval_every=100,
-                          eval_sequences=16, checkpoint_every=100, time_budget=args.train_seconds)
+                          head="trained", steps=args.steps, batch_size=len(prompts) if memorise else 8,
+                          anchor_frac=1.0 if memorise else 0.25, lr=3e-3 if memorise else 2e-3, warmup=20,
+                          eval_every=100, eval_sequences=16, checkpoint_every=100, time_budget=args.train_seconds)
         train(cfg, model, [data / "train-ext-00000.pt"], [data / "heldout-ext-00000.pt"], run,
               device=torch.device("cpu"), log=lambda m: print(m, flush=True))
     exported = export_vllm(run, work / "vllm-drafter", model)
     drafter = import_vllm(exported, model, top_m=1)
-    prompts = [(cat, ids) for cat, items in prompt_sets(tok, args.prompts).items() for ids in items]
     rows = []
     for cat, ids in prompts:
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
@@ -74,6 +88,7 @@ def prepare(args) -> None:
     summary = json.loads((run / "summary.json").read_text())
     (work / "prepare.json").write_text(json.dumps({
         "target": str(target_dir), "drafter": str(exported), "k": args.k, "max_new_tokens": args.max_new_tokens,
+        "data": args.data,
         "train": {"steps": summary["steps"], "wall_s": summary["wall_s"], "tokens": summary["train_generated_tokens"],
                   "heldout": summary["history"][-1] if summary["history"] else None},
         "rows": rows}, indent=1) + "\n")
@@ -118,7 +133,7 @@ def compare(args) -> int:
     prep = json.loads((work / "prepare.json").read_text())
     got = json.loads((work / "vllm.json").read_text())
     ok = True
-    print(f"vLLM {got['vllm_version']}, k={prep['k']}, {len(prep['rows'])} prompts, "
+    print(f"vLLM {got['vllm_version']}, drafter trained on {prep.get('data')} prompts, k={prep['k']}, {len(prep['rows'])} prompts, "
           f"{prep['max_new_tokens']} new tokens, greedy, fp32")
     for i, r in enumerate(prep["rows"]):
         spec, plain = got["vllm_spec"]["outputs"][i], got["vllm_plain"]["outputs"][i]
@@ -151,6 +166,8 @@ def main() -> int:
     ap.add_argument("role", choices=("prepare", "serve", "compare"))
     ap.add_argument("--work", default=os.environ.get("WORK", "/tmp/vllm_check"))
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--data", choices=("sharegpt", "bench"), default="sharegpt",
+                    help="the drafter's training prompts: ShareGPT's, or the bench prompts themselves (memorised)")
     ap.add_argument("--prompts", type=int, default=2, help="bench prompts per category (chat, code, long)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--train-prompts", type=int, default=192)
