@@ -13,6 +13,8 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=10, deadline=None)
+# the lent GPU's check (benchmarks/gpu_check.sh): few draws, fixed, so the op tests fit their stage
+settings.register_profile("gpu", max_examples=6, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -190,3 +190,59 @@ def test_greedy_batch_on_cuda_matches_hf(case, kind, tree):
                       tree_nodes=8)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def _wide_model(dtype):
+    """A tiny Llama whose GQA group (4) x tree nodes reaches the Triton attention path on CUDA
+    (tree_attention's auto choice goes to Triton from 32 query rows per KV head)."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                            initializer_range=0.1, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                            pad_token_id=None)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config).eval().to("cuda", dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loop on the GPU backends)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("forced", [None, "triton"])
+@pytest.mark.parametrize("kind", ["ngram", "parallel", "hybrid"])
+def test_greedy_on_cuda_backends_that_ran(kind, forced, dtype, monkeypatch):
+    """The loop on the GPU with the automatic backends (native CUDA for small trees, Triton
+    attention from 32 query rows per KV head) and again forced to Triton
+    (PS_KERNELS_BACKEND=triton), asserting which backend each op ran on; fp32 is token-for-token
+    transformers', bf16 within a few argmax flips of transformers' bf16 (summation order)."""
+    from ps_kernels import _backend
+
+    if forced:
+        monkeypatch.setenv("PS_KERNELS_BACKEND", forced)
+    ran = {}
+    select = _backend.select
+
+    def recording(op, device, backend, auto_order=None):
+        name = select(op, device, backend, auto_order)
+        ran.setdefault(op, set()).add(name)
+        return name
+    monkeypatch.setattr(_backend, "select", recording)
+    model = _wide_model(dtype)
+    ids, mask = left_padded([5, 9, 1, 7], VOCAB)
+    ids, mask = ids.to("cuda"), mask.to("cuda")
+    reference = hf_greedy(model, ids, mask, NEW)
+    drafter = ps.NgramDrafter(num_tokens=4) if kind == "ngram" else _network_drafter(kind, model)
+    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree="dynamic", tree_nodes=16)
+    expected = {"tree_attention", "tree_accept", "kv_rollback"} | ({"draft_attention"} if kind != "ngram" else set())
+    assert expected <= set(ran), ran
+    if forced:
+        for op in expected:
+            assert ran[op] == {"triton"}, (op, ran[op])
+    else:
+        assert "triton" in ran["tree_attention"], ran   # 16 nodes x group 4: the Triton path
+        for op in ("tree_accept", "kv_rollback"):
+            assert ran[op] <= {"cuda", "triton"}, (op, ran[op])
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    else:
+        new_ours, new_hf = out[:, ids.shape[1]:], reference[:, ids.shape[1]:]
+        assert (new_ours == new_hf).float().mean() >= 0.75, (new_ours, new_hf)
