@@ -22,13 +22,25 @@ from .. import reference as _ref
 
 OP = "skinny_linear"
 #: Per CPU capability level, per weight dtype: (fewest, most) rows of x for which the native
-#: kernel beat torch's F.linear, measured with the level forced on one CPU (2-core Intel Xeon with
-#: AVX-512 and AVX512-BF16, torch 2.13; benchmarks/results/kernels_cpu*.json). A level or dtype
-#: missing here is not routed to (the kernel still runs when asked for by name).
-#:   avx512 / avx512_bf16: fp32 1.4-4.4x at 1..32 rows; bf16 1.1-1.6x at 1..4 rows (torch's
-#:   oneDNN bf16 GEMM wins beyond); fp16 2-3.5x at 2..32 rows (torch's one-row fp16 GEMV as fast)
+#: kernel beat torch's F.linear, measured on one CPU (Intel Xeon with AVX-512 and AVX512-BF16,
+#: torch 2.13) with our level forced and torch held to the same instruction set
+#: (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), SmolLM2-135M's 540 MB of
+#: weights in turn, interleaved medians. A level or dtype missing here is not routed to (the
+#: kernel still runs when asked for by name).
+#:   avx512 / avx512_bf16 (2 threads): fp32 1.4-4.4x at 1..32 rows; bf16 1.1-1.6x at 1..4 rows
+#:   (torch's oneDNN bf16 GEMM wins beyond); fp16 2-3.5x at 2..32 rows (torch's one-row fp16
+#:   GEMV as fast)
+#:   avx2 (1 thread, 2026-12-02): fp32 0.97x at 1 row (1.8x on an AVX2-only EPYC, issue 20),
+#:   1.6-2.0x at 2..16, 1.4x at 32; bf16 1.2-4x and fp16 1.3-4x at 1..32
+#:   default (1 thread, against torch's portable build): fp32 1.25x at 4..8 (even at 2 and 16,
+#:   slower at 32); bf16 2.2-2.7x at 1..32; fp16 slower (no F16C: scalar conversion)
 _AVX512_ROWS = {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (2, 32)}
-SKINNY_ROWS = {"default": {}, "avx2": {}, "avx512": _AVX512_ROWS, "avx512_bf16": _AVX512_ROWS}
+SKINNY_ROWS = {
+    "default": {torch.float32: (4, 8), torch.bfloat16: (1, 32)},
+    "avx2": {torch.float32: (1, 32), torch.bfloat16: (1, 32), torch.float16: (1, 32)},
+    "avx512": _AVX512_ROWS,
+    "avx512_bf16": _AVX512_ROWS,
+}
 
 
 @torch.library.custom_op("ps_kernels::skinny_linear", mutates_args=())
