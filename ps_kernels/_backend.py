@@ -221,6 +221,9 @@ def _why_unavailable(op: str, backend: str, device_type: str, interp: bool) -> s
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
+# torch.compile: the choice is a constant of the traced graph (fixed per process, as the cache below
+# assumes), not Python for dynamo to trace (it would reach the library loader's filesystem calls)
+@torch.compiler.assume_constant_result
 def select(op: str, device: torch.device, backend: str | None, auto_order: tuple[str, ...] | None = None) -> str:
     """Pick the backend for one call of `op` on tensors living on `device`. `auto_order`
     lets an op reorder the automatic choice for a shape where measurements favour another

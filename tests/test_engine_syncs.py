@@ -90,3 +90,39 @@ def test_cache_sized_once(model, kind, tree, monkeypatch):
     assert cache.reallocations == 0 and cache.kv.data_ptr() == ptr
     largest = {"chain": 5, "static": 7, "dynamic": 8, "auto": 10}[tree] if kind else 1
     assert cache.capacity == 9 + 20 - 1 + largest   # longest prompt + max_new_tokens - 1 + largest tree
+
+
+@pytest.mark.parametrize("shared_tree", [True, False])
+def test_verify_step_traces_whole_with_torch_compile(model, shared_tree):
+    """The step after the tree is built (the target's pass over N nodes, tree_accept, recording,
+    the commit) is one graph for torch.compile(fullgraph=True): no host sync, no data-dependent
+    shape hides in it (what a CUDA graph per tree size needs); and it computes what eager does."""
+    import copy
+
+    import ps_kernels
+    from parallelspec.engine import DecodeSettings, _Output, verify_step
+    from parallelspec.hf import TargetModel
+    from parallelspec.sampling import SamplingParams
+    from parallelspec.trees import Tree
+
+    target = TargetModel(model)
+    B, N = 2, 5
+    parents = torch.tensor([-1, 0, 0, 1, 3]) if shared_tree else torch.tensor([[-1, 0, 0, 1, 3], [-1, 0, 1, 1, 0]])
+    depths = torch.tensor([0, 1, 1, 2, 3]) if shared_tree else torch.tensor([[0, 1, 1, 2, 3], [0, 1, 2, 2, 1]])
+    tree = Tree(torch.randint(0, VOCAB, (B, N)), parents, depths, ps_kernels.tree_mask_from_parents(parents))
+    ids = torch.randint(1, VOCAB, (B, 6))
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        cache = target.new_cache(B, 32)
+        out = _Output(ids, DecodeSettings(max_new_tokens=8), slack=N)
+        with torch.inference_mode(), target.attention():
+            target.forward(ids, torch.arange(6).expand(B, -1), cache, None)
+            cache.lens.fill_(6)
+            fn = torch.compile(verify_step, fullgraph=True, backend="eager") if compiled else verify_step
+            got = fn(target, cache, tree, SamplingParams(), out)
+        results.append((copy.deepcopy([t.clone() for t in got]), cache.lens.clone(), cache.kv.clone()))
+    (eager, lens_e, kv_e), (comp, lens_c, kv_c) = results
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(lens_e, lens_c) and torch.equal(kv_e, kv_c)

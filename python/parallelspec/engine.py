@@ -163,6 +163,23 @@ def drafter_depth(drafter: Drafter | None) -> int | None:
     return getattr(drafter, "depth", None) or getattr(drafter, "num_tokens", None)
 
 
+def verify_step(target: TargetModel, cache, tree: Tree, sampling: SamplingParams, out: "_Output"):
+    """The step's device work after the tree is built, one function of fixed shapes per tree size
+    N (no host sync, no data-dependent shape; a streamer or stopping criteria add their own host
+    work in out.record): the target's pass over the N nodes, tree_accept, the emitted tokens
+    recorded, and the commit of the live sequences' accepted rows (finished ones stop growing:
+    their committed rows stay below longest + max_new - 1, so their later trees fit the cache).
+    Returns (hidden [B, N, d], accept_index [B, N], accept_lens [B], next_token [B], emitted
+    [B, N], live [B]). ``torch.compile(verify_step, fullgraph=True)`` traces it whole
+    (tests/test_engine_syncs.py), the property a CUDA-graph capture per tree size needs."""
+    hidden, logits = verify(target, cache, tree)
+    accept_index, accept_lens, next_token = accept(tree, logits, sampling)
+    emitted = shift_in(tree.tokens.gather(1, accept_index.clamp(min=0)), accept_lens, next_token)
+    live = out.record(emitted, accept_lens)
+    cache.commit(accept_index, accept_lens * live)
+    return hidden, accept_index, accept_lens, next_token, emitted, live
+
+
 def first_token(target: TargetModel, hidden: torch.Tensor, lens: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     last = gather_rows(hidden, (lens - 1)[:, None])  # [B, 1, d]: logits only where needed
     logits = target.logits(last)[:, 0]
@@ -283,14 +300,10 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
             cache.reserve(longest + settings.max_new_tokens - 1 + tree.size)   # sized for it already
             if stats is not None:
                 stats.draft_time += clock.lap()
-            hidden, logits = verify(target, cache, tree)
-            accept_index, accept_lens, next_token = accept(tree, logits, settings.sampling)
-            path = accept_index.clamp(min=0)
-            emitted = shift_in(tree.tokens.gather(1, path), accept_lens, next_token)
             was_live = ~out.finished
-            live = out.record(emitted, accept_lens)
-            # finished sequences stop growing: committed rows stay below longest + max_new - 1
-            cache.commit(accept_index, accept_lens * live)
+            hidden, accept_index, accept_lens, next_token, emitted, live = verify_step(target, cache, tree,
+                                                                                     settings.sampling, out)
+            path = accept_index.clamp(min=0)
             builder.observe(accept_lens * live, accept_index)
             if drafter is not None:  # finished sequences feed nothing (lens 0): the drafter stops growing too
                 new_tokens, new_features, new_lens = emitted, gather_rows(hidden, path), accept_lens * live
