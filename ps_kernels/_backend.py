@@ -72,6 +72,15 @@ def cpu_capability() -> CpuCapability:
     return CpuCapability(cpu_level(), tuple(compiled), tuple(supported))
 
 
+def runnable_cpu_levels() -> tuple[str, ...]:
+    """The capability levels both compiled and supported here, lowest first (what tests and
+    benchmarks may force); () without the native library. Does not choose the active level."""
+    if not native_library()[0]:
+        return ()
+    compiled, supported = torch.ops.ps_kernels_C._cpu_capability_levels()
+    return tuple(level for level in compiled if level in supported)
+
+
 def cpu_level() -> str | None:
     """The active capability level's name (cached; the per-call routing reads it), None without
     the native library. Raises RuntimeError when PS_KERNELS_CPU_CAPABILITY cannot be honoured."""

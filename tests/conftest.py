@@ -18,9 +18,26 @@ settings.register_profile("gpu", max_examples=6, deadline=None, derandomize=True
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_capability(level): run with the native CPU kernels forced to level")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_capability(request):
+    """Force the native CPU kernels' capability level of a test marked cpu_capability(level)
+    (helpers.cpu_level_params), restoring the automatic choice afterwards."""
+    mark = request.node.get_closest_marker("cpu_capability")
+    if mark is None:
+        yield
+        return
+    from ps_kernels import _backend
+    with _backend.force_cpu_capability(mark.args[0]):
+        yield
 
 
 @pytest.fixture

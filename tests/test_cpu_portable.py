@@ -46,3 +46,78 @@ def test_level_objects_export_only_their_namespace(tmp_path):
         checked += 1
     if not checked:
         pytest.skip("the compiler builds none of the levels above the baseline")
+
+
+_CAPABILITY_SCRIPT = r"""
+import json, os, sys, torch, ps_kernels
+cap = ps_kernels.cpu_capability()
+report = {"active": cap.active, "compiled": cap.compiled, "supported": cap.supported,
+          "backends": ps_kernels.backends()["cpu"], "errors": {}}
+x, w = torch.randn(2, 8), torch.randn(3, 8)
+report["ok"] = bool(torch.allclose(ps_kernels.skinny_linear(x, w, backend="cpu"), x @ w.t(), atol=1e-5))
+# bad values: the variable is read at first use; returning to the automatic choice reads it again
+for bad in sys.argv[1:]:
+    os.environ["PS_KERNELS_CPU_CAPABILITY"] = bad
+    torch.ops.ps_kernels_C._set_cpu_capability("")
+    ps_kernels._backend._active_level = None
+    try:
+        ps_kernels.skinny_linear(x, w, backend="cpu")
+        report["errors"][bad] = None
+    except RuntimeError as exc:
+        report["errors"][bad] = str(exc).splitlines()[0]
+print(json.dumps(report))
+"""
+
+
+def _native_levels():
+    import ps_kernels
+    return ps_kernels._backend.runnable_cpu_levels(), ps_kernels._backend.CPU_CAPABILITIES
+
+
+def test_capability_variable_forces_a_level_and_bad_values_fail_clearly():
+    """PS_KERNELS_CPU_CAPABILITY in a fresh process: the lowest level is used and reported by
+    cpu_capability() and backends(); an unknown name, and a level above the CPU's (when this
+    CPU lacks one), raise an error naming the variable, the CPU's levels and the ask."""
+    import json
+    import os
+    import sys
+
+    runnable, every = _native_levels()
+    if not runnable:
+        pytest.skip("native library not built")
+    above = [level for level in every if level not in runnable]
+    env = dict(os.environ, PS_KERNELS_CPU_CAPABILITY="default")
+    run = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, "avx3", *above[-1:]], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["active"] == "default" and report["ok"]
+    assert "CPU capability default" in report["backends"]
+    assert set(report["compiled"]) >= set(runnable) and set(report["supported"]) >= set(runnable)
+    unknown = report["errors"]["avx3"]
+    assert "PS_KERNELS_CPU_CAPABILITY=avx3" in unknown and "expected one of" in unknown
+    assert ", ".join(report["supported"]) in unknown
+    for level in above[-1:]:  # e.g. avx512 on an AVX2-only CPU
+        msg = report["errors"][level]
+        assert f"PS_KERNELS_CPU_CAPABILITY={level}" in msg and "this CPU supports" in msg, msg
+
+
+def test_forcing_a_level_in_process_and_restoring_it():
+    import ps_kernels
+    import torch
+
+    runnable, _ = _native_levels()
+    if not runnable:
+        pytest.skip("native library not built")
+    best = ps_kernels.cpu_capability().active
+    for level in runnable:
+        with ps_kernels._backend.force_cpu_capability(level):
+            assert ps_kernels.cpu_capability().active == level
+            assert f"CPU capability {level}" in ps_kernels.backends()["cpu"]
+    assert ps_kernels.cpu_capability().active == best
+    with pytest.raises(RuntimeError, match="cpu capability: expected one of"):
+        with ps_kernels._backend.force_cpu_capability("sse9"):
+            pass
+    assert ps_kernels.cpu_capability().active == best
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    torch.testing.assert_close(ps_kernels.skinny_linear(x, w, backend="cpu"), x @ w.t(), rtol=1e-5, atol=1e-5)

@@ -8,10 +8,14 @@ from hypothesis import given, settings, strategies as st
 import ps_kernels
 from ps_kernels import reference as ref
 
+from helpers import cpu_level_params
+
 OP = "skinny_linear"
 CPU = torch.device("cpu")
 NATIVE = ps_kernels._backend.why_unavailable(OP, "cpu", CPU)
 needs_native = pytest.mark.skipif(NATIVE is not None, reason=f"native CPU backend: {NATIVE}")
+# each native test once per capability level this machine runs (conftest forces the level)
+LEVELS = pytest.mark.parametrize("level", cpu_level_params() if NATIVE is None else ["none"])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -23,10 +27,11 @@ def _tolerance(x, weight, dtype):
 
 
 @needs_native
+@LEVELS
 @settings(max_examples=60, deadline=None)
 @given(M=st.integers(1, 40), K=st.integers(1, 200), N=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
        bias=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_matches_reference_over_odd_shapes(M, K, N, dtype, bias, seed):
+def test_matches_reference_over_odd_shapes(level, M, K, N, dtype, bias, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype)
     w = torch.randn(N, K, generator=g).to(dtype)
@@ -41,9 +46,10 @@ def test_matches_reference_over_odd_shapes(M, K, N, dtype, bias, seed):
 
 
 @needs_native
+@LEVELS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K, N", [(576, 1536), (1536, 576), (96, 4099)])
-def test_model_shapes_within_twice_torchs_error(dtype, K, N):
+def test_model_shapes_within_twice_torchs_error(level, dtype, K, N):
     g = torch.Generator().manual_seed(K + N)
     x = torch.randn(3, 5, K, generator=g).to(dtype)       # leading dims count as rows (15)
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
@@ -54,7 +60,8 @@ def test_model_shapes_within_twice_torchs_error(dtype, K, N):
 
 
 @needs_native
-def test_mixed_weight_dtype_and_noncontiguous_weight():
+@LEVELS
+def test_mixed_weight_dtype_and_noncontiguous_weight(level):
     x = torch.randn(4, 64)
     w = torch.randn(64, 30).t()                          # [30, 64], not contiguous
     torch.testing.assert_close(ps_kernels.skinny_linear(x, w, backend="cpu"), F.linear(x, w), rtol=1e-5, atol=1e-5)
@@ -94,7 +101,8 @@ def test_torch_compile_traces_the_op():
 
 
 @needs_native
-def test_routing_inside_the_block_only():
+@LEVELS
+def test_routing_inside_the_block_only(level):
     from parallelspec import linear
     from parallelspec.linear import skinny_linears
 
@@ -126,3 +134,27 @@ def test_routing_inside_the_block_only():
         ps_kernels.skinny_linear, linear._launch = real, real_launch
     torch.testing.assert_close(got_few, want_few, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_many, want_many)
+
+
+@needs_native
+def test_routing_follows_the_active_levels_table(monkeypatch):
+    """A level without a measured-faster range for a dtype is not routed to (e.g. fp16 at the
+    portable level); the level's range decides the rows."""
+    from parallelspec import linear
+
+    levels = ps_kernels._backend.runnable_cpu_levels()
+    monkeypatch.setitem(ps_kernels.SKINNY_ROWS, "default", {torch.float32: (2, 3)})
+    with ps_kernels._backend.force_cpu_capability("default"):
+        assert linear.native_serves(CPU)
+        w = torch.randn(5, 8)
+        for rows, routed in ((1, False), (2, True), (3, True), (4, False)):
+            calls = []
+            real = linear._launch
+            monkeypatch.setattr(linear, "_launch", lambda *a: calls.append(1) or real(*a))
+            with torch.no_grad():
+                linear.linear(torch.randn(rows, 8), w)
+            assert bool(calls) == routed, rows
+            monkeypatch.setattr(linear, "_launch", real)
+        monkeypatch.setitem(ps_kernels.SKINNY_ROWS, "default", {})
+        assert not linear.native_serves(CPU)
+    assert linear.native_serves(CPU) == bool(ps_kernels.SKINNY_ROWS[levels[-1]])
