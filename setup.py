@@ -4,6 +4,13 @@
     PS_KERNELS_SKIP_CUDA=1 pip install ...    # CPU kernels only
     PS_KERNELS_SKIP_NATIVE=1 pip install ...  # no native library at all (Triton/PyTorch paths)
 
+    PS_KERNELS_NATIVE_ARCH=1 pip install ...  # -march=native: local tuning only (runs on this CPU only)
+
+The CPU kernels are compiled once per capability level the compiler can build (default, avx2,
+avx512, avx512_bf16; see CMakeLists.txt) and chosen at run time from the CPU, so a wheel built on
+an AVX-512 machine runs on an AVX2 one at that machine's best level (PS_KERNELS_CPU_CAPABILITY
+forces a lower level; ps_kernels.cpu_capability() reports it).
+
 Without a compiler toolchain the native build fails softly: the package installs and runs on
 its Triton and PyTorch backends, and ps_kernels.backends() says why the native one is missing.
 """

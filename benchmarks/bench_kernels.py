@@ -12,6 +12,12 @@ baseline in the same run.
   kv_rollback     see bench_kv_rollback.py
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--quick]
+                                       [--cpu-capability all|avx2,avx512|...]
+
+--cpu-capability runs the native CPU kernels compiled per capability level (skinny_linear and the
+attention core) once per level named, side by side in the same run (columns cpu-<level>; each
+call includes the ~3 us level switch); without it, the level chosen automatically (column cpu).
+The JSON's meta records the CPU model and the capability levels.
 
 Each attention row also reports GFLOP/s and `gemm_bound_speedup`: the machine's dense GEMM rate
 (measured in the same run, same dtype) over the baseline's rate, i.e. the most any kernel that
@@ -35,7 +41,9 @@ import ps_kernels  # noqa: E402
 from ps_kernels import _backend  # noqa: E402
 from ps_kernels import reference as ref  # noqa: E402
 
-_BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop", "torch_linear")
+_BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop", "torch_linear", "memory_read")
+# ops whose native CPU kernel is compiled per capability level (csrc/cpu/level_kernels.cpp)
+LEVEL_OPS = ("tree_attention", "draft_attention", "skinny_linear")
 HEAD_SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
 
@@ -182,13 +190,30 @@ def bench_skinny_linear(device, dtype, shape_name, rows):
     def torch_linear():
         for x, w in ws:
             F.linear(x, w)
-    fns = {"torch_linear": torch_linear}
+    # a plain read of as many bytes as the weights: the memory rate few-row linears are bound by
+    read = torch.randn(sum(w.numel() for _, w in ws) * dtype.itemsize // 4, generator=g).to(device)
+    fns = {"torch_linear": torch_linear, "memory_read": read.sum}
     for b in backends_for("skinny_linear", device):
         def native(b=b):
             for x, w in ws:
                 ps_kernels.skinny_linear(x, w, backend=b, validate=False)
         fns[b] = native
     return fns
+
+
+def per_level(fns: dict, levels: list) -> dict:
+    """fns with the native CPU backend's entry replaced by one per capability level (cpu-<level>),
+    each call forcing its level; unchanged for the automatic level ([None])."""
+    if levels == [None] or "cpu" not in fns:
+        return fns
+    set_level = torch.ops.ps_kernels_C._set_cpu_capability
+    out = {k: v for k, v in fns.items() if k != "cpu"}
+    for level in levels:
+        def at_level(fn=fns["cpu"], level=level):
+            set_level(level)
+            return fn()
+        out[f"cpu-{level}"] = at_level
+    return out
 
 
 def cases(quick: bool):
@@ -216,7 +241,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ops", default="tree_attention,draft_attention,tree_accept,skinny_linear")
+    ap.add_argument("--cpu-capability", default=None,
+                    help="native CPU kernels at these levels side by side: 'all' or e.g. 'avx2,avx512'")
     args = ap.parse_args(argv)
+    levels = harness.cpu_capabilities(args.cpu_capability) if args.device == "cpu" else [None]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     wanted = set(args.ops.split(","))
     todo = [c for c in cases(args.quick or harness.quick()) if c[0] in wanted]
@@ -236,6 +264,8 @@ def main(argv=None):
             fns = bench_skinny_linear(device, dtype, **params)
         else:
             fns = bench_tree_accept(device, **params)
+        if op in LEVEL_OPS:
+            fns = per_level(fns, levels)
         times = {name: m["median_s"] for name, m in harness.measure_interleaved(fns, device).items()}
         base = {"tree_accept": "python_loop", "skinny_linear": "torch_linear"}.get(op, "sdpa_dense_mask")
         row = {"op": op, **params, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
@@ -259,8 +289,11 @@ def main(argv=None):
         rows.append(row)
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
         meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm,
-                                               "skipped_backends": SKIPPED, "complete": i == len(todo)}
+                                               "skipped_backends": SKIPPED, "complete": i == len(todo),
+                                               "cpu_capabilities_run": levels}
         jpath, _ = harness.write_results(name, rows, meta)   # after every case: a killed run keeps what it measured
+    if levels != [None]:
+        torch.ops.ps_kernels_C._set_cpu_capability("")  # back to the automatic choice
     if not rows:
         return
     plot(rows, harness.RESULTS / f"{name}.png", meta)

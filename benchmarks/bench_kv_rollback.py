@@ -2,6 +2,11 @@
 of the same bytes, on a SmolLM2-shaped cache (30 layers, 3 KV heads, head dim 64).
 
     python benchmarks/bench_kv_rollback.py [--device cpu|cuda] [--dtype float32] [--quick]
+                                           [--cpu-capability all|avx2,avx512|...]
+
+The CPU kernel is compiled once, for the baseline (a copy of rows: no instruction-set levels);
+--cpu-capability still runs it with each level forced (columns native_<level>_us) so that a run
+shows it, and the JSON's meta records the CPU model and the levels.
 
 Writes benchmarks/results/kv_rollback_<device>.{json,csv,png}."""
 from __future__ import annotations
@@ -49,7 +54,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--quick", action="store_true", help="fewer shapes (CI smoke run)")
+    ap.add_argument("--cpu-capability", default=None,
+                    help="also time the native CPU kernel with these levels forced: 'all' or e.g. 'avx2,avx512'")
     args = ap.parse_args(argv)
+    levels = harness.cpu_capabilities(args.cpu_capability) if args.device == "cpu" else [None]
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     native = "cuda" if device.type == "cuda" else "cpu"
@@ -76,19 +84,23 @@ def main(argv=None):
         t_native = harness.measure(run_native, device)
         t_torch = harness.measure(run_torch, device)
         t_copy = harness.measure(lambda: dst.copy_(src), device)
+        per_level = {}
+        for level in levels if levels != [None] else []:
+            with harness.at_cpu_capability(level):
+                per_level[f"native_{level}_us"] = harness.measure(run_native, device)["median_s"] * 1e6
         rows.append({
             "batch": B, "accepted": n, "bytes_moved": moved,
             "native_us": t_native["median_s"] * 1e6, "torch_loop_us": t_torch["median_s"] * 1e6,
             "memcpy_us": t_copy["median_s"] * 1e6,
             "speedup_vs_torch_loop": t_torch["median_s"] / t_native["median_s"],
             "native_GBps": moved / t_native["median_s"] / 1e9,
-            "memcpy_GBps": moved / t_copy["median_s"] / 1e9,
+            "memcpy_GBps": moved / t_copy["median_s"] / 1e9, **per_level,
         })
         print(f"  native {rows[-1]['native_us']:.1f} us, torch loop {rows[-1]['torch_loop_us']:.1f} us "
               f"({rows[-1]['speedup_vs_torch_loop']:.1f}x), memcpy of the same bytes {rows[-1]['memcpy_us']:.1f} us",
               file=sys.stderr)
     meta = harness.machine_info(device) | {"dtype": args.dtype, "shape": "L=30, H_kv=3, D=64, S=512, tree=32",
-                                           "native_backend": native}
+                                           "native_backend": native, "cpu_capabilities_run": levels}
     name = f"kv_rollback_{device.type}"
     jpath, _ = harness.write_results(name, rows, meta)
     plot(rows, harness.RESULTS / f"{name}.png", meta)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .benchutil import machine_info, markdown_table, pyplot, sync, write_results
+from .benchutil import at_cpu_capability, cpu_capabilities, machine_info, markdown_table, pyplot, sync, write_results
 from .cli import device_arg
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
@@ -180,6 +180,13 @@ def run(args) -> dict:
     extra = dict(args.drafter)
     names = args.methods.split(",") + [f"{pre}{n}_auto" for n in extra for pre in ("", "hybrid-")]
     methods = build_methods(model, names, args.max_nodes, extra)
+    levels = cpu_capabilities(args.cpu_capability) if args.device.type == "cpu" else [None]
+    if levels != [None]:  # our methods once per capability level (NAME@level), transformers' once
+        methods = {n: m for n, m in methods.items() if n == "hf_generate"}
+        for level in levels:
+            for n, m in build_methods(model, names, args.max_nodes, extra).items():
+                if n != "hf_generate":
+                    methods[f"{n}@{level}"] = m if isinstance(m, str) else _at_level(m, level)
     skipped = {n: m for n, m in methods.items() if isinstance(m, str)}
     live = {n: m for n, m in methods.items() if not isinstance(m, str)}
     for n, why in skipped.items():
@@ -223,6 +230,13 @@ def run(args) -> dict:
     batch = _batch_throughput(live, tok, sets["chat"], args)
     return {"rows": rows, "summary": summary, "aims": _aims(summary), "sampled": sampled, "batch4": batch,
             "skipped": skipped}
+
+
+def _at_level(fn, level):
+    def run(*args, **kwargs):
+        with at_cpu_capability(level):
+            return fn(*args, **kwargs)
+    return run
 
 
 def _drafter_arg(text: str) -> tuple[str, str]:
@@ -307,6 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--quick", action="store_true", help="2 prompts per category, 24 new tokens (smoke run)")
+    ap.add_argument("--cpu-capability", default=None,
+                    help="run our methods with the native CPU kernels at each of these levels, side by side "
+                         "(NAME@level): 'all' or e.g. 'avx2,avx512' (default: the level chosen automatically)")
     ap.add_argument("--out", default=DEFAULT_OUT,
                     help="results directory (default: ./%(default)s in the current directory; the checkout's "
                          "committed results are benchmarks/results, written only when asked for)")

@@ -30,16 +30,57 @@ RESULTS = default_results_dir()
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform reports."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability_info() -> dict:
+    """The native CPU kernels' instruction-set levels now: active, compiled, supported (or the
+    error PS_KERNELS_CPU_CAPABILITY gives)."""
+    import ps_kernels
+    try:
+        cap = ps_kernels.cpu_capability()
+    except RuntimeError as exc:
+        return {"error": str(exc).splitlines()[0]}
+    return {"active": cap.active, "compiled": list(cap.compiled), "supported": list(cap.supported)}
+
+
+def cpu_capabilities(spec: str | None) -> list[str | None]:
+    """--cpu-capability: None -> [None] (the level chosen automatically); "all" -> every level
+    this machine runs, lowest first; "avx2,avx512" -> those (an error names a level this machine
+    cannot run)."""
+    if spec is None:
+        return [None]
+    from ps_kernels import _backend
+    runnable = list(_backend.runnable_cpu_levels())
+    if spec == "all":
+        return runnable
+    levels = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [lv for lv in levels if lv not in runnable]
+    if bad or not levels:
+        raise ValueError(f"--cpu-capability: expected 'all' or levels among {runnable} (compiled and supported "
+                         f"here), got {spec!r}")
+    return levels
+
+
+def at_cpu_capability(level: str | None):
+    """A context running the native CPU kernels at `level` (None: as chosen automatically)."""
+    import contextlib
+    if level is None:
+        return contextlib.nullcontext()
+    from ps_kernels import _backend
+    return _backend.force_cpu_capability(level)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -47,6 +88,8 @@ def machine_info(device: torch.device) -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability_info(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "backends": ps_kernels.backends(),
