@@ -13,13 +13,15 @@
 #   replay_cuda.json            the replay rows (SmolLM2-shaped replay, Llama-8B-shaped verify curve)
 #
 #  stage            timeout  what
-#  build                150  pip install -e . (CMake, CUDA for $PS_KERNELS_CUDA_ARCHS), fallback cpp_extension
-#  op_tests              90  kv_rollback / tree_attention / draft_attention / tree_accept / cuda paths, hypothesis profile "gpu"
-#  loop_tests            60  the decoding loop on the GPU (test_engine.py -k on_cuda): CUDA backends (auto), fp32 + bf16
-#  loop_tests_triton     45  the same forced to Triton (PS_KERNELS_BACKEND=triton), asserting the backend that ran
-#  bench_kernels         55  bench_kv_rollback (quick) + bench_kernels --quick bf16 against SDPA
-#  replay                40  benchmarks/replay_traces.py: the recorded SmolLM2 traces on a random SmolLM2-shaped target
-#  verify_curve_8b       30  Llama-3-8B-shaped random target (bf16): verify cost N = 1..64 x prefix 512..4096
+#  build                140  pip install -e . (CMake, CUDA for $PS_KERNELS_CUDA_ARCHS), fallback cpp_extension
+#  op_tests              80  kv_rollback / tree_attention / draft_attention / tree_accept / cuda paths, hypothesis profile "gpu"
+#  loop_tests            90  the decoding loop on the GPU (test_engine.py -k on_cuda; llama + qwen3 archs): every drafter
+#                            and tree kind against transformers, and the backends that ran asserted (automatic: CUDA,
+#                            Triton attention from 32 query rows per KV head; and forced to Triton), fp32 + bf16
+#  loop_tests_triton     50  the whole loop forced to Triton (PS_KERNELS_BACKEND=triton) against transformers (llama)
+#  bench_kernels         45  bench_kv_rollback (quick) + bench_kernels --quick bf16 against SDPA
+#  replay                35  benchmarks/replay_traces.py: the recorded SmolLM2 traces on a random SmolLM2-shaped target
+#  verify_curve_8b       25  Llama-3-8B-shaped random target (bf16): verify cost N = 1..64 x prefix 512..4096
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -105,27 +107,28 @@ build() {
 }
 export -f build
 export PY DRY
-stage build 150 build.log bash -c build
+stage build 140 build.log bash -c build
 export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import ps_kernels; print(ps_kernels.backends())" 2>&1 | tee -a "$OUT/summary.txt"
 
 PYTEST="$PY -m pytest -ra -q -p no:cacheprovider $PYTEST_TIMEOUT"
 [ "$DRY" = 1 ] && PYTEST="$PYTEST --collect-only"
-stage op_tests 90 tests.log bash -c "cd tests && $PYTEST test_kv_rollback.py test_tree_attention.py test_draft_attention.py test_tree_accept.py test_cuda_paths.py"
-stage loop_tests 60 tests.log bash -c "cd tests && $PYTEST test_engine.py -k on_cuda"
-stage loop_tests_triton 45 tests.log bash -c "cd tests && PS_KERNELS_BACKEND=triton $PYTEST test_engine.py -k 'on_cuda_backends_that_ran'"
+stage op_tests 80 tests.log bash -c "cd tests && $PYTEST test_kv_rollback.py test_tree_attention.py test_draft_attention.py test_tree_accept.py test_cuda_paths.py"
+stage loop_tests 90 tests.log bash -c "cd tests && $PYTEST test_engine.py -k 'on_cuda and not qwen2 and not mistral'"
+stage loop_tests_triton 50 tests.log bash -c "cd tests && PS_KERNELS_BACKEND=triton $PYTEST test_engine.py -k 'on_cuda_matches_hf and llama'"
 
 if [ "$DRY" = 1 ]; then
-  stage bench_kernels 55 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --help >/dev/null && $PY benchmarks/bench_kernels.py --help"
-  stage replay 40 replay.log $PY benchmarks/replay_traces.py --help
-  stage verify_curve_8b 30 replay.log $PY benchmarks/replay_traces.py --help
+  stage bench_kernels 45 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --help >/dev/null && $PY benchmarks/bench_kernels.py --help"
+  stage replay 35 replay.log $PY benchmarks/replay_traces.py --help
+  stage verify_curve_8b 25 replay.log $PY benchmarks/replay_traces.py --help
 else
-  stage bench_kernels 55 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --device cuda --dtype bfloat16 --quick; \
+  stage bench_kernels 45 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --device cuda --dtype bfloat16 --quick; \
     $PY benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --quick; \
     cp benchmarks/results/kernels_cuda_bfloat16.json '$OUT/' 2>/dev/null; true"
-  stage replay 40 replay.log $PY benchmarks/replay_traces.py --device cuda --target smollm2 --runs 2 --warmup 1 \
-    --split --out "$OUT/replay_cuda.json"
-  stage verify_curve_8b 30 replay.log $PY benchmarks/replay_traces.py --device cuda --target llama8b --no-replay \
+  stage replay 35 replay.log $PY benchmarks/replay_traces.py --device cuda --target smollm2 --runs 1 --warmup 1 \
+    --split --out "$OUT/replay_cuda.json" --traces benchmarks/traces/smollm2_hybrid_auto.json \
+    benchmarks/traces/smollm2_hybrid_dynamic16.json benchmarks/traces/smollm2_hybrid_dynamic64.json
+  stage verify_curve_8b 25 replay.log $PY benchmarks/replay_traces.py --device cuda --target llama8b --no-replay \
     --out "$OUT/replay_cuda_8b.tmp.json"
   # one results file for both replays (the 8-file limit)
   $PY - "$OUT" <<'EOF' 2>/dev/null

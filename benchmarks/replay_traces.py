@@ -287,20 +287,24 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.target == "llama8b" else "float32"))
     model = random_target(args.target, device, dtype)
-    rows = []
-    files = args.traces if args.traces is not None else sorted(TRACES.glob("*.json"))
-    for path in ([] if args.no_replay else files):
-        row = replay_file(path, model, device, args)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.verify_curve or args.no_replay:
-        rows += verify_curve(model, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     meta = {"label": "replay: recorded trees and paths, random weights", "device": name, "target_shape": args.target,
             "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__}
     out = args.out or HERE / "results" / f"replay_{device.type}_{args.target}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    rows = []
+
+    def write():   # after every file: a run stopped by a timeout keeps what it measured
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    files = args.traces if args.traces is not None else sorted(TRACES.glob("*.json"))
+    for path in ([] if args.no_replay else files):
+        row = replay_file(path, model, device, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write()
+    if args.verify_curve or args.no_replay:
+        rows += verify_curve(model, device)
+    write()
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
