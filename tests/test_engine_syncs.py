@@ -38,7 +38,7 @@ def _drafter(kind, model):
     return drafter
 
 
-def step_syncs(model, kind, tree, batch=(6, 9)):
+def step_syncs(model, kind, tree, batch=(6, 9), **sampling):
     from parallelspec.autotree import AutoTree
 
     ids, mask = left_padded(list(batch), VOCAB)
@@ -50,7 +50,7 @@ def step_syncs(model, kind, tree, batch=(6, 9)):
 
     def run():
         out["ids"] = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=20, tree=builder,
-                                 **TREES[tree])
+                                 **TREES[tree], **sampling)
     counter = count_step_syncs(run, (engine._Output, "record"), (engine._Output, "padded"))
     # [0]: prompt packing and prefill; then one interval a step; [-1]: after the loop
     steps = counter.intervals[1:-1]
@@ -66,6 +66,14 @@ def test_at_most_one_host_sync_a_step(model, kind, tree):
     assert len(steps) >= 3
     worst = max(steps, key=len)
     assert len(worst) <= BUDGET, f"{kind} x {tree}: {len(worst)} host syncs in a step: {worst}"
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "auto"])
+def test_at_most_one_host_sync_a_step_when_sampling(model, tree):
+    """Sampling (temperature, top-k, top-p; lossless recursive rejection on the device) adds none."""
+    steps, _ = step_syncs(model, "hybrid", tree, do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    worst = max(steps, key=len)
+    assert len(worst) <= BUDGET, f"hybrid x {tree}, sampling: {len(worst)} host syncs in a step: {worst}"
 
 
 @pytest.mark.parametrize("tree", list(TREES))
