@@ -81,6 +81,7 @@ def runnable_cpu_levels() -> tuple[str, ...]:
     return tuple(level for level in compiled if level in supported)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the graph, as select() is
 def cpu_level() -> str | None:
     """The active capability level's name (cached; the per-call routing reads it), None without
     the native library. Raises RuntimeError when PS_KERNELS_CPU_CAPABILITY cannot be honoured."""
