@@ -121,3 +121,39 @@ def test_forcing_a_level_in_process_and_restoring_it():
     assert ps_kernels.cpu_capability().active == best
     x, w = torch.randn(3, 8), torch.randn(4, 8)
     torch.testing.assert_close(ps_kernels.skinny_linear(x, w, backend="cpu"), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_built_library_uses_wide_instructions_only_in_their_levels():
+    """The loaded native library's machine code: no AVX instruction (VEX/EVEX-encoded, v*) outside
+    the avx2 / avx512 levels' namespaces (the bindings and the default level must run on any
+    x86-64 CPU: a wheel built on an AVX-512 machine runs on an AVX2 one), and no 512-bit register
+    in the avx2 level."""
+    import platform
+    import re
+
+    import ps_kernels
+
+    objdump = shutil.which("objdump")
+    if objdump is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs objdump on x86-64")
+    if not ps_kernels._backend.native_library()[0] or not ps_kernels._backend._loaded:
+        pytest.skip("native library not built")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", str(ps_kernels._backend._loaded[0])],
+                          check=True, capture_output=True, text=True).stdout
+    wide, zmm_in_avx2, fn = set(), set(), ""
+    header, insn = re.compile(r"^[0-9a-f]+ <(.*)>:$"), re.compile(r"^\s+[0-9a-f]+:\t(\S+)\s*(.*)$")
+    for line in text.splitlines():
+        m = header.match(line)
+        if m:
+            fn = m.group(1)
+            continue
+        m = insn.match(line)
+        if not m:
+            continue
+        in_level = re.search(r"ps_kernels::cpu::level_avx(2|512|512_bf16)::", fn)
+        if m.group(1).startswith("v") and not in_level:
+            wide.add(fn)
+        if "%zmm" in m.group(2) and "ps_kernels::cpu::level_avx2::" in fn:
+            zmm_in_avx2.add(fn)
+    assert not wide, f"AVX instructions outside the avx2/avx512 levels: {sorted(wide)[:5]}"
+    assert not zmm_in_avx2, f"512-bit registers in the avx2 level: {sorted(zmm_in_avx2)[:5]}"
