@@ -274,3 +274,23 @@ def test_verify_cost_is_measured_per_size_and_cached(tmp_path, monkeypatch):
     assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 1
     # timed again, the figures would differ: read back, they are equal to the last bit
     assert autotree.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2) == costs
+
+
+def test_verify_cost_is_cached_per_cpu_level(tmp_path, monkeypatch):
+    """The curve depends on the level the native kernels run at: a forced lower level measures its
+    own curve instead of reading the one measured at another level (parallelspec bench compares
+    levels in one process)."""
+    import pytest
+
+    from ps_kernels import _backend
+    from parallelspec import autotree
+
+    levels = _backend.runnable_cpu_levels()
+    if len(levels) < 2:
+        pytest.skip(f"needs two runnable CPU capability levels, this machine runs {levels}")
+    monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
+    model = tiny_model("llama", VOCAB)
+    for level in levels[-2:]:
+        with _backend.force_cpu_capability(level):
+            autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
+    assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 2

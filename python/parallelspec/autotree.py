@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 from ps_kernels import tree_mask_from_parents
-from ps_kernels._backend import native_build_id
+from ps_kernels._backend import cpu_level, native_build_id
 
 from .drafters.base import DraftCandidates, to_device
 from .linear import native_serves
@@ -346,8 +346,10 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
     target = TargetModel(model)
     dev = target.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear)
-    linear = f"skinny-{native_build_id()}" if native_serves(dev) else "torch"  # remeasured after a rebuild
+    # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear),
+    # and so does the CPU level the native kernels run at (PS_KERNELS_CPU_CAPABILITY, forced levels)
+    level = f"-{cpu_level()}" if dev.type == "cpu" and cpu_level() else ""
+    linear = (f"skinny{level}-{native_build_id()}" if native_serves(dev) else f"torch{level}")  # remeasured after a rebuild
     key = (f"{model.config.model_type}-L{target.num_layers}-d{target.hidden_size}-V{target.vocab_size}-"
            f"{str(target.dtype).replace('torch.', '')}-{name}-{linear}").replace(" ", "_").replace("/", "_")
     path = cache_dir() / "verify_cost" / f"{key}.json"
