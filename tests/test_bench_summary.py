@@ -30,3 +30,22 @@ def test_summary_medians_and_aims():
     assert (decode["b"], decode["measured"]) == ("ngram_auto", pytest.approx(49 / 41))     # fastest decode
     assert decode["met"] and not single["met"]
     assert aims["hybrid >= 1.3x HF prompt lookup"]["measured"] == pytest.approx(25 / 10)
+
+
+def test_aims_per_cpu_level():
+    """With --cpu-capability our methods are NAME@level and transformers' run once: each level gets
+    its own aims, every one measured against the same HF rows and its own level's methods only."""
+    rows = []
+    for p, (hf, plain2, hyb2, plain5, hyb5) in enumerate([(10, 21, 31, 22, 36), (12, 23, 35, 26, 40), (11, 22, 33, 24, 38)]):
+        rows += [_row("chat", p, "hf_generate", hf), _row("chat", p, "plain_loop@avx2", plain2, 25, 1.0),
+                 _row("chat", p, "hybrid_auto@avx2", hyb2, 40, 2.0), _row("chat", p, "plain_loop@avx512", plain5, 27, 1.0),
+                 _row("chat", p, "hybrid_auto@avx512", hyb5, 45, 2.0)]
+    methods = ["hf_generate", "plain_loop@avx2", "hybrid_auto@avx2", "plain_loop@avx512", "hybrid_auto@avx512"]
+    aims = {(a["level"], a["aim"]): a for a in _aims(_summary(rows, methods, ["chat"]))}
+    assert {level for level, _ in aims} == {"avx2", "avx512"}
+    plain = aims[("avx2", "plain loop >= 2x HF generate")]
+    assert (plain["a"], plain["b"], plain["measured"]) == ("plain_loop@avx2", "hf_generate", pytest.approx(22 / 11))
+    assert plain["met"]
+    hybrid = aims[("avx512", "hybrid >= 3x HF generate")]
+    assert (hybrid["a"], hybrid["measured"]) == ("hybrid_auto@avx512", pytest.approx(38 / 11))
+    assert aims[("avx2", "hybrid >= 3x HF generate")]["measured"] == pytest.approx(33 / 11)

@@ -138,26 +138,46 @@ def _summary(rows, methods, categories):
 
 
 def _aims(summary):
-    """The issues' aims, with the measured ratios (>1 = met)."""
+    """The issues' aims, with the measured ratios (>1 = met); with --cpu-capability, once per level
+    (our methods are NAME@level there, transformers' run once and serve every level)."""
+    def level_of(method):
+        return method.partition("@")[2] or None
+
+    aims = []
+    for level in dict.fromkeys(level_of(s["method"]) for s in summary if not s["method"].startswith("hf_")):
+        ours = [s for s in summary if level_of(s["method"]) == level and not s["method"].startswith("hf_")]
+        peers = [s for s in summary if s["method"].startswith("hf_")]
+        aims += [a | {"level": level} if level else a for a in _aims_at(ours + peers, f"@{level}" if level else "")]
+    return aims
+
+
+def _aims_at(summary, suffix: str):
     def fastest(rs, key="tokens_per_s"):
         rs = [s for s in rs if s.get(key)]
         return max(rs, key=lambda s: s[key]) if rs else None
 
+    def base(method):
+        return method.removesuffix(suffix) if suffix else method
+
     def best(cat, prefix):
-        return fastest([s for s in summary if s["category"] == cat and s["method"].startswith(prefix)])
+        return fastest([s for s in summary if s["category"] == cat and base(s["method"]).startswith(prefix)])
 
     aims = []
     for cat in sorted({s["category"] for s in summary}):
-        get = {s["method"]: s for s in summary if s["category"] == cat}
+        get = {base(s["method"]): s for s in summary if s["category"] == cat}
         par, eag, hyb = best(cat, "parallel_"), best(cat, "eagle_"), get.get("hybrid_auto")
-        pl, hf = get.get("hf_prompt_lookup"), get.get("hf_generate")
-        singles = [s for s in summary if s["category"] == cat and s["method"].split("_")[0].rstrip("0123456789") in ("parallel", "eagle", "ngram")]
+        pl, hf, plain = get.get("hf_prompt_lookup"), get.get("hf_generate"), get.get("plain_loop")
+        singles = [s for s in summary if s["category"] == cat
+                   and base(s["method"]).split("_")[0].rstrip("0123456789") in ("parallel", "eagle", "ngram")]
 
         def ratio(a, b, want, what, key="tokens_per_s"):
             if a and b and a.get(key) and b.get(key):
                 r = a[key] / b[key]
                 aims.append({"category": cat, "aim": what, "want": want, "measured": r, "met": r >= want,
                              "a": a["method"], "b": b["method"]})
+        ratio(plain, hf, 2.0, "plain loop >= 2x HF generate")
+        if cat in ("chat", "code"):
+            ratio(hyb, hf, 3.0, "hybrid >= 3x HF generate")
         ratio(par, hf, 2.0, "ParallelSpec >= 2x HF generate")
         ratio(par, eag, 1.15, "ParallelSpec >= 1.15x EagleDrafter")
         ratio(par, pl, 1.0, "ParallelSpec faster than HF prompt lookup")
@@ -292,7 +312,8 @@ def readme_table(result) -> str:
     text = markdown_table(result["summary"], from_cols)
     if result["aims"]:
         text += "\n\nAims (measured ratio of tokens/s; met when >= want):\n\n" + markdown_table(
-            result["aims"], [("category", "prompts"), ("aim", "aim"), ("a", "ours"), ("b", "against"),
+            result["aims"], [("category", "prompts")] + ([("level", "CPU level")] if any("level" in a for a in result["aims"]) else [])
+            + [("aim", "aim"), ("a", "ours"), ("b", "against"),
                              ("measured", "measured"), ("want", "want"), ("met", "met")])
     if result["batch4"]:
         text += "\n\nBatch 4 (chat prompts, left-padded):\n\n" + markdown_table(
