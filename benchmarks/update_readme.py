@@ -1,4 +1,5 @@
-"""Regenerate the benchmark tables in README.md from benchmarks/results/*.json.
+"""Regenerate the benchmark tables in README.md (compact: today's headline figures) and
+benchmarks/results/README.md (every row) from benchmarks/results/*.json.
 
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` markers; a table whose
 JSON is missing is left as it is.
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (re-exports parallelspec.benchutil)
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGES = (ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md")
 
 
 def _load(name: str):
@@ -25,7 +26,98 @@ def _load(name: str):
 
 
 def _source(meta: dict, script: str) -> str:
-    return f"\n\n_{meta['device']}, torch {meta['torch']}, {meta.get('dtype', '')}, {meta['date'][:10]}; `{script}`_"
+    cap = meta.get("cpu_capability") or {}
+    levels = meta.get("cpu_capabilities_run") or ([cap["active"]] if cap.get("active") else [])
+    where = f"CPU levels run: {', '.join(levels)} (this CPU supports {', '.join(cap.get('supported', ()))}), " if levels else ""
+    return (f"\n\n_{meta['device']}, {where}torch {meta['torch']}, {meta.get('dtype', '')}, {meta['date'][:10]}; "
+            f"`{script}`_")
+
+
+def _level(method: str) -> tuple[str, str]:
+    name, _, level = method.partition("@")
+    return name, level
+
+
+def table_e2e_summary(device: str):
+    """Headline end-to-end table: one row per method (and CPU level), speedup vs transformers'
+    generate per prompt category, tok/s in brackets."""
+    data = _load(f"e2e_{device}")
+    if not data:
+        return None
+    cats = list(dict.fromkeys(s["category"] for s in data["summary"]))
+    by = {(s["method"], s["category"]): s for s in data["summary"]}
+    methods = list(dict.fromkeys(s["method"] for s in data["summary"]))
+    head = ["method", "CPU level", *[f"{c}: speedup vs HF (tok/s)" for c in cats], "accepted/step", "= HF output"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        name, level = _level(m)
+        cells = []
+        acc, eq = [], [0, 0]
+        for c in cats:
+            s = by.get((m, c))
+            if not s:
+                cells.append("-")
+                continue
+            cells.append(f"{s['speedup_vs_hf']:.2f}x ({s['tokens_per_s']:.1f})" if s.get("speedup_vs_hf") else "-")
+            if s.get("mean_accepted"):
+                acc.append(s["mean_accepted"])
+            if s.get("equal_to_hf") not in (None, "n/a"):
+                a, b = s["equal_to_hf"].split("/")
+                eq = [eq[0] + int(a), eq[1] + int(b)]
+        lines.append("| " + " | ".join([name, level or "-", *cells, f"{sum(acc) / len(acc):.2f}" if acc else "-",
+                                        f"{eq[0]}/{eq[1]}" if eq[1] else "-"]) + " |")
+    text = "\n".join(lines)
+    aims = [a for a in data.get("aims", []) if a["aim"] in ("plain loop >= 2x HF generate", "hybrid >= 3x HF generate")]
+    if aims:
+        cols = [("level", "CPU level"), ("category", "prompts"), ("aim", "aim"), ("measured", "measured"), ("met", "met")]
+        text += "\n\n" + harness.markdown_table(aims, cols)
+    return text + _source(data["meta"], data["meta"].get("command", f"parallelspec bench --device {device}"))
+
+
+def table_skinny_summary(suffix: str):
+    """skinny_linear over all of SmolLM2's weights (what a decoding step streams), GB/s per level
+    against torch's F.linear and a plain read of the same bytes in the same run."""
+    data = _load(f"kernels_{suffix}")
+    if not data:
+        return None
+    rows = [r for r in data["rows"] if r["op"] == "skinny_linear" and r["shape_name"] == "smollm2_all_layers"]
+    if not rows:
+        return None
+    levels = [k[len("cpu-"):-len("_GBps")] for k in rows[0] if k.startswith("cpu-") and k.endswith("_GBps")]
+    head = ["rows", "torch F.linear GB/s", *[f"{lv} GB/s (% of read)" for lv in levels], "memory read GB/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        read = r.get("memory_read_GBps")
+        cells = [f"{r[f'cpu-{lv}_GBps']:.1f} ({100 * r[f'cpu-{lv}_GBps'] / read:.0f}%)" if read else f"{r[f'cpu-{lv}_GBps']:.1f}"
+                 for lv in levels]
+        lines.append("| " + " | ".join([str(r["rows"]), f"{r['torch_linear_GBps']:.1f}", *cells,
+                                        f"{read:.1f}" if read else "-"]) + " |")
+    device, _, dtype = suffix.partition("_")
+    return "\n".join(lines) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device} --cpu-capability all"
+                                      + (f" --dtype {dtype}" if dtype else ""))
+
+
+def table_attention_summary(suffix: str):
+    """tree_attention (1 / 16 / 64 nodes) and draft_attention (1 real row + masks) at SmolLM2's and
+    Llama-8B's heads on a 1024-row prefix: speedup over SDPA with a dense mask, per level."""
+    data = _load(f"kernels_{suffix}")
+    if not data:
+        return None
+    rows = [r for r in data["rows"] if r.get("prefix") == 1024 and (
+        (r["op"] == "tree_attention" and r["n"] in (1, 16, 64)) or (r["op"] == "draft_attention" and r["r"] == 1))]
+    if not rows:
+        return None
+    levels = list(dict.fromkeys(k[len("cpu-"):-len("_speedup")] for r in rows for k in r
+                                if k.startswith("cpu-") and k.endswith("_speedup")))
+    head = ["op", "heads", "queries", "SDPA (us)", *[f"{lv} (us, speedup)" for lv in levels]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        q = f"{r['n']} tree nodes" if r["op"] == "tree_attention" else f"{r['r']} real + {r['m']} masks"
+        cells = [f"{r[f'cpu-{lv}_us']:.0f} ({r[f'cpu-{lv}_speedup']:.2f}x)" if f"cpu-{lv}_us" in r else "-" for lv in levels]
+        lines.append("| " + " | ".join([r["op"], r["shape_name"], q, f"{r['sdpa_dense_mask_us']:.0f}", *cells]) + " |")
+    device, _, dtype = suffix.partition("_")
+    return "\n".join(lines) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device} --cpu-capability all"
+                                      + (f" --dtype {dtype}" if dtype else ""))
 
 
 def table_kv_rollback(device: str):
@@ -79,9 +171,20 @@ def generic(name: str):
 
 
 def main():
-    text = README.read_text()
+    for page in PAGES:
+        if page.exists():
+            page.write_text(_fill(page.read_text()))
+
+
+def _fill(text: str) -> str:
     for name in re.findall(r"<!-- table:([\w.-]+) -->", text):
-        if name.startswith("kv_rollback_"):
+        if name.startswith("e2e_summary_"):
+            body = table_e2e_summary(name[len("e2e_summary_"):])
+        elif name.startswith("skinny_summary_"):
+            body = table_skinny_summary(name[len("skinny_summary_"):])
+        elif name.startswith("attention_summary_"):
+            body = table_attention_summary(name[len("attention_summary_"):])
+        elif name.startswith("kv_rollback_"):
             body = table_kv_rollback(name.split("_")[-1])
         elif name.startswith("kernels_"):
             body = table_kernels(name[len("kernels_"):])
@@ -92,7 +195,7 @@ def main():
             continue
         text = re.sub(rf"(<!-- table:{re.escape(name)} -->).*?(<!-- /table:{re.escape(name)} -->)",
                       lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text, flags=re.S)
-    README.write_text(text)
+    return text
 
 
 if __name__ == "__main__":
