@@ -34,6 +34,11 @@ OP = "skinny_linear"
 #:   1.6-2.0x at 2..16, 1.4x at 32; bf16 1.2-4x and fp16 1.3-4x at 1..32
 #:   default (1 thread, against torch's portable build): fp32 1.25x at 4..8 (even at 2 and 16,
 #:   slower at 32); bf16 2.2-2.7x at 1..32; fp16 slower (no F16C: scalar conversion)
+#: All levels side by side at 2 threads (SmolLM2's 540 MB, % of a plain read of as many bytes,
+#: benchmarks/results/kernels_cpu.json, 2026-12-02): avx2 86 / 93 / 87 / 76 / 53 at 1 / 2 / 4 /
+#: 8 / 16 rows, avx512 87 / 101 / 94 / 85 / 60, default 66 / 57 / 45 / 31 / 19, torch (its
+#: AVX-512 build) 106 / 98 / 60 / 49 / 43: on this Intel CPU torch's one-row GEMV streams faster
+#: than ours (the one-layer shapes, which stay in cache, favour ours 1.6-2.2x at one row).
 _AVX512_ROWS = {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (2, 32)}
 SKINNY_ROWS = {
     "default": {torch.float32: (4, 8), torch.bfloat16: (1, 32)},
