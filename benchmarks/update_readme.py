@@ -29,6 +29,8 @@ def _source(meta: dict, script: str) -> str:
     cap = meta.get("cpu_capability") or {}
     levels = meta.get("cpu_capabilities_run") or ([cap["active"]] if cap.get("active") else [])
     where = f"CPU levels run: {', '.join(levels)} (this CPU supports {', '.join(cap.get('supported', ()))}), " if levels else ""
+    if meta.get("isa_environment"):
+        where += "instruction sets limited by " + " ".join(f"{k}={v}" for k, v in meta["isa_environment"].items()) + ", "
     return (f"\n\n_{meta['device']}, {where}torch {meta['torch']}, {meta.get('dtype', '')}, {meta['date'][:10]}; "
             f"`{script}`_")
 

@@ -94,7 +94,15 @@ def machine_info(device: torch.device) -> dict:
         "python": sys.version.split()[0],
         "backends": ps_kernels.backends(),
         "threads": torch.get_num_threads(),
+        # torch's own kernels' instruction set, and the variables that lower it or ours (a run that
+        # emulates a narrower CPU on a wide one says so)
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_environment": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
     }
+
+
+#: environment variables that limit the instruction set of torch's kernels (ATen, oneDNN, MKL) or ours
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "PS_KERNELS_CPU_CAPABILITY")
 
 
 def sync(device: torch.device) -> None:
