@@ -202,10 +202,10 @@ def run(args) -> dict:
     methods = build_methods(model, names, args.max_nodes, extra)
     levels = cpu_capabilities(args.cpu_capability) if args.device.type == "cpu" else [None]
     if levels != [None]:  # our methods once per capability level (NAME@level), transformers' once
-        methods = {n: m for n, m in methods.items() if n == "hf_generate"}
+        methods = {n: m for n, m in methods.items() if n.startswith("hf_")}
         for level in levels:
             for n, m in build_methods(model, names, args.max_nodes, extra).items():
-                if n != "hf_generate":
+                if not n.startswith("hf_"):
                     methods[f"{n}@{level}"] = m if isinstance(m, str) else _at_level(m, level)
     skipped = {n: m for n, m in methods.items() if isinstance(m, str)}
     live = {n: m for n, m in methods.items() if not isinstance(m, str)}
