@@ -347,8 +347,9 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
     dev = target.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
     # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear),
-    # and so does the CPU level the native kernels run at (PS_KERNELS_CPU_CAPABILITY, forced levels)
-    level = f"-{cpu_level()}" if dev.type == "cpu" and cpu_level() else ""
+    # and so do the CPU levels our kernels (PS_KERNELS_CPU_CAPABILITY, forced levels) and torch's
+    # (ATEN_CPU_CAPABILITY) run at
+    level = f"-{cpu_level()}-torch{torch.backends.cpu.get_cpu_capability()}" if dev.type == "cpu" and cpu_level() else ""
     linear = (f"skinny{level}-{native_build_id()}" if native_serves(dev) else f"torch{level}")  # remeasured after a rebuild
     key = (f"{model.config.model_type}-L{target.num_layers}-d{target.hidden_size}-V{target.vocab_size}-"
            f"{str(target.dtype).replace('torch.', '')}-{name}-{linear}").replace(" ", "_").replace("/", "_")
