@@ -290,7 +290,8 @@ def _batch_throughput(live, tok, prompts, args):
         mask[b, width - p.shape[1]:] = 1
     out = []
     reference = None
-    for name in [n for n in ("hf_generate", "plain_loop", "parallel_auto", "hybrid_auto") if n in live]:
+    wanted = ("hf_generate", "plain_loop", "parallel_auto", "hybrid_auto")   # NAME or NAME@level (--cpu-capability)
+    for name in [n for n in live if n.partition("@")[0] in wanted]:
         sync(args.device)
         t0 = time.perf_counter()
         seqs, _ = live[name](ids, mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
