@@ -52,7 +52,12 @@ def table_e2e_summary(device: str):
         return None
     cats = list(dict.fromkeys(s["category"] for s in data["summary"]))
     by = {(s["method"], s["category"]): s for s in data["summary"]}
-    methods = [m for m in dict.fromkeys(s["method"] for s in data["summary"]) if _level(m)[0] in HEADLINE_METHODS]
+    methods, seen_hf = [], set()
+    for m in dict.fromkeys(s["method"] for s in data["summary"]):
+        name = _level(m)[0]
+        if name in HEADLINE_METHODS and not (name.startswith("hf_") and name in seen_hf):
+            methods.append(m)   # transformers' methods once (an older bench ran them per level too)
+            seen_hf.add(name)
     head = ["method", "CPU level", *[f"{c}: speedup vs HF (tok/s)" for c in cats], "accepted/step", "= HF output"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
@@ -70,10 +75,12 @@ def table_e2e_summary(device: str):
             if s.get("equal_to_hf") not in (None, "n/a"):
                 a, b = s["equal_to_hf"].split("/")
                 eq = [eq[0] + int(a), eq[1] + int(b)]
-        lines.append("| " + " | ".join([name, level or "-", *cells, f"{sum(acc) / len(acc):.2f}" if acc else "-",
+        lines.append("| " + " | ".join([name, "-" if name.startswith("hf_") else level or "-", *cells, f"{sum(acc) / len(acc):.2f}" if acc else "-",
                                         f"{eq[0]}/{eq[1]}" if eq[1] else "-"]) + " |")
     text = "\n".join(lines)
-    return text + _source(data["meta"], data["meta"].get("command", f"parallelspec bench --device {device}"))
+    levels = [lv for lv in dict.fromkeys(_level(m)[1] for m in methods) if lv]
+    meta = data["meta"] | ({"cpu_capabilities_run": levels} if levels else {})
+    return text + _source(meta, meta.get("command", f"parallelspec bench --device {device}"))
 
 
 def table_skinny_summary(suffix: str):
@@ -100,13 +107,13 @@ def table_skinny_summary(suffix: str):
 
 
 def table_attention_summary(suffix: str):
-    """tree_attention (1 / 16 / 64 nodes) and draft_attention (1 real row + masks) at SmolLM2's and
+    """tree_attention (1 / 64 nodes) and draft_attention (1 real row + masks) at SmolLM2's and
     Llama-8B's heads on a 1024-row prefix: speedup over SDPA with a dense mask, per level."""
     data = _load(f"kernels_{suffix}")
     if not data:
         return None
     rows = [r for r in data["rows"] if r.get("prefix") == 1024 and (
-        (r["op"] == "tree_attention" and r["n"] in (1, 16, 64)) or (r["op"] == "draft_attention" and r["r"] == 1))]
+        (r["op"] == "tree_attention" and r["n"] in (1, 64)) or (r["op"] == "draft_attention" and r["r"] == 1))]
     if not rows:
         return None
     levels = list(dict.fromkeys(k[len("cpu-"):-len("_speedup")] for r in rows for k in r
