@@ -35,6 +35,14 @@ def _source(meta: dict, script: str) -> str:
             f"`{script}`_")
 
 
+def _kernels_source(meta: dict, suffix: str) -> str:
+    """The footer of a bench_kernels.py table (suffix: <device> or <device>_<dtype>), with the
+    command that made it."""
+    device, _, dtype = suffix.partition("_")
+    levels = " --cpu-capability all" if len(meta.get("cpu_capabilities_run") or ()) > 1 else ""
+    return _source(meta, f"python benchmarks/bench_kernels.py --device {device}{levels}" + (f" --dtype {dtype}" if dtype else ""))
+
+
 def _level(method: str) -> tuple[str, str]:
     name, _, level = method.partition("@")
     return name, level
@@ -101,9 +109,7 @@ def table_skinny_summary(suffix: str):
                  for lv in levels]
         lines.append("| " + " | ".join([str(r["rows"]), f"{r['torch_linear_GBps']:.1f}", *cells,
                                         f"{read:.1f}" if read else "-"]) + " |")
-    device, _, dtype = suffix.partition("_")
-    return "\n".join(lines) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device} --cpu-capability all"
-                                      + (f" --dtype {dtype}" if dtype else ""))
+    return "\n".join(lines) + _kernels_source(data["meta"], suffix)
 
 
 def table_attention_summary(suffix: str):
@@ -124,9 +130,7 @@ def table_attention_summary(suffix: str):
         q = f"{r['n']} tree nodes" if r["op"] == "tree_attention" else f"{r['r']} real + {r['m']} masks"
         cells = [f"{r[f'cpu-{lv}_us']:.0f} ({r[f'cpu-{lv}_speedup']:.2f}x)" if f"cpu-{lv}_us" in r else "-" for lv in levels]
         lines.append("| " + " | ".join([r["op"], r["shape_name"], q, f"{r['sdpa_dense_mask_us']:.0f}", *cells]) + " |")
-    device, _, dtype = suffix.partition("_")
-    return "\n".join(lines) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device} --cpu-capability all"
-                                      + (f" --dtype {dtype}" if dtype else ""))
+    return "\n".join(lines) + _kernels_source(data["meta"], suffix)
 
 
 def table_kv_rollback(device: str):
@@ -142,7 +146,6 @@ def table_kv_rollback(device: str):
 
 def table_kernels(suffix: str):
     """suffix: <device> or <device>_<dtype> (as bench_kernels.py names its results)."""
-    device, _, dtype = suffix.partition("_")
     data = _load(f"kernels_{suffix}")
     if not data:
         return None
@@ -167,8 +170,7 @@ def table_kernels(suffix: str):
     gemm = data["meta"].get("gemm_gflops")
     if gemm:
         out.append(f"Dense GEMM on this machine, same run and dtype: {gemm:.0f} GFLOP/s.")
-    flags = f" --dtype {dtype}" if dtype else ""
-    return "\n\n".join(out) + _source(data["meta"], f"python benchmarks/bench_kernels.py --device {device}{flags}")
+    return "\n\n".join(out) + _kernels_source(data["meta"], suffix)
 
 
 def generic(name: str):
