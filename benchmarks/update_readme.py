@@ -43,11 +43,6 @@ def _kernels_source(meta: dict, suffix: str) -> str:
     return _source(meta, f"python benchmarks/bench_kernels.py --device {device}{levels}" + (f" --dtype {dtype}" if dtype else ""))
 
 
-def _level(method: str) -> tuple[str, str]:
-    name, _, level = method.partition("@")
-    return name, level
-
-
 #: the end-to-end methods the project README shows (benchmarks/results/README.md has them all)
 HEADLINE_METHODS = ("hf_generate", "hf_prompt_lookup", "plain_loop", "ngram_auto", "parallel_auto", "hybrid_auto")
 
@@ -62,14 +57,14 @@ def table_e2e_summary(device: str):
     by = {(s["method"], s["category"]): s for s in data["summary"]}
     methods, seen_hf = [], set()
     for m in dict.fromkeys(s["method"] for s in data["summary"]):
-        name = _level(m)[0]
+        name = harness.split_level(m)[0]
         if name in HEADLINE_METHODS and not (name.startswith("hf_") and name in seen_hf):
             methods.append(m)   # transformers' methods once (an older bench ran them per level too)
             seen_hf.add(name)
     head = ["method", "CPU level", *[f"{c}: speedup vs HF (tok/s)" for c in cats], "accepted/step", "= HF output"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
-        name, level = _level(m)
+        name, level = harness.split_level(m)
         cells = []
         acc, eq = [], [0, 0]
         for c in cats:
@@ -86,7 +81,7 @@ def table_e2e_summary(device: str):
         lines.append("| " + " | ".join([name, "-" if name.startswith("hf_") else level or "-", *cells, f"{sum(acc) / len(acc):.2f}" if acc else "-",
                                         f"{eq[0]}/{eq[1]}" if eq[1] else "-"]) + " |")
     text = "\n".join(lines)
-    levels = [lv for lv in dict.fromkeys(_level(m)[1] for m in methods) if lv]
+    levels = [lv for lv in dict.fromkeys(harness.split_level(m)[1] for m in methods) if lv]
     meta = data["meta"] | ({"cpu_capabilities_run": levels} if levels else {})
     return text + _source(meta, meta.get("command", f"parallelspec bench --device {device}"))
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .benchutil import at_cpu_capability, cpu_capabilities, machine_info, markdown_table, pyplot, sync, write_results
+from .benchutil import (at_cpu_capability, cpu_capabilities, machine_info, markdown_table, pyplot, split_level, sync,
+                        write_results)
 from .cli import device_arg
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
@@ -140,12 +141,9 @@ def _summary(rows, methods, categories):
 def _aims(summary):
     """The issues' aims, with the measured ratios (>1 = met); with --cpu-capability, once per level
     (our methods are NAME@level there, transformers' run once and serve every level)."""
-    def level_of(method):
-        return method.partition("@")[2] or None
-
     aims = []
-    for level in dict.fromkeys(level_of(s["method"]) for s in summary if not s["method"].startswith("hf_")):
-        ours = [s for s in summary if level_of(s["method"]) == level and not s["method"].startswith("hf_")]
+    for level in dict.fromkeys(split_level(s["method"])[1] for s in summary if not s["method"].startswith("hf_")):
+        ours = [s for s in summary if split_level(s["method"])[1] == level and not s["method"].startswith("hf_")]
         peers = [s for s in summary if s["method"].startswith("hf_")]
         aims += [a | {"level": level} if level else a for a in _aims_at(ours + peers, f"@{level}" if level else "")]
     return aims
@@ -199,14 +197,15 @@ def run(args) -> dict:
     sets = {cat: [ids.to(args.device) for ids in prompts] for cat, prompts in prompt_sets(tok, args.prompts).items()}
     extra = dict(args.drafter)
     names = args.methods.split(",") + [f"{pre}{n}_auto" for n in extra for pre in ("", "hybrid-")]
-    methods = build_methods(model, names, args.max_nodes, extra)
     levels = cpu_capabilities(args.cpu_capability) if args.device.type == "cpu" else [None]
-    if levels != [None]:  # our methods once per capability level (NAME@level), transformers' once
-        methods = {n: m for n, m in methods.items() if n.startswith("hf_")}
+    if levels == [None]:
+        methods = build_methods(model, names, args.max_nodes, extra)
+    else:  # our methods once per capability level (NAME@level), transformers' once
+        methods = build_methods(model, [n for n in names if n.startswith("hf_")], args.max_nodes, extra)
+        ours = [n for n in names if not n.startswith("hf_")]
         for level in levels:
-            for n, m in build_methods(model, names, args.max_nodes, extra).items():
-                if not n.startswith("hf_"):
-                    methods[f"{n}@{level}"] = m if isinstance(m, str) else _at_level(m, level)
+            for n, m in build_methods(model, ours, args.max_nodes, extra).items():
+                methods[f"{n}@{level}"] = m if isinstance(m, str) else _at_level(m, level)
     skipped = {n: m for n, m in methods.items() if isinstance(m, str)}
     live = {n: m for n, m in methods.items() if not isinstance(m, str)}
     for n, why in skipped.items():
@@ -291,7 +290,7 @@ def _batch_throughput(live, tok, prompts, args):
     out = []
     reference = None
     wanted = ("hf_generate", "plain_loop", "parallel_auto", "hybrid_auto")   # NAME or NAME@level (--cpu-capability)
-    for name in [n for n in live if n.partition("@")[0] in wanted]:
+    for name in [n for n in live if split_level(n)[0] in wanted]:
         sync(args.device)
         t0 = time.perf_counter()
         seqs, _ = live[name](ids, mask, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)

@@ -74,6 +74,13 @@ def cpu_capabilities(spec: str | None) -> list[str | None]:
     return levels
 
 
+def split_level(method: str) -> tuple[str, str | None]:
+    """A benchmark method's name and CPU level: "hybrid_auto@avx2" -> ("hybrid_auto", "avx2"),
+    "hf_generate" -> ("hf_generate", None) (--cpu-capability runs our methods as NAME@level)."""
+    name, _, level = method.partition("@")
+    return name, level or None
+
+
 def at_cpu_capability(level: str | None):
     """A context running the native CPU kernels at `level` (None: as chosen automatically)."""
     import contextlib
