@@ -142,7 +142,7 @@ def test_routing_follows_the_active_levels_table(monkeypatch):
     portable level); the level's range decides the rows."""
     from parallelspec import linear
 
-    levels = ps_kernels._backend.runnable_cpu_levels()
+    before = ps_kernels._backend.cpu_level()   # the best level, or the one PS_KERNELS_CPU_CAPABILITY forces
     monkeypatch.setitem(ps_kernels.SKINNY_ROWS, "default", {torch.float32: (2, 3)})
     with ps_kernels._backend.force_cpu_capability("default"):
         assert linear.native_serves(CPU)
@@ -157,4 +157,5 @@ def test_routing_follows_the_active_levels_table(monkeypatch):
             monkeypatch.setattr(linear, "_launch", real)
         monkeypatch.setitem(ps_kernels.SKINNY_ROWS, "default", {})
         assert not linear.native_serves(CPU)
-    assert linear.native_serves(CPU) == bool(ps_kernels.SKINNY_ROWS[levels[-1]])
+    assert ps_kernels._backend.cpu_level() == before      # restored
+    assert linear.native_serves(CPU) == bool(ps_kernels.SKINNY_ROWS[before])
