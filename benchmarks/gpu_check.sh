@@ -15,9 +15,11 @@
 #  stage            timeout  what
 #  build                140  pip install -e . (CMake, CUDA for $PS_KERNELS_CUDA_ARCHS), fallback cpp_extension
 #  op_tests              80  kv_rollback / tree_attention / draft_attention / tree_accept / cuda paths, hypothesis profile "gpu"
-#  loop_tests            90  the decoding loop on the GPU (test_engine.py -k on_cuda; llama + qwen3 archs): every drafter
+#  loop_tests            95  the decoding loop on the GPU (test_engine.py -k on_cuda; llama + qwen3 archs): every drafter
 #                            and tree kind against transformers, and the backends that ran asserted (automatic: CUDA,
-#                            Triton attention from 32 query rows per KV head; and forced to Triton), fp32 + bf16
+#                            Triton attention from 32 query rows per KV head; and forced to Triton), fp32 + bf16;
+#                            and generate(cuda_graph=True) (test_cuda_graph.py: the verify step captured per tree-size
+#                            bucket and replayed) against transformers and the plain loop
 #  loop_tests_triton     50  the whole loop forced to Triton (PS_KERNELS_BACKEND=triton) against transformers (llama)
 #  bench_kernels         45  bench_kv_rollback (quick) + bench_kernels --quick bf16 against SDPA
 #  replay                35  benchmarks/replay_traces.py: the recorded SmolLM2 traces on a random SmolLM2-shaped target
@@ -114,7 +116,7 @@ $PY -c "import ps_kernels; print(ps_kernels.backends())" 2>&1 | tee -a "$OUT/sum
 PYTEST="$PY -m pytest -ra -q -p no:cacheprovider $PYTEST_TIMEOUT"
 [ "$DRY" = 1 ] && PYTEST="$PYTEST --collect-only"
 stage op_tests 80 tests.log bash -c "cd tests && $PYTEST test_kv_rollback.py test_tree_attention.py test_draft_attention.py test_tree_accept.py test_cuda_paths.py"
-stage loop_tests 90 tests.log bash -c "cd tests && $PYTEST test_engine.py -k 'on_cuda and not qwen2 and not mistral'"
+stage loop_tests 95 tests.log bash -c "cd tests && $PYTEST test_engine.py test_cuda_graph.py -k 'on_cuda and not qwen2 and not mistral'"
 stage loop_tests_triton 50 tests.log bash -c "cd tests && PS_KERNELS_BACKEND=triton $PYTEST test_engine.py -k 'on_cuda_matches_hf and llama'"
 
 if [ "$DRY" = 1 ]; then

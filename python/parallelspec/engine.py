@@ -20,6 +20,10 @@ matches on the host (``Drafter.wants_host_tokens``), and what the tree builder a
 (``TreeBuilder.host_request``: AutoTree's beam and acceptance record). Tree masks are built on the
 device, host-built trees go back in one asynchronous copy. The KV cache is sized once, for the
 prompt, the new tokens and the largest tree the builder may emit.
+
+``verify_step`` (the target's pass, tree_accept, recording, the commit) has fixed shapes per tree
+size and updates its state in place, so ``decode(..., cuda_graph=True)`` captures it once per
+tree-size bucket and replays it (graphs.py).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 import ps_kernels
 import torch
 
+from . import graphs
 from .drafters.base import Drafter, HostTokens
 from .hf import TargetModel
 from .sampling import SamplingParams, probabilities, sample
@@ -220,10 +225,12 @@ class _Output:
         keep = torch.minimum(upto, room) * live
         self.ensure_slack(n)
         self.tokens.scatter_(1, self.lens[:, None] + col, emitted)  # columns past lens + keep are scratch
-        before = self.lens
-        self.lens = self.lens + keep
-        self.finished = self.finished | (hit_eos & (upto <= room)) | (self.lens >= self.limit)
-        if self.settings.stopping_criteria or self.settings.streamer is not None:
+        host_side = bool(self.settings.stopping_criteria) or self.settings.streamer is not None
+        before = self.lens.clone() if host_side else None
+        # in place: a captured step (graphs.py) updates the tensors it was captured with
+        self.lens.add_(keep)
+        self.finished |= (hit_eos & (upto <= room)) | (self.lens >= self.limit)
+        if host_side:
             self._host_side(before, keep)
         return ~self.finished
 
@@ -251,9 +258,12 @@ class _Output:
 
 def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Drafter | None,
            builder: TreeBuilder, settings: DecodeSettings, stats: GenerationStats | None = None,
-           pad_token_id: int = 0) -> torch.Tensor:
+           pad_token_id: int = 0, cuda_graph: bool | str = False) -> torch.Tensor:
     """Generate up to settings.max_new_tokens for each left-padded prompt; returns the new
-    tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id)."""
+    tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id).
+    cuda_graph: capture the verify step per tree-size bucket and replay it (graphs.py; True on
+    CUDA, "eager": the same static buffers without a capture)."""
+    capture = graphs.check_options(cuda_graph, target.device, settings)
     builder = builder if drafter is not None else RootOnly()
     clock = _Clock(target.device, stats is not None)
     start = time.perf_counter()
@@ -263,6 +273,11 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     largest_tree = builder.max_size(drafter_depth(drafter)) or 1
     cache = target.new_cache(B, longest + settings.max_new_tokens - 1 + largest_tree)
     out = _Output(input_ids, settings, slack=largest_tree)
+
+    def verify_tree(tree: Tree):
+        return verify_step(target, cache, tree, settings.sampling, out)
+    if capture is not None:
+        verify_tree = graphs.GraphedVerify(verify_tree, cache, out, largest_tree, capture)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
     host_drafting = drafter is not None and drafter.wants_host_tokens
@@ -301,8 +316,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
             if stats is not None:
                 stats.draft_time += clock.lap()
             was_live = ~out.finished
-            hidden, accept_index, accept_lens, next_token, emitted, live = verify_step(target, cache, tree,
-                                                                                     settings.sampling, out)
+            hidden, accept_index, accept_lens, next_token, emitted, live = verify_tree(tree)
             path = accept_index.clamp(min=0)
             builder.observe(accept_lens * live, accept_index)
             if drafter is not None:  # finished sequences feed nothing (lens 0): the drafter stops growing too

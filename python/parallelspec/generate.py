@@ -121,7 +121,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
              attention_mask: torch.Tensor | None = None, generation_config=None, *,
              tree: str | TreeBuilder = "auto", tree_depth: int | None = None, tree_nodes: int | None = None,
              tree_choices=None, return_stats: bool = False, stopping_criteria=None, streamer=None,
-             logits_processor=None, **kwargs):
+             logits_processor=None, cuda_graph: bool = False, **kwargs):
     """Speculative decoding with `drafter` (None = plain decoding through the same loop).
 
     Args:
@@ -143,6 +143,10 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
             "chain" (top-1 per depth), "static" (``tree_choices`` paths), "dynamic"
             (``tree_nodes`` best paths incl. the root, up to ``tree_depth``) or a TreeBuilder.
         return_stats: also return a GenerationStats (accepted lengths, steps, times).
+        cuda_graph: capture the verify step (the target's pass over the tree, tree_accept, the
+            commit) in a CUDA graph per tree-size bucket and replay it each step (parallelspec.graphs);
+            a model on a CUDA device and greedy decoding only, no streamer or stopping criteria
+            (a ValueError names what is missing). Off by default until measured faster on a GPU.
 
     Returns: [B, T + G] prompt + new tokens (or GenerateDecoderOnlyOutput), and the stats when
     return_stats.
@@ -173,7 +177,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     # the output keeps them, as transformers' does (streamers and stopping criteria see the prompt
     # with them moved to its left)
     run_ids, run_mask = _without_holes(input_ids, attention_mask, pad)
-    new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad)
+    new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad, cuda_graph)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
     result = sequences
     if config.return_dict_in_generate:
