@@ -1,10 +1,13 @@
 """generate(..., cuda_graph=True): the verify step captured per tree-size bucket (parallelspec.graphs).
 
-On the CPU, cuda_graph="eager" runs the same static buffers, bucket padding, warm-up and undo
-without a capture: the loop must give the uncaptured loop's tokens and acceptances (and
-transformers' greedy output) for every drafter and tree kind, with one set of buffers per bucket
-reused step after step. The GPU tests (skipped here) capture for real and compare with
-transformers' generate on the same GPU (benchmarks/gpu_check.sh runs them in its loop stage)."""
+On the CPU, cuda_graph="trace" captures the step as a record of its aten ops (make_fx) on the
+same static buffers, bucket padding, warm-up and undo, and replays the record without running the
+step's Python again, as a CUDA graph replays its kernels: the loop must give the uncaptured
+loop's tokens and acceptances (and transformers' greedy output) for every drafter and tree kind.
+cuda_graph="eager" runs the step's Python each time, so the tests can watch it: one set of
+buffers per bucket, reused step after step, and no more than one host sync a step. The GPU test
+(skipped here) captures for real and compares with transformers' generate on the same GPU
+(benchmarks/gpu_check.sh runs it in its loop stage)."""
 import pytest
 import torch
 
@@ -117,14 +120,14 @@ def test_padding_is_never_accepted(shared, backend):
 @pytest.mark.parametrize("tree", list(TREES))
 @pytest.mark.parametrize("kind", [None, "ngram", "parallel", "hybrid"])
 def test_static_buffers_give_the_plain_loop_and_hf(case, kind, tree):
-    """cuda_graph="eager": the captured loop's code path (static buffers per bucket, padding,
+    """cuda_graph="trace": the captured loop's code path (static buffers per bucket, padding,
     warm-up undone, in-place bookkeeping) gives the plain loop's tokens, steps and acceptances,
     and transformers' greedy output."""
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
     model, ids, mask, reference = case
     runs = []
-    for cuda_graph in (False, "eager"):
+    for cuda_graph in (False, "trace"):
         out, stats = ps.generate(model, ids, _drafter(kind, model), attention_mask=mask, max_new_tokens=NEW,
                                  tree=_tree(tree), return_stats=True, cuda_graph=cuda_graph, **TREES[tree])
         runs.append((out, stats.steps, stats.accept_histogram))
@@ -150,7 +153,7 @@ def test_one_set_of_buffers_per_bucket(case, kind, monkeypatch):
         return step(target, cache, tree, sampling, out)
     monkeypatch.setattr(engine, "verify_step", recording)
     out = ps.generate(model, ids, _drafter(kind, model), attention_mask=mask, max_new_tokens=NEW, tree=_tree("auto"),
-                      cuda_graph="eager")
+                      cuda_graph="eager")   # eager: the step's Python runs (and is watched) every step
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     (gv,) = spy.made
     assert set(seen) <= {1, 2, 4, 8, 10}, seen                       # buckets of a 10-node AutoTree
@@ -165,7 +168,7 @@ def test_one_set_of_buffers_per_bucket(case, kind, monkeypatch):
 @pytest.mark.parametrize("kind", ["ngram", "hybrid"])
 def test_at_most_one_host_sync_a_step(case, kind, tree):
     """Copying the tree into its bucket's buffers and the outputs out adds no host sync."""
-    steps, _ = step_syncs(case[0], kind, tree, cuda_graph="eager")
+    steps, _ = step_syncs(case[0], kind, tree, cuda_graph="eager")   # eager: record() marks the steps
     worst = max(steps, key=len)
     assert len(steps) >= 3 and len(worst) <= BUDGET, f"{kind} x {tree}: {len(worst)} host syncs in a step: {worst}"
 
@@ -177,11 +180,11 @@ def test_eos_and_max_new_tokens_in_place(case):
     want = hf_greedy(model, ids, mask, NEW, eos_token_id=eos, pad_token_id=0)
     for kind, tree in ((None, "chain"), ("ngram", "auto"), ("hybrid", "dynamic")):
         out = ps.generate(model, ids, _drafter(kind, model), attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos,
-                          pad_token_id=0, tree=_tree(tree), cuda_graph="eager", **TREES[tree])
+                          pad_token_id=0, tree=_tree(tree), cuda_graph="trace", **TREES[tree])
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     for max_new in (1, 3):
         out = ps.generate(model, ids, _drafter("ngram", model), attention_mask=mask, max_new_tokens=max_new,
-                          tree=_tree("auto"), cuda_graph="eager")
+                          tree=_tree("auto"), cuda_graph="trace")
         torch.testing.assert_close(out, reference[:, :ids.shape[1] + max_new], rtol=0, atol=0)
 
 
@@ -202,10 +205,23 @@ def test_captured_again_when_the_cache_grows(case, monkeypatch):
     spy = _Spy(monkeypatch)
     builder = _GrowingChain()
     out = ps.generate(model, ids, ps.NgramDrafter(num_tokens=4), attention_mask=mask, max_new_tokens=NEW,
-                      tree=builder, cuda_graph="eager")
+                      tree=builder, cuda_graph="trace")
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     (gv,) = spy.made
     assert gv.cache.reallocations >= 2 and gv.captures > len(gv.captured)
+
+
+def test_patch_passes_cuda_graph_on(case, monkeypatch):
+    """parallelspec.patch(model, drafter, cuda_graph=...) : model.generate runs the captured loop."""
+    model, ids, mask, reference = case
+    spy = _Spy(monkeypatch)
+    ps.patch(model, ps.NgramDrafter(num_tokens=4), cuda_graph="trace", tree=_tree("auto"))
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    finally:
+        ps.unpatch(model)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    assert len(spy.made) == 1 and spy.made[0].captures >= 1
 
 
 def test_cuda_graph_refusals(case):
@@ -219,9 +235,9 @@ def test_cuda_graph_refusals(case):
     with pytest.raises(ValueError, match="cuda_graph: expected True or False, got 'yes'"):
         ps.generate(model, ids, None, cuda_graph="yes", **run)
     with pytest.raises(ValueError, match=r"cuda_graph: only greedy decoding \(do_sample=False\)"):
-        ps.generate(model, ids, None, cuda_graph="eager", do_sample=True, **run)
+        ps.generate(model, ids, None, cuda_graph="trace", do_sample=True, **run)
     with pytest.raises(ValueError, match="cuda_graph: .* the streamer given needs"):
-        ps.generate(model, ids[:1], None, attention_mask=mask[:1], max_new_tokens=4, cuda_graph="eager",
+        ps.generate(model, ids[:1], None, attention_mask=mask[:1], max_new_tokens=4, cuda_graph="trace",
                     streamer=BaseStreamer())
 
 

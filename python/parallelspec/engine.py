@@ -262,7 +262,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     """Generate up to settings.max_new_tokens for each left-padded prompt; returns the new
     tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id).
     cuda_graph: capture the verify step per tree-size bucket and replay it (graphs.py; True on
-    CUDA, "eager": the same static buffers without a capture)."""
+    CUDA; "trace" / "eager": the same static buffers on any device, for tests)."""
     capture = graphs.check_options(cuda_graph, target.device, settings)
     builder = builder if drafter is not None else RootOnly()
     clock = _Clock(target.device, stats is not None)
@@ -293,7 +293,9 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
         histogram = torch.zeros(2, dtype=torch.int64, device=target.device)  # [a] = (sequence, step) pairs
         if stats is not None:
             stats.prefill_time = clock.lap()
-        while True:
+        # a step commits at least one token of every live sequence: max_new_tokens - 1 steps at
+        # most, then the one that reads "all done" (more means the step's state went stale)
+        for _ in range(settings.max_new_tokens):
             candidates = features = None
             if drafter is not None:   # device drafting, before the host sync
                 features = new_features if drafter.needs_features else None
@@ -329,6 +331,9 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
                 if histogram.shape[0] <= tree.size:
                     histogram = torch.cat([histogram, histogram.new_zeros(tree.size + 1 - histogram.shape[0])])
                 histogram.scatter_add_(0, accept_lens, was_live.to(torch.int64))
+        else:
+            raise RuntimeError(f"the decoding loop ran {settings.max_new_tokens} steps without finishing (a bug: a "
+                               f"step committed nothing for a live sequence{'; try cuda_graph=False' if capture else ''})")
     if settings.streamer is not None:
         settings.streamer.end()
     result = out.padded(pad_token_id)

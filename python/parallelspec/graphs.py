@@ -19,8 +19,11 @@ A CUDA graph replays fixed kernels on fixed memory, as gpt-fast's and vLLM's dec
 - the outputs are copied out of the graph's buffers and cut back to the tree's N, so the loop
   sees what the uncaptured step returns and may keep them past the next replay.
 
-``capture="eager"`` runs the same buffers, padding, warm-up and undo without a graph, on any
-device: the CPU tests prove with it that the captured loop gives the uncaptured loop's tokens.
+Two captures run on any device, for the CPU tests: ``"trace"`` records the step's aten ops with
+``make_fx`` (the tensors it reads and updates held by reference, as a CUDA graph holds their
+addresses) and replays that record, without running the Python of the step again, so state the
+step rebinds instead of updating in place goes stale there as it would in a graph; ``"eager"``
+runs the step's Python over the same buffers every time (so tests can watch what it is given).
 
 Only greedy decoding is captured (``check_options``): sampling draws uniforms from torch's
 generator inside the step; the default CUDA generator is graph-safe, but the captured sampling
@@ -29,6 +32,7 @@ inside the step's bookkeeping, which a captured step cannot do.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -36,16 +40,15 @@ from ps_kernels import tree_mask_from_parents
 
 from .trees import Tree
 
-CAPTURES = ("cuda", "eager")
+CAPTURES = ("cuda", "trace", "eager")
 
 
 def check_options(cuda_graph, device: torch.device, settings) -> str | None:
-    """generate()'s ``cuda_graph`` (False, True, or "eager": the static buffers without a
-    capture, for tests) checked against the device and the decoding settings; returns the
-    capture to use, or None."""
+    """generate()'s ``cuda_graph`` (False, True, or for tests on any device "trace" / "eager")
+    checked against the device and the decoding settings; returns the capture to use, or None."""
     if cuda_graph is False or cuda_graph is None:
         return None
-    if not (cuda_graph is True or cuda_graph == "eager"):
+    if not (cuda_graph is True or cuda_graph in ("trace", "eager")):
         raise ValueError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
     if cuda_graph is True and device.type != "cuda":
         raise ValueError(f"cuda_graph: expected a model on a CUDA device, got {device.type} (CUDA graphs capture "
@@ -57,7 +60,7 @@ def check_options(cuda_graph, device: torch.device, settings) -> str | None:
         what = "streamer" if settings.streamer is not None else "stopping_criteria"
         raise ValueError(f"cuda_graph: a captured step cannot hand its tokens to the host every step, which the "
                          f"{what} given needs; pass cuda_graph=False with a streamer or stopping criteria")
-    return "cuda" if cuda_graph is True else "eager"
+    return "cuda" if cuda_graph is True else cuda_graph
 
 
 def bucket(n: int, largest: int) -> int:
@@ -145,9 +148,14 @@ class GraphedVerify:
         def run():
             return self.step(tree)
         self.captures += 1
-        self._warm_up(run)
+        with self._undone():
+            self._warm_up(run)
         if self.capture == "eager":
             return run
+        if self.capture == "trace":
+            from torch.fx.experimental.proxy_tensor import make_fx
+            with self._undone():     # tracing runs the step too
+                return make_fx(run)()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
@@ -162,17 +170,22 @@ class GraphedVerify:
         return replay
 
     def _warm_up(self, run: Callable[[], tuple]) -> None:
-        """Run the step once (on a side stream on CUDA, as torch.cuda.graph asks) and restore the
-        lengths it advanced: the rows and columns it wrote past them are scratch."""
+        """Run the step once, on a side stream on CUDA (as torch.cuda.graph asks)."""
+        if self.capture != "cuda":
+            run()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+
+    @contextlib.contextmanager
+    def _undone(self):
+        """Restore the lengths a run of the step advanced: the rows and columns it wrote past
+        them are scratch."""
         state = [self.cache.lens, self.out.lens, self.out.finished]
         saved = [s.clone() for s in state]
-        if self.capture == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            run()
+        yield
         for s, v in zip(state, saved):
             s.copy_(v)
