@@ -17,7 +17,7 @@ from parallelspec import engine, graphs
 from parallelspec.autotree import AutoTree
 from parallelspec.trees import ChainTree, Tree, TreeBuilder
 from engine_helpers import hf_greedy, left_padded, tiny_model
-from test_engine import _network_drafter
+from test_engine import _network_drafter, _wide_model
 from test_engine_syncs import BUDGET, TREES, VOCAB, step_syncs
 
 NEW = 20
@@ -243,19 +243,6 @@ def test_cuda_graph_refusals(case):
 
 # -- on a GPU ----------------------------------------------------------------------------------
 
-def _gpu_model(hidden=64, heads=4, dtype=torch.float32):
-    """A tiny Llama on the GPU; hidden=128, heads=8 make GQA group 4, so trees of 8+ nodes take
-    the Triton attention path (from 32 query rows per KV head)."""
-    import transformers as tf
-
-    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256,
-                            initializer_range=0.1, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                            pad_token_id=None)
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(config).eval().to("cuda", dtype)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
 @pytest.mark.parametrize("kind, tree, width", [(None, "chain", "narrow"), ("ngram", "chain", "narrow"),
                                                ("ngram", "auto", "narrow"), ("parallel", "dynamic", "narrow"),
@@ -264,8 +251,9 @@ def _gpu_model(hidden=64, heads=4, dtype=torch.float32):
 def test_greedy_on_cuda_graph_matches_hf(kind, tree, width, monkeypatch):
     """generate(cuda_graph=True) on the GPU: the verify step captured per bucket (native CUDA
     kernels; Triton attention on the wide model's 8+ node trees; cuBLAS) and replayed gives
-    transformers' greedy tokens on the same GPU, and the plain loop's steps and acceptances."""
-    model = _gpu_model(*((128, 8) if width == "wide" else (64, 4)))
+    transformers' greedy tokens on the same GPU, and (drafts from tokens alone) the plain loop's
+    steps and acceptances. The wide model's GQA group (4) takes trees of 8+ nodes to Triton."""
+    model = _wide_model(torch.float32) if width == "wide" else tiny_model("llama", VOCAB).to("cuda")
     ids, mask = left_padded([6, 9, 2], VOCAB)
     ids[:, -4:] = ids[:, -8:-4]
     ids, mask = ids.to("cuda"), mask.to("cuda")
@@ -280,4 +268,5 @@ def test_greedy_on_cuda_graph_matches_hf(kind, tree, width, monkeypatch):
     assert gv.capture == "cuda" and gv.captures >= 1
     assert runs[1][0].device.type == "cuda"
     torch.testing.assert_close(runs[1][0], reference, rtol=0, atol=0)
-    assert runs[0][1:] == runs[1][1:]
+    if kind in (None, "ngram"):   # drafts from tokens alone; a network's from features, whose last bits may
+        assert runs[0][1:] == runs[1][1:]   # differ where a padded tree takes another kernel (CUDA / Triton)

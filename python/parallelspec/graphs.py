@@ -126,6 +126,12 @@ class GraphedVerify:
         self._pool = torch.cuda.graph_pool_handle() if capture == "cuda" else None
 
     def __call__(self, tree: Tree) -> tuple:
+        # a graph is captured and replayed on its device's current stream: the model's device,
+        # which need not be the current one (cuda:N)
+        with torch.cuda.device(self.cache.kv.device) if self.capture == "cuda" else contextlib.nullcontext():
+            return self._run(tree)
+
+    def _run(self, tree: Tree) -> tuple:
         n = tree.size
         size = bucket(n, self.largest)
         self.out.ensure_slack(size)     # before the addresses are taken: no growth inside the step
