@@ -224,14 +224,17 @@ def test_patch_passes_cuda_graph_on(case, monkeypatch):
     assert len(spy.made) == 1 and spy.made[0].captures >= 1
 
 
-def test_cuda_graph_refusals(case):
+def test_cuda_graph_refusals(case, monkeypatch):
     from transformers.generation.streamers import BaseStreamer
 
     model, ids, mask, _ = case
     run = dict(attention_mask=mask, max_new_tokens=4)
     if not torch.cuda.is_available():
+        def measured(*args, **kwargs):
+            raise AssertionError("tree='auto' measured the verify cost before the refusal")
+        monkeypatch.setattr(AutoTree, "for_model", measured)
         with pytest.raises(ValueError, match="cuda_graph: expected a model on a CUDA device, got cpu"):
-            ps.generate(model, ids, None, cuda_graph=True, **run)
+            ps.generate(model, ids, ps.NgramDrafter(), cuda_graph=True, **run)   # tree="auto" by default
     with pytest.raises(ValueError, match="cuda_graph: expected True or False, got 'yes'"):
         ps.generate(model, ids, None, cuda_graph="yes", **run)
     with pytest.raises(ValueError, match=r"cuda_graph: only greedy decoding \(do_sample=False\)"):

@@ -28,6 +28,7 @@ import torch
 from .drafters.base import Drafter
 from .drafters.hybrid import HybridDrafter
 from .engine import DecodeSettings, GenerationStats, decode
+from .graphs import check_options as check_cuda_graph
 from .hf import TargetModel
 from .sampling import SamplingParams
 from .trees import TreeBuilder, make_tree_builder
@@ -167,6 +168,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask, config, target)
     settings, pad = _settings(config, input_ids, stopping_criteria, streamer, default_length, target.max_positions)
     target.check_length(int(attention_mask.sum(dim=1).max()), input_ids.shape[1] + settings.max_new_tokens)
+    check_cuda_graph(cuda_graph, target.device, settings)   # before tree="auto" measures anything
     drafter = as_drafter(drafter, model)
     # without a drafter the tree is the root alone whatever was asked: nothing to measure
     builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
