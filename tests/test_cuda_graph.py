@@ -17,6 +17,7 @@ from parallelspec import engine, graphs
 from parallelspec.autotree import AutoTree
 from parallelspec.trees import ChainTree, Tree, TreeBuilder
 from engine_helpers import hf_greedy, left_padded, tiny_model
+from helpers import runnable_backends
 from test_engine import _network_drafter, _wide_model
 from test_engine_syncs import BUDGET, TREES, VOCAB, step_syncs
 
@@ -81,7 +82,7 @@ def _random_tree(B, N, shared, seed):
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", runnable_backends("tree_accept", torch.device("cpu"), include_reference=True))
 def test_padding_is_never_accepted(shared, backend):
     """A tree padded to its bucket (leaves under the root with node 1's token) accepts what the
     tree does, greedy and sampling, even where node 1's token is the root's argmax (so every pad
@@ -106,7 +107,8 @@ def test_padding_is_never_accepted(shared, backend):
         padded_logits = torch.cat([logits, torch.randn(B, size - N, V)], dim=1)
         uniforms = torch.rand(B, size)
         for mode in ("greedy", "sample"):
-            extra = {} if mode == "greedy" else {"uniforms": uniforms[:, :N]}
+            # contiguous: the Triton wrapper reads uniforms as [B, N] contiguous whatever their strides
+            extra = {} if mode == "greedy" else {"uniforms": uniforms[:, :N].contiguous()}
             target = logits if mode == "greedy" else logits.softmax(-1)
             want = ps_kernels.tree_accept(tree.tokens, tree.parents, target, mode=mode, backend=backend, **extra)
             extra = {} if mode == "greedy" else {"uniforms": uniforms}
