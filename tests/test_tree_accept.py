@@ -282,6 +282,25 @@ def test_strided_inputs(backend):
     assert all(torch.equal(x, y) for x, y in zip(got, want))
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("reference", id="reference")])
+def test_strided_uniforms_and_draft_probs(backend):
+    # sample mode with uniforms sliced out of a wider tensor (node stride 2) and draft_probs
+    # transposed in their batch / node dims: each backend reads them by index, not by layout
+    g = torch.Generator().manual_seed(5)
+    B, N, V = 3, 7, 11
+    tokens, parents, _ = make_tree(g, B, N, V, "random")
+    target = torch.softmax(torch.randn(B, N, V, generator=g), -1)
+    draft = torch.softmax(torch.randn(N, B, V, generator=g), -1).transpose(0, 1)
+    wide = torch.rand(B, 2 * N, generator=g)
+    uniforms = wide[:, ::2]
+    assert not uniforms.is_contiguous() and not draft.is_contiguous()
+    tokens, parents, target, draft, uniforms = to_device(tokens, parents, target, draft, uniforms)
+    got = ps_kernels.tree_accept(tokens, parents, target, mode="sample", draft_probs=draft, uniforms=uniforms,
+                                 backend=backend)
+    want = ref.tree_accept(tokens, parents, target, "sample", draft.contiguous(), uniforms.contiguous())
+    assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(got, want))
+
+
 @pytest.mark.parametrize("backend", [p for p in BACKENDS])
 def test_unvalidated_malformed_input_stays_in_bounds(backend):
     # validate=False with a cycle-like parent, a forward parent and out-of-range tokens: the

@@ -170,6 +170,8 @@ def tree_accept(tokens, parents, target, sample, draft_probs, uniforms):
     dev = tokens.device
     tokens = tokens.contiguous()
     parents = parents.contiguous()
+    if sample:  # the kernel indexes uniforms as a dense [B, N] (b * N + c)
+        uniforms = uniforms.contiguous()
     accept_index = torch.empty(B, N, dtype=torch.int64, device=dev)
     accept_lens = torch.empty(B, dtype=torch.int64, device=dev)
     next_token = torch.empty(B, dtype=torch.int64, device=dev)
