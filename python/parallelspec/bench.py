@@ -95,6 +95,9 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         "parallel_static": lambda: ours("parallel", "static"),
         "parallel_dynamic": lambda: ours("parallel", "dynamic", tree_nodes=16),
         "parallel_auto": lambda: ours("parallel", "auto"),
+        # the shipped parallel drafter in vLLM's EAGLE-3 layout (export --format vllm)
+        "parallel-eagle3_chain": lambda: ours("parallel-eagle3", "chain"),
+        "parallel-eagle3_auto": lambda: ours("parallel-eagle3", "auto"),
         "hybrid_auto": lambda: ours("hybrid", "auto"),
         "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_after": 5}}),
         "hybrid_nomatch_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_on_match": None}}),

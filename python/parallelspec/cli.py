@@ -197,6 +197,10 @@ def cmd_demo(args) -> int:
           f"mean accepted tokens per step: {steps_acc:.2f}")
     same = all(r["same"] for r in rows)
     print(f"outputs identical to transformers generate: {'yes' if same else 'NO'} ({len(rows)} prompts)")
+    from .defaults import DRAFTER_CHOICES
+    others = [c for c in DRAFTER_CHOICES if c not in ("default", name)]
+    print(f"other drafters: --drafter {' | '.join(others)} (parallel-eagle3: the parallel drafter in vLLM's "
+          "EAGLE-3 layout, servable by vLLM after `parallelspec export --format vllm`)")
     return 0 if same else 1
 
 

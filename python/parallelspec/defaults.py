@@ -8,16 +8,19 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED = {
     "parallel": ASSETS / "smollm2-135m-instruct-parallel",
     "eagle": ASSETS / "smollm2-135m-instruct-eagle",
+    # the parallel drafter in vLLM's EAGLE-3 layout (`parallelspec export --format vllm` serves it)
+    "parallel-eagle3": ASSETS / "smollm2-135m-instruct-parallel-eagle3",
 }
-DRAFTER_CHOICES = ("default", "parallel", "eagle", "ngram", "hybrid", "none")
+DRAFTER_CHOICES = ("default", "parallel", "eagle", "parallel-eagle3", "ngram", "hybrid", "none")
 
 
 def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_options: dict | None = None,
                  head_dtype="default"):
     """A drafter from a name or a path.
 
-    spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" (the shipped
-    drafter for the embedded target), "hybrid" (prompt lookup + the shipped parallel drafter
+    spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" /
+    "parallel-eagle3" (the shipped drafters for the embedded target; the last in vLLM's EAGLE-3
+    layout), "hybrid" (prompt lookup + the shipped parallel drafter
     in one tree; "hybrid:SPEC" with another drafter), "default" (the best measured for the embedded target), or a directory saved
     with ``save_pretrained``. hybrid_options: ``HybridDrafter`` keywords over
     ``HYBRID_OPTIONS``. head_dtype: a network drafter's head copy on a CPU
