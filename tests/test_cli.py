@@ -105,3 +105,23 @@ def test_shipped_drafters_refuse_another_target():
 def test_hybrid_needs_drafters():
     with pytest.raises(TypeError, match="drafters: expected a non-empty list"):
         HybridDrafter([object()])
+
+
+@pytest.mark.parametrize("command", [["demo", "--prompts", "1"], ["bench", "--quick"], ["export", "--format", "vllm", "a", "b"]])
+def test_bad_cpu_level_variable_is_an_error_not_a_traceback(command):
+    """PS_KERNELS_CPU_CAPABILITY naming no level: every command stops at once with exit code 2 and
+    the variable's error (read before anything runs; a separate process, since the level is read
+    once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    import ps_kernels
+    if ps_kernels.cpu_capability().active is None:
+        pytest.skip("no native CPU library in this install: the variable is not read")
+    env = {**os.environ, "PS_KERNELS_CPU_CAPABILITY": "avx3"}
+    proc = subprocess.run([sys.executable, "-m", "parallelspec.cli", *command], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"parallelspec {command[0]}: error: PS_KERNELS_CPU_CAPABILITY=avx3: expected one of" in proc.stderr
+    assert "Traceback" not in proc.stderr

