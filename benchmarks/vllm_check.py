@@ -45,7 +45,9 @@ def prepare(args) -> None:
     target_dir = cache_dir() / "SmolLM2-135M-Instruct"      # the safetensors copy vLLM serves
     prompts = [(cat, ids) for cat, items in prompt_sets(tok, args.prompts).items() for ids in items]
     data = work / "data"
-    if not (data / "train-ext-00000.pt").exists():
+    if args.drafter:   # a trained eagle3-layout drafter (e.g. the shipped one): no data, no training
+        run = Path(args.drafter)
+    elif not (data / "train-ext-00000.pt").exists():
         data.mkdir(exist_ok=True)
         t0 = time.time()
         if args.data == "bench":
@@ -63,8 +65,9 @@ def prepare(args) -> None:
                   f"generated tokens ({time.time() - t0:.0f} s)", flush=True)
         if args.data == "bench":
             (data / "heldout-ext-00000.pt").symlink_to("train-ext-00000.pt")
-    run = work / "run"
-    if not (run / "drafter" / "config.json").exists():
+    if not args.drafter:
+        run = work / "run"
+    if not args.drafter and not (run / "drafter" / "config.json").exists():
         memorise = args.data == "bench"
         cfg = TrainConfig(kind="parallel", layout="eagle3", depth=args.k, draft_vocab=args.draft_vocab,
                           head="trained", steps=args.steps, batch_size=len(prompts) if memorise else 8,
@@ -85,12 +88,13 @@ def prepare(args) -> None:
                      "ours_accept_histogram": stats.accept_histogram, "ours_mean_accepted": stats.mean_accepted})
         print(f"{cat}: {len(ids[0])} prompt tokens; ours == transformers: {ours == ref}; our accepted per step "
               f"{stats.mean_accepted:.3f}", flush=True)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
     (work / "prepare.json").write_text(json.dumps({
         "target": str(target_dir), "drafter": str(exported), "k": args.k, "max_new_tokens": args.max_new_tokens,
-        "data": args.data,
-        "train": {"steps": summary["steps"], "wall_s": summary["wall_s"], "tokens": summary["train_generated_tokens"],
-                  "heldout": summary["history"][-1] if summary["history"] else None},
+        "data": f"the drafter at {args.drafter}" if args.drafter else args.data,
+        "train": summary and {"steps": summary["steps"], "wall_s": summary["wall_s"],
+                              "tokens": summary["train_generated_tokens"],
+                              "heldout": summary["history"][-1] if summary["history"] else None},
         "rows": rows}, indent=1) + "\n")
 
 
@@ -128,12 +132,17 @@ def serve(args) -> None:
     (work / "vllm.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
+def _drafter_source(prep: dict) -> str:
+    data = str(prep.get("data"))
+    return data if data.startswith("the drafter at") else f"trained on {data} prompts"
+
+
 def compare(args) -> int:
     work = Path(args.work)
     prep = json.loads((work / "prepare.json").read_text())
     got = json.loads((work / "vllm.json").read_text())
     ok = True
-    print(f"vLLM {got['vllm_version']}, drafter trained on {prep.get('data')} prompts, k={prep['k']}, {len(prep['rows'])} prompts, "
+    print(f"vLLM {got['vllm_version']}, drafter: {_drafter_source(prep)}, k={prep['k']}, {len(prep['rows'])} prompts, "
           f"{prep['max_new_tokens']} new tokens, greedy, fp32")
     for i, r in enumerate(prep["rows"]):
         spec, plain = got["vllm_spec"]["outputs"][i], got["vllm_plain"]["outputs"][i]
@@ -177,6 +186,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--train-seconds", type=float, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--drafter", default=None,
+                    help="prepare: check this eagle3-layout drafter (a saved drafter or run directory, e.g. "
+                         "python/parallelspec/assets/smollm2-135m-instruct-parallel-eagle3) instead of training one")
     args = ap.parse_args()
     if args.role == "prepare":
         prepare(args)
