@@ -51,6 +51,33 @@ class _AlwaysMatching(ps.NgramDrafter):
         return out
 
 
+class _MatchingInBursts(ps.NgramDrafter):
+    """Prompt lookup that reports a 3-gram match on two steps out of three: a sit-out decided on
+    a matching step's copies meets a step whose copies no longer match (a broken copy)."""
+
+    def step(self, tokens, features, lens, host=None):
+        out = super().step(tokens, features, lens, host=host)
+        self.calls = getattr(self, "calls", 0) + 1
+        self.last_match_n = [3 if self.calls % 3 else 0] * len(self.last_match_n)
+        return out
+
+
+@pytest.mark.parametrize("tree", ["chain", "auto"])
+def test_hybrid_sit_out_undone_when_the_copy_breaks(case, tree):
+    """A sit-out decided on the last step's copies is undone when this step's copies show the
+    copying stopped: the network runs late on the held-back stream (the oracle checks every pair
+    it gets), its candidates reach the tree (AutoTree: placed blind), and the output stays HF's."""
+    model, ids, mask, reference = case
+    oracle = _drafter("oracle+features", model, ids, mask, reference)
+    hybrid = ps.HybridDrafter([_MatchingInBursts(num_tokens=3), oracle], defer_on_match=3)
+    out, stats = ps.generate(model, ids, hybrid, attention_mask=mask, max_new_tokens=NEW, tree=_small_tree(tree),
+                             return_stats=True)
+    torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+    assert hybrid.late_steps > 0, "no sit-out was undone"
+    assert oracle.checked_tokens > 0
+    assert stats.mean_accepted > 1.3, "the late network's (true) candidates should be accepted"
+
+
 @pytest.mark.parametrize("trigger", [{"defer_after": 2}, {"defer_on_match": 3}])
 @pytest.mark.parametrize("tree", ["chain", "auto"])
 def test_hybrid_deferral_feeds_the_whole_stream(case, tree, trigger):

@@ -68,6 +68,33 @@ def test_at_most_one_host_sync_a_step(model, kind, tree):
     assert len(worst) <= BUDGET, f"{kind} x {tree}: {len(worst)} host syncs in a step: {worst}"
 
 
+@pytest.mark.parametrize("tree", list(TREES))
+def test_at_most_one_host_sync_a_step_when_a_sit_out_is_undone(model, tree, monkeypatch):
+    """The hybrid's network sources run late (after the host read) when the step's copies show
+    the copying that decided their sit-out has stopped: their candidates are not read (AutoTree
+    places them blind), so such steps stay within one host sync too."""
+    calls = []
+    original = ps.NgramDrafter.step
+
+    def bursts(self, tokens, features, lens, host=None):   # a 3-gram match on two steps out of three
+        out = original(self, tokens, features, lens, host=host)
+        calls.append(1)
+        self.last_match_n = [3 if len(calls) % 3 else 0] * len(self.last_match_n)
+        return out
+    monkeypatch.setattr(ps.NgramDrafter, "step", bursts)
+    hybrids = []
+    original_init = ps.HybridDrafter.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        hybrids.append(self)
+    monkeypatch.setattr(ps.HybridDrafter, "__init__", init)
+    steps, _ = step_syncs(model, "hybrid", tree)
+    assert hybrids[0].late_steps > 0, "no sit-out was undone"
+    worst = max(steps, key=len)
+    assert len(worst) <= BUDGET, f"hybrid x {tree}, late network runs: {len(worst)} host syncs in a step: {worst}"
+
+
 @pytest.mark.parametrize("tree", ["dynamic", "auto"])
 def test_at_most_one_host_sync_a_step_when_sampling(model, tree):
     """Sampling (temperature, top-k, top-p; lossless recursive rejection on the device) adds none."""

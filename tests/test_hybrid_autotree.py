@@ -294,3 +294,38 @@ def test_verify_cost_is_cached_per_cpu_level(tmp_path, monkeypatch):
         with _backend.force_cpu_capability(level):
             autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
     assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("conditioned", [0, 1])
+def test_candidates_made_after_the_loops_host_read_are_placed_blind(conditioned):
+    """Inside the decoding loop (host_request called for the build), per-depth candidates that
+    were not part of the step's host read (HybridDrafter's late network run) are not read: the
+    top-1 chain and depth 1's 2nd / 3rd candidates are placed with the mean scores those slots had
+    in the read beams, their tokens gathered on the device."""
+    from sync_counter import SyncCounter
+
+    lp = [[math.log(.9), math.log(.5), math.log(.2)]] * 3
+    first = _cands([[[10, 11, 12], [20, 21, 22], [30, 31, 32]]], [lp])
+    first.conditioned_depths = conditioned
+    tree = AutoTree(FLAT, max_nodes=8)
+    tree.build(torch.tensor([1]), first)   # outside the loop: reads its beam, records the slots' scores
+    late = _cands([[[40, 41, 42], [50, 51, 52], [60, 61, 62]]], [lp])
+    late.conditioned_depths = conditioned
+    assert tree.host_request(None) == []   # the loop's request for a step whose drafter sat out
+    with SyncCounter() as counter:
+        built = tree.build(torch.tensor([2]), late)
+    assert counter.events == [], f"blind placement read the host: {counter.events}"
+    got = set(_paths(built).values()) - {()}
+    # the top-1 chain .9 / .81 / .729 and depth 1's 2nd (.5) and 3rd (.2): all worth a flat cost
+    assert got == {(40,), (40, 50), (40, 50, 60), (41,), (42,)}
+    assert built.tokens[0, 0] == 2
+    # outside the loop the same candidates are read as usual (depth 2's 2nd candidate too)
+    assert (40, 51) in set(_paths(tree.build(torch.tensor([2]), late)).values())
+
+
+def test_blind_placement_needs_a_record():
+    """No read beam yet in this call: nothing to score blind nodes with, so none are placed."""
+    late = _cands([[[40, 41], [50, 51]]], [[[math.log(.9), math.log(.5)]] * 2])
+    tree = AutoTree(FLAT, max_nodes=8)
+    tree.host_request(None)
+    assert tree.build(torch.tensor([2]), late).size == 1

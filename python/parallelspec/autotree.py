@@ -27,6 +27,12 @@ numbers) and the last step's acceptance record reach the host in the loop's one 
 (``host_request`` / ``receive``); the trie and the choice of n are a few hundred Python operations
 on those host lists, and the tree goes back in one asynchronous copy, its mask built on the device.
 Called alone (tests), ``build`` / ``observe`` read the host themselves.
+
+Per-depth candidates made after that read (``HybridDrafter``'s network run late, when a sit-out
+decided on the last step's copies met a broken copy) are placed without reading them ("blind"):
+the drafter's top-1 chain (slot 0 at every depth) and its 2nd / 3rd depth-1 candidates, each
+scored by the mean of what those same slots scored in this call's read beams, their tokens
+gathered on the device into the tree.
 """
 from __future__ import annotations
 
@@ -87,6 +93,9 @@ class AutoTree(TreeBuilder):
         self._kept_sources: list[list[int]] | None = None   # per sequence: node index -> source
         self._kept_predicted = [0.0, 0.0]
         self.last_nodes = 1
+        self._in_loop = False         # host_request was called for the coming build (the decoding loop)
+        # blind slot paths (see the module docstring) -> [sum of exp(score), count] over the read beams
+        self._slot_record: dict[tuple, list[float]] = {}
 
     # -- cost model -------------------------------------------------------------------------
     def cost(self, n: int) -> float:
@@ -142,6 +151,7 @@ class AutoTree(TreeBuilder):
 
     def host_request(self, candidates: DraftCandidates | None) -> list[torch.Tensor]:
         request, self._request = [], {}
+        self._in_loop = True
         if self._pending_record is not None:
             lens, index = self._pending_record
             request += [lens] if index is None else [lens, index]
@@ -224,34 +234,66 @@ class AutoTree(TreeBuilder):
         out = []
         for b in range(B):
             nodes: dict[tuple, float] = {}
+            slots = []   # (blind slot path, score) of this sequence: the top-1 chain, depth 1's 2nd / 3rd
             chain, base = (), 0.0
             for d in range(c):
                 toks, lps = head[0][b][d], head[1][b][d]
-                for tok, lp in zip(toks, lps):
+                for j, (tok, lp) in enumerate(zip(toks, lps)):
                     if lp > -1e3:
                         path = chain + (tok,)
                         nodes[path] = max(base + lp, nodes.get(path, -math.inf))
+                        if j < 3 and (j == 0 or d == 0):
+                            slots.append((_slot_path(d + 1, j), base + lp))
                 if not lps[0] > -1e3:   # no top-1 here: nothing hangs below
                     break
                 chain, base = chain + (toks[0],), base + lps[0]
             prev: list[tuple] = [chain]
-            for scores_d, parents_d, tokens_d in (host if len(chain) == c else []):
+            for d, (scores_d, parents_d, tokens_d) in enumerate(host if len(chain) == c else []):
                 cur = []
-                for score, par, tok in zip(scores_d[b], parents_d[b], tokens_d[b]):
+                for j, (score, par, tok) in enumerate(zip(scores_d[b], parents_d[b], tokens_d[b])):
                     path = prev[par] + (tok,)
                     cur.append(path)
                     if score > -1e3:
                         nodes[path] = max(base + score, nodes.get(path, -math.inf))
+                        # a beam level's best path is the top-1 chain (independent depths); the
+                        # first level's next ones are depth 1's 2nd / 3rd candidates
+                        if j == 0 or (c + d == 0 and j < 3):
+                            slots.append((_slot_path(c + d + 1, j), base + score))
                 prev = cur
+            for path, score in slots:
+                rec = self._slot_record.setdefault(path, [0.0, 0])
+                rec[0] += math.exp(score)
+                rec[1] += 1
             out.append(nodes)
         return out
+
+    def _blind_paths(self, candidates: DraftCandidates) -> list[dict[tuple, float]]:
+        """Per sequence: {blind path: log of its slots' mean recorded score} (the same for every
+        sequence: nothing of these candidates is read). A blind path holds negative placeholders,
+        -1 - (flat index into tokens[b].view(k * m)), that ``_tensors`` gathers on the device."""
+        self._host_beam = None
+        k, _ = self._conditioned(candidates)
+        m = candidates.tokens.shape[2]
+        nodes = {}
+        for slots, (total, count) in self._slot_record.items():
+            if count and total > 0 and len(slots) <= k and all(j < m for j in slots):
+                nodes[tuple(-1 - (d * m + j) for d, j in enumerate(slots))] = math.log(total / count)
+        return [dict(nodes) for _ in range(candidates.tokens.shape[0])]
 
     def build(self, root: torch.Tensor, candidates: DraftCandidates | None) -> Tree:
         B = root.shape[0]
         width = self.max_nodes - 1
         self._apply_record()
         use_per_depth = self._uses_per_depth(candidates)
-        tries = self._beam_paths(candidates, width) if use_per_depth else [dict() for _ in range(B)]
+        in_loop, self._in_loop = self._in_loop, False
+        # inside the decoding loop, per-depth candidates whose beam was not part of the step's host
+        # read (made after it) are placed blind: reading them would be a second host sync
+        blind = (use_per_depth and in_loop
+                 and not (self._host_beam is not None and self._host_beam[0] is candidates.tokens))
+        if blind:
+            tries = self._blind_paths(candidates)
+        else:
+            tries = self._beam_paths(candidates, width) if use_per_depth else [dict() for _ in range(B)]
         chained: list[set] = [set() for _ in range(B)]   # paths whose best score is a chain's
         if candidates is not None and candidates.paths is not None:
             for b, chains in enumerate(candidates.paths):
@@ -289,10 +331,11 @@ class AutoTree(TreeBuilder):
             self._kept_sources.append(srcs)
         self._predicted = sum(self._kept_predicted)
         self.last_nodes = n + 1
-        return self._tensors(root, kept, n)
+        return self._tensors(root, kept, n, candidates.tokens if blind else None)
 
     @staticmethod
-    def _tensors(root: torch.Tensor, kept: list[list[tuple[tuple, float]]], n: int) -> Tree:
+    def _tensors(root: torch.Tensor, kept: list[list[tuple[tuple, float]]], n: int,
+                 blind_tokens: torch.Tensor | None = None) -> Tree:
         B, N = root.shape[0], n + 1
         tokens = [[0] * N for _ in range(B)]
         parents = [[-1] + [0] * n for _ in range(B)]
@@ -309,8 +352,16 @@ class AutoTree(TreeBuilder):
             # walk can never take ahead of a real child (same token as the root's first child)
             for i in range(len(ordered) + 1, N):
                 tokens[b][i] = tokens[b][1] if len(ordered) else 0
-        packed = to_device([tokens, parents, depths], torch.int64, root.device)   # one asynchronous copy
+        gather = None
+        if blind_tokens is not None:   # blind nodes (negative placeholders): their tokens on the device
+            gather = [[-1 - t if t < 0 else -1 for t in row] for row in tokens]
+            tokens = [[max(t, 0) for t in row] for row in tokens]
+        packed = to_device([tokens, parents, depths] + ([gather] if gather else []), torch.int64, root.device)
         tok = torch.cat([root[:, None], packed[0, :, 1:]], dim=1)
+        if gather:
+            index = packed[3]
+            drafted = blind_tokens.reshape(B, -1).gather(1, index.clamp(min=0))
+            tok = torch.where(index >= 0, drafted, tok)
         par, dep = packed[1], packed[2]
         return Tree(tok, par, dep, tree_mask_from_parents(par, validate=False) if N > 1 else None)
 
@@ -330,6 +381,11 @@ class AutoTree(TreeBuilder):
         # before the (first-use) measurement, not after it
         cls._check_options(max_nodes, depth, options.get("chain_trust", CHAIN_TRUST))
         return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
+
+
+def _slot_path(depth: int, slot: int) -> tuple:
+    """The candidate slots of a blind node: the top-1 chain to `depth`, or depth 1's `slot`."""
+    return (0,) * depth if slot == 0 else (slot,)
 
 
 _ANNOUNCED: set[str] = set()     # models whose measurement this process has announced on stderr

@@ -14,7 +14,14 @@ target's features (the network drafters, the costly ones) sit the next step out.
 ``defer_on_match``: the same when every sequence's prompt lookup (a source exposing
 ``last_match_n``) matched at least that many trailing tokens. The decision is taken on the host
 copies of one step and applies to the next one's network pass (``launch``), which the decoding
-loop starts before its one host read a step: a sit-out follows the step that called for it. Either way the
+loop starts before its one host read a step: a sit-out follows the step that called for it. When that
+read shows the copying has stopped (the step's own tokens no longer meet the criterion: the
+chain was cut short), the sources that sat out run after all, right after the read (``step``;
+``late_steps`` counts them), so the step still gets their candidates: a tree builder working on
+the host cannot read those in the step's one sync (``AutoTree`` places them without reading
+them), tree builders on the device use them as any. A sit-out that the lag gets wrong would
+otherwise cost the step a network's candidates right where the copy broke (long inputs: one step
+more per copied stretch, for a drafter pass that costs a few percent of a step). Either way the
 skipped sources' new (token, feature) pairs are kept and fed with the next step's in one
 call, so their caches see the same stream as if they had never paused (a step over a few
 more rows costs about the same on a CPU).
@@ -56,7 +63,9 @@ class HybridDrafter(Drafter):
         self._held_lens = None
         self._steps = 0
         self.deferred_steps = 0
+        self.late_steps = 0       # sit-outs undone after the host read showed the copying had stopped
         self._defer_next = False
+        self._sat_out = False
         self._launched = None
 
     def reset(self, batch_size, max_len, device, dtype):
@@ -67,7 +76,9 @@ class HybridDrafter(Drafter):
         self._held_lens = None
         self._steps = 0
         self.deferred_steps = 0
+        self.late_steps = 0
         self._defer_next = False
+        self._sat_out = False
         self._launched = None
 
     @property
@@ -81,9 +92,13 @@ class HybridDrafter(Drafter):
             d.check_target(model)
 
     def launch(self, tokens, features, lens) -> DraftCandidates | None:
-        """The network sources' step (device work, before the loop's host sync), or their sitting
-        out: decided from the last step's host copies (the decoding loop reads the host once a step,
-        after this), so a sit-out follows the step whose acceptance or match called for it."""
+        """The device sources' step, before the loop's host sync: the network sources (or their
+        sitting out: decided from the last step's host copies, so a sit-out follows the step whose
+        acceptance or match called for it) and the sources that need neither features nor host
+        copies. Returns their per-depth candidates merged (what a tree builder may ask for in that
+        sync), or None."""
+        device = [d.step(tokens, None, lens) for d in self.drafters
+                  if not d.needs_features and not d.wants_host_tokens]
         if self._pending is None:
             stream = (tokens, features, lens)
         else:  # the held-back rows: as many columns as the longest held-back sequence
@@ -91,28 +106,43 @@ class HybridDrafter(Drafter):
             rows = self._pending_rows
             stream = _join((held[0][:, :rows], held[1][:, :rows], held[2]), (tokens, features, lens))
         defer = (self._defer_next and self.needs_features and stream[0].shape[1] <= _MAX_DEFERRED_ROWS)
-        self._launched = (tokens, None)
+        self._sat_out = defer
         if defer:
             self._pending = stream
             self.deferred_steps += 1
-            return None
-        self._pending = None
+            net = None
+        else:
+            self._pending = None
+            net = self._run_networks(stream)
+        parts = ([net] if net is not None else []) + [c for c in device if c.paths is None]
+        merged = None if not parts else parts[0] if len(parts) == 1 else _merge_per_depth(parts, None)
+        self._launched = (tokens, net, device, merged)
+        return merged
+
+    def _run_networks(self, stream) -> DraftCandidates | None:
         per_depth = [d.step(*stream) for d in self.drafters if d.needs_features]
         if not per_depth:
             return None
-        merged = per_depth[0] if len(per_depth) == 1 else _merge_per_depth(per_depth, None)
-        self._launched = (tokens, merged)
-        return merged
+        return per_depth[0] if len(per_depth) == 1 else _merge_per_depth(per_depth, None)
 
     def step(self, tokens, features, lens, host: HostTokens | None = None) -> DraftCandidates:
         if host is None:   # called alone, not by the decoding loop: one host transfer of its own
             host = HostTokens(tokens.tolist(), lens.tolist())
         if self._launched is None or self._launched[0] is not tokens:
             self.launch(tokens, features, lens)
-        per_depth = self._launched[1]
+        _, net, device, merged = self._launched
         self._launched = None
-        results = [d.step(tokens, None, lens, host=host) if d.wants_host_tokens else d.step(tokens, None, lens)
-                   for d in self.drafters if not d.needs_features]
+        results = device + [d.step(tokens, None, lens, host=host) for d in self.drafters
+                            if not d.needs_features and d.wants_host_tokens]
+        if self._sat_out and not self._copying(host):
+            # the sit-out was decided on the last step's copies, and this step's show the copying
+            # stopped: run the held-back stream now (device work after the host read; no host sync)
+            net = self._run_networks(self._pending)
+            self._pending = None
+            self.deferred_steps -= 1
+            self.late_steps += 1
+            merged = None
+        self._sat_out = False
         if self._pending is None:
             self._held_lens = None
         else:   # rows held back per sequence (host ints): the next launch joins that many columns
@@ -122,7 +152,7 @@ class HybridDrafter(Drafter):
         self._steps += 1
         B = tokens.shape[0]
         # sources without features may still draft per depth (any Drafter): those join the network's
-        per_depth = ([per_depth] if per_depth is not None else []) + [c for c in results if c.paths is None]
+        per_depth = ([net] if net is not None else []) + [c for c in results if c.paths is None]
         chains = [c for c in results if c.paths is not None]
         paths = [[p for c in chains for p in c.paths[b]] for b in range(B)] if chains else None
         if not per_depth:   # chains only: their own per-depth view, flagged as such
@@ -130,15 +160,20 @@ class HybridDrafter(Drafter):
             tok = torch.cat([_pad_depth(c.tokens, k, 0) for c in chains], dim=2)
             lp = torch.cat([_pad_depth(c.logprobs, k, -math.inf) for c in chains], dim=2)
             return DraftCandidates(tok, lp, paths, per_depth_in_paths=True)
-        if len(per_depth) == 1:   # the launched tensors themselves (a tree builder asked for them)
-            return DraftCandidates(per_depth[0].tokens, per_depth[0].logprobs, paths,
-                                   conditioned_depths=per_depth[0].conditioned_depths)
+        # the launched tensors themselves when nothing ran late (a tree builder asked for them)
+        one = merged if merged is not None else per_depth[0] if len(per_depth) == 1 else None
+        if one is not None:
+            return DraftCandidates(one.tokens, one.logprobs, paths, conditioned_depths=one.conditioned_depths)
         return _merge_per_depth(per_depth, paths)
 
     def _decide_deferral(self, host: HostTokens) -> None:
         """Whether the network sources sit out the next step: every live sequence is copying
-        (this step's committed tokens >= defer_after, or prompt lookup matched >= defer_on_match
-        trailing tokens); never on the first step (the prompt)."""
+        now; never on the first step (the prompt)."""
+        self._defer_next = self._copying(host) and self._steps > 0 and self.needs_features
+
+    def _copying(self, host: HostTokens) -> bool:
+        """Every live sequence is copying: this step's committed tokens >= defer_after, or prompt
+        lookup matched >= defer_on_match trailing tokens (after this step's tokens)."""
         live = [n > 0 for n in host.lens]
         copying = False
         if self.defer_after is not None:
@@ -148,7 +183,7 @@ class HybridDrafter(Drafter):
             matched = [m for m in matched if m is not None]
             copying = bool(matched) and all(max(m[b] for m in matched) >= self.defer_on_match
                                             for b in range(len(live)) if live[b])
-        self._defer_next = copying and self._steps > 0 and self.needs_features
+        return copying
 
 
 def _merge_per_depth(per_depth: list[DraftCandidates], paths) -> DraftCandidates:
