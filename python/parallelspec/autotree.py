@@ -64,7 +64,7 @@ class AutoTree(TreeBuilder):
         if not verify_cost or 1 not in verify_cost:
             raise ValueError(f"verify_cost: expected measured times including N = 1, got {verify_cost}")
         self.sizes = sorted(verify_cost)
-        self.verify_cost = dict(verify_cost)
+        self.verify_cost = _envelope(dict(verify_cost))
         self.max_nodes = max_nodes
         self.depth = depth
         # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
@@ -388,6 +388,23 @@ def _slot_path(depth: int, slot: int) -> tuple:
     return (0,) * depth if slot == 0 else (slot,)
 
 
+#: measurement blocks (of `repeats` rounds) before a curve that does not increase is given up on
+_MAX_DISTURBED_BLOCKS = 3
+#: a larger N may measure this much faster than a smaller one (timer noise) and still count as increasing
+_MONOTONE_SLACK = 0.03
+
+
+def _monotone(costs: dict[int, float]) -> bool:
+    """Every size at least (1 - slack) x the time of every smaller size."""
+    sizes = sorted(costs)
+    return all(costs[b] >= (1 - _MONOTONE_SLACK) * costs[a] for i, a in enumerate(sizes) for b in sizes[i + 1:])
+
+
+def _envelope(costs: dict[int, float]) -> dict[int, float]:
+    """The cost of n nodes is at most that of any larger size (a tree can be padded to it)."""
+    return {n: min(c for m, c in costs.items() if m >= n) for n in costs}
+
+
 _ANNOUNCED: set[str] = set()     # models whose measurement this process has announced on stderr
 
 
@@ -430,7 +447,14 @@ def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int =
         # the sizes take turns (one round = every size once; the first round warms up), so a
         # shared machine's slow and fast spells fall on all of them alike: the curve's shape,
         # which is what sizes the tree, does not depend on when each size was timed
-        for _ in range(repeats + 1):
+        # a curve that does not increase with N (a forward over fewer tokens slower than one over
+        # more) was measured on a busy machine: more rounds, up to a limit (a 2-core CPU shared with
+        # another job measured 26.7 ms at 1 token and 24.2 at 2; the trees sized by that curve took
+        # 12 nodes where a quiet curve takes 8). AutoTree also reads every curve through its
+        # increasing envelope.
+        for round_ in range(1 + _MAX_DISTURBED_BLOCKS * repeats):
+            if round_ > repeats and (round_ - 1) % repeats == 0 and _monotone({n: min(t[1:]) for n, t in times.items()}):
+                break
             for n in sizes:
                 x = ids[:, prefix:prefix + n]
                 pos = torch.arange(prefix, prefix + n, device=dev)[None]
