@@ -45,9 +45,9 @@ def prepare(args) -> None:
     target_dir = cache_dir() / "SmolLM2-135M-Instruct"      # the safetensors copy vLLM serves
     prompts = [(cat, ids) for cat, items in prompt_sets(tok, args.prompts).items() for ids in items]
     data = work / "data"
-    if args.drafter:   # a trained eagle3-layout drafter (e.g. the shipped one): no data, no training
-        run = Path(args.drafter)
-    elif not (data / "train-ext-00000.pt").exists():
+    # a trained eagle3-layout drafter (e.g. the shipped one): no data, no training
+    run = Path(args.drafter) if args.drafter else work / "run"
+    if not args.drafter and not (data / "train-ext-00000.pt").exists():
         data.mkdir(exist_ok=True)
         t0 = time.time()
         if args.data == "bench":
@@ -65,8 +65,6 @@ def prepare(args) -> None:
                   f"generated tokens ({time.time() - t0:.0f} s)", flush=True)
         if args.data == "bench":
             (data / "heldout-ext-00000.pt").symlink_to("train-ext-00000.pt")
-    if not args.drafter:
-        run = work / "run"
     if not args.drafter and not (run / "drafter" / "config.json").exists():
         memorise = args.data == "bench"
         cfg = TrainConfig(kind="parallel", layout="eagle3", depth=args.k, draft_vocab=args.draft_vocab,

@@ -279,7 +279,7 @@ def _cpu_level_error() -> str | None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("-h", "--help") and "--help" not in argv and "-h" not in argv:
+    if argv and "--help" not in argv and "-h" not in argv:
         error = _cpu_level_error()
         if error:
             print(f"parallelspec {argv[0]}: error: {error}", file=sys.stderr)
