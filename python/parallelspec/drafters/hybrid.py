@@ -134,7 +134,8 @@ class HybridDrafter(Drafter):
         self._launched = None
         results = device + [d.step(tokens, None, lens, host=host) for d in self.drafters
                             if not d.needs_features and d.wants_host_tokens]
-        if self._sat_out and not self._copying(host):
+        copying = self._copying(host)
+        if self._sat_out and not copying:
             # the sit-out was decided on the last step's copies, and this step's show the copying
             # stopped: run the held-back stream now (device work after the host read; no host sync)
             net = self._run_networks(self._pending)
@@ -148,7 +149,9 @@ class HybridDrafter(Drafter):
         else:   # rows held back per sequence (host ints): the next launch joins that many columns
             self._held_lens = [a + b for a, b in zip(self._held_lens or [0] * len(host.lens), host.lens)]
             self._pending_rows = max(max(self._held_lens), 1)
-        self._decide_deferral(host)
+        # the network sources sit out the next step when every live sequence is copying now;
+        # never on the first step (the prompt)
+        self._defer_next = copying and self._steps > 0 and self.needs_features
         self._steps += 1
         B = tokens.shape[0]
         # sources without features may still draft per depth (any Drafter): those join the network's
@@ -165,11 +168,6 @@ class HybridDrafter(Drafter):
         if one is not None:
             return DraftCandidates(one.tokens, one.logprobs, paths, conditioned_depths=one.conditioned_depths)
         return _merge_per_depth(per_depth, paths)
-
-    def _decide_deferral(self, host: HostTokens) -> None:
-        """Whether the network sources sit out the next step: every live sequence is copying
-        now; never on the first step (the prompt)."""
-        self._defer_next = self._copying(host) and self._steps > 0 and self.needs_features
 
     def _copying(self, host: HostTokens) -> bool:
         """Every live sequence is copying: this step's committed tokens >= defer_after, or prompt
