@@ -314,3 +314,69 @@ def test_restart_schedule_starts_a_fresh_cycle_on_resume(tmp_path):
     # resumed again without the flag: the restarted cycle goes on
     train(small_cfg(steps=18), model, tr, ho, tmp_path / "r", log=lambda m: None)
     assert torch.load(tmp_path / "r" / "checkpoint.pt")["cycle_start"] == 6
+
+
+def _fused_and_eagle3(model, depth=3, seed=0):
+    from parallelspec.drafters import build_network
+
+    src = build_network(model, parallel=True, depth=depth, draft_to_target=torch.arange(64), seed=seed)
+    dst = build_network(model, parallel=True, depth=depth, draft_to_target=torch.arange(64), layout="eagle3",
+                        seed=seed + 1)
+    return src, dst
+
+
+def test_warm_start_same_layout_copies_every_tensor():
+    from parallelspec.drafters import build_network
+    from parallelspec.training.warmstart import warm_start
+
+    model = tiny_target()
+    src, _ = _fused_and_eagle3(model)
+    dst = build_network(model, parallel=True, depth=3, draft_to_target=torch.arange(64), seed=5)
+    assert warm_start(dst, src, torch.tensor([1]), torch.zeros(1, src.cfg.hidden_size))["fit_rel_err"] == 0.0
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_warm_start_fused_to_eagle3_reproduces_an_exactly_mappable_layer_0():
+    """A fused fc that ignores e and rotates f (c * Q, Q orthogonal): RMSNorm(c Q f) = Q rms(f) is
+    linear in eagle3's inputs, so the fitted map must reproduce layer 0's q/k/v on unseen rows."""
+    from parallelspec.drafters.layer import rope_cos_sin
+    from parallelspec.training.warmstart import warm_start
+
+    model = tiny_target()
+    src, dst = _fused_and_eagle3(model)
+    d = src.cfg.hidden_size
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        src.fc.weight.copy_(torch.cat([torch.zeros(d, d), 3.0 * q], 1))
+        src.layers[0].input_norm.weight.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(1)
+    fit_tokens, fit_feat = torch.randint(0, V, (200,), generator=g), torch.randn(200, d, generator=g)
+    fit = warm_start(dst, src, fit_tokens, fit_feat)
+    assert fit["fit_rel_err"] < 1e-2
+    tokens, feat = torch.randint(0, V, (1, 9), generator=g), torch.randn(1, 9, d, generator=g)
+    cos, sin = rope_cos_sin(torch.arange(9)[None], src.cfg.head_dim, src.cfg.rope_theta, torch.float32)
+    with torch.no_grad():
+        want = src.layers[0].qkv(src.fuse(tokens, feat), cos, sin)
+        got = dst.layers[0].qkv(dst.fuse(tokens, feat), cos, sin)
+    for w, x in zip(want, got):
+        torch.testing.assert_close(x, w, atol=2e-2, rtol=2e-2)
+    for name in ("o_proj", "gate_proj", "up_proj", "down_proj", "post_norm"):
+        assert torch.equal(getattr(dst.layers[0], name).weight, getattr(src.layers[0], name).weight), name
+    assert torch.equal(dst.norm.weight, src.norm.weight)
+
+
+def test_init_from_takes_the_source_vocabulary_and_refuses_another_shape(tmp_path):
+    model, tr, ho = tiny_shards(tmp_path)
+    train(small_cfg(steps=4), model, tr, ho, tmp_path / "src", log=lambda m: None)
+    source = tmp_path / "src" / "drafter"
+    logs = []
+    net, _ = train(small_cfg(steps=2, layout="eagle3", draft_vocab=32, init_from=str(source)), model, tr, ho,
+                   tmp_path / "dst", log=logs.append)
+    src_net = ParallelDrafter.from_pretrained(source, model).net
+    assert torch.equal(net.draft_to_target, src_net.draft_to_target)        # 64 ids, not --draft-vocab 32
+    assert any("fused -> eagle3" in m for m in logs)
+    with pytest.raises(ValueError, match="depth 3 \\(this run: 2\\)"):
+        train(small_cfg(depth=2, init_from=str(source)), model, tr, ho, tmp_path / "bad", log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="--init-from"):
+        train(small_cfg(init_from=str(tmp_path / "nowhere")), model, tr, ho, tmp_path / "bad2", log=lambda m: None)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..cli import device_arg
 from ..drafters import EagleDrafter, ParallelDrafter, build_network
 from . import dist as pdist
+from .warmstart import warm_start
 
 
 # ---------------------------------------------------------------- data
@@ -97,7 +98,7 @@ def build_draft_vocab(data: ShardData, size: int, prior: torch.Tensor | None = N
     little generated text still gives a broad vocabulary: 180k generated tokens hold only ~8k
     distinct choices, and a 16k vocabulary filled by them alone covered 87% of held-out
     choices, mixed with the prior 97.7%. Returns the ids and their share of the generated choices."""
-    top1 = torch.cat([s["topk_ids"][max(s["start"] - 1, 0):len(s["ids"]) - 1, 0].long() for s in data.seqs])
+    top1 = _choices(data)
     vocab = max(int(top1.max()) + 1, 0 if prior is None else prior.numel())
     gen = torch.bincount(top1, minlength=vocab).double()
     score = gen / gen.sum().clamp(min=1)
@@ -106,7 +107,17 @@ def build_draft_vocab(data: ShardData, size: int, prior: torch.Tensor | None = N
         score = (1 - prior_weight) * score + prior_weight * p / p.sum().clamp(min=1)
         score = score + 1e-12 * p / p.max().clamp(min=1)      # ties (unseen ids) by the prior
     ids = score.topk(min(size, vocab)).indices
-    return ids, float(gen[ids].sum() / gen.sum().clamp(min=1))
+    return ids, vocab_coverage(data, ids)
+
+
+def _choices(data: ShardData) -> torch.Tensor:
+    """The target's top-1 choices over the generated text of every sequence."""
+    return torch.cat([s["topk_ids"][max(s["start"] - 1, 0):len(s["ids"]) - 1, 0].long() for s in data.seqs])
+
+
+def vocab_coverage(data: ShardData, draft_to_target: torch.Tensor) -> float:
+    """The share of the target's generated choices that a draft vocabulary holds."""
+    return float(torch.isin(_choices(data), draft_to_target.long()).double().mean())
 
 
 def target_to_draft(draft_to_target: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -168,6 +179,7 @@ class TrainConfig:
     distill_from: str | None = None      # a saved EAGLE-style drafter: its depth-d distribution
     distill_weight: float = 0.5          # ... mixed into the labels of depths >= 2 with this weight
     restart_schedule: bool = False       # on resume: a fresh warmup + cosine cycle from the resumed step
+    init_from: str | None = None         # a saved drafter to start a fresh run from (warmstart.py)
     bf16: bool = False
     seed: int = 0
     eval_every: int = 200
@@ -326,8 +338,11 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     heldout = ShardData(heldout_paths, cfg.max_len) if rank == 0 and heldout_paths else None
     ckpt_path = out_dir / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu") if ckpt_path.exists() else None
+    source = load_init_source(cfg, target) if ckpt is None and cfg.init_from else None
     if ckpt is not None:
         d2t, coverage = ckpt["draft_to_target"], ckpt["coverage"]
+    elif source is not None:        # the source's vocabulary (its head rows are the target's)
+        d2t, coverage = source.draft_to_target, vocab_coverage(data, source.draft_to_target)
     elif cfg.draft_vocab:
         prior = torch.load(cfg.vocab_prior) if cfg.vocab_prior else None
         d2t, coverage = build_draft_vocab(data, cfg.draft_vocab, prior)
@@ -336,6 +351,12 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     net = build_network(target, parallel=cfg.kind == "parallel", depth=cfg.depth, draft_to_target=d2t,
                         head=cfg.head, num_layers=cfg.num_layers,
                         slot1=cfg.slot1, layout=cfg.layout, seed=cfg.seed).to(device)
+    if source is not None:
+        rows = [data.seqs[i] for i in range(min(len(data), 64))]
+        fit = warm_start(net, source.to(device), torch.cat([r["ids"][1:] for r in rows]).to(device),
+                         torch.cat([r["feat"][:-1] for r in rows]).to(device))
+        log(f"initialised from {cfg.init_from} ({source.cfg.layout} -> {net.cfg.layout}; layer-0 input map "
+            f"relative error {fit['fit_rel_err']:.3f})")
     t2d = target_to_draft(net.draft_to_target, net.cfg.vocab_size)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -443,6 +464,20 @@ def load_teacher(cfg: TrainConfig, target, device):
     return net
 
 
+def load_init_source(cfg: TrainConfig, target):
+    """The drafter network of --init-from (a drafter directory, or a shipped name), target attached."""
+    from ..defaults import SHIPPED
+    from ..drafters.layer import load_network
+
+    path = Path(SHIPPED.get(cfg.init_from, cfg.init_from))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from: expected a drafter directory (config.json + model.safetensors) or "
+                                f"one of {sorted(SHIPPED)}, got {cfg.init_from!r}")
+    source, _ = load_network(path, cfg.kind)
+    source.attach_target(target)
+    return source
+
+
 def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: float, tokens: int,
                     cycle_start: int = 0) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -483,6 +518,9 @@ def main_train(argv=None) -> int:
                     help="a saved EAGLE-style drafter (or 'eagle', the shipped one): its per-depth distribution "
                          "is mixed into the mask slots' labels")
     ap.add_argument("--distill-weight", type=float, default=0.5, help="the teacher's share of those labels")
+    ap.add_argument("--init-from", default=None,
+                    help="start a fresh run from a trained drafter (a directory or a shipped name: its draft "
+                         "vocabulary and weights; fused -> eagle3 fits layer 0's input map on the data)")
     ap.add_argument("--restart-schedule", action="store_true",
                     help="on resume: a fresh warmup + cosine cycle from the resumed step to --steps")
     ap.add_argument("--tokens", type=int, default=None, help="use only the first N training tokens")
@@ -509,7 +547,7 @@ def main_train(argv=None) -> int:
                       num_layers=args.layers, slot1=args.slot1, layout=args.layout, steps=args.steps, batch_size=args.batch, max_len=args.max_len,
                       anchor_frac=args.anchor_frac, lr=args.lr, warmup=args.warmup, feat_weight=args.feat_weight,
                       depth_weights=args.depth_weights, distill_from=args.distill_from,
-                      distill_weight=args.distill_weight, restart_schedule=args.restart_schedule, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
+                      distill_weight=args.distill_weight, restart_schedule=args.restart_schedule, init_from=args.init_from, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
                       eval_sequences=args.eval_sequences, time_budget=args.time_budget, train_tokens=args.tokens)
     pdist.init()
     try:
