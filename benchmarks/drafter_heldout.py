@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if not shards:
         ap.error(f"--data: expected heldout-ext-*.pt shards in {args.data}, found none")
     target, _ = load_target(None, with_tokenizer=False)
-    data = ShardData(shards, 512)
+    data = ShardData(shards, TrainConfig().max_len)     # what training evaluates on
     rows = []
     for spec in [s.strip() for s in args.drafters.split(",") if s.strip()]:
         row = score(spec, target, data, args.sequences)

@@ -107,7 +107,7 @@ def build_draft_vocab(data: ShardData, size: int, prior: torch.Tensor | None = N
         score = (1 - prior_weight) * score + prior_weight * p / p.sum().clamp(min=1)
         score = score + 1e-12 * p / p.max().clamp(min=1)      # ties (unseen ids) by the prior
     ids = score.topk(min(size, vocab)).indices
-    return ids, vocab_coverage(data, ids)
+    return ids, float(gen[ids].sum() / gen.sum().clamp(min=1))
 
 
 def _choices(data: ShardData) -> torch.Tensor:

@@ -20,10 +20,6 @@ import torch
 from ..drafters.layer import DraftNetwork
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def check_compatible(net: DraftNetwork, source: DraftNetwork) -> None:
     """--init-from must be a drafter of the same shape (kind, depth, layers, head, width)."""
     a, b = net.cfg, source.cfg
@@ -46,24 +42,22 @@ def warm_start(net: DraftNetwork, source: DraftNetwork, tokens: torch.Tensor, fe
     if not torch.equal(net.draft_to_target.cpu(), source.draft_to_target.cpu()):
         raise ValueError("--init-from: the run's draft vocabulary differs from the source drafter's "
                          "(train.py takes the source's when --init-from is given)")
-    src = {k: v.float() for k, v in source.state_dict().items()}
     if source.cfg.layout == net.cfg.layout:
-        net.load_state_dict(src, strict=False)
+        net.load_state_dict({k: v.float() for k, v in source.state_dict().items()}, strict=False)
         return {"fit_rel_err": 0.0}
-    eps = source.cfg.rms_norm_eps
     layer0, src0 = net.layers[0], source.layers[0]
+    layer0.input_norm.weight.fill_(1.0)
+    layer0.hidden_norm.weight.fill_(1.0)
     e = source.embed_weight[tokens].float()
     f = features.float()
     n = src0.input_norm(source.fc(torch.cat([e, f], -1)).float())          # fused layer 0's normalised input
-    h = torch.cat([_rms(e, eps), _rms(f, eps)], -1)                           # eagle3's (norm weights 1)
+    h = torch.cat([layer0.input_norm(e), layer0.hidden_norm(f)], -1)         # eagle3's (norm weights 1)
     gram = h.T @ h
     gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
     M = torch.linalg.solve(gram, h.T @ n)                                    # [2d, d]: h M ~ n
     rel = float((h @ M - n).norm() / n.norm())
     for name in ("q_proj", "k_proj", "v_proj"):
         getattr(layer0, name).weight.copy_(getattr(src0, name).weight.float() @ M.T)
-    layer0.input_norm.weight.fill_(1.0)
-    layer0.hidden_norm.weight.fill_(1.0)
     for name in ("o_proj", "gate_proj", "up_proj", "down_proj"):
         getattr(layer0, name).weight.copy_(getattr(src0, name).weight)
     layer0.post_norm.weight.copy_(src0.post_norm.weight)
@@ -73,7 +67,7 @@ def warm_start(net: DraftNetwork, source: DraftNetwork, tokens: torch.Tensor, fe
     if net.mask_hidden is not None:
         d = f.shape[-1]
         slots = src0.input_norm(source.mask_embed.float()).mean(0)           # the fused slots' mean input
-        e_mask = _rms(net.embed_weight[net.cfg.mask_token_id].float(), eps)
+        e_mask = layer0.input_norm(net.embed_weight[net.cfg.mask_token_id].float())
         want = slots - e_mask @ M[:d]
         u = torch.linalg.lstsq(M[d:].T, want[:, None]).solution[:, 0]        # rms(u) M_f ~ want
         net.mask_hidden.copy_(u)
