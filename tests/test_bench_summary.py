@@ -49,3 +49,30 @@ def test_aims_per_cpu_level():
     hybrid = aims[("avx512", "hybrid >= 3x HF generate")]
     assert (hybrid["a"], hybrid["measured"]) == ("hybrid_auto@avx512", pytest.approx(38 / 11))
     assert aims[("avx2", "hybrid >= 3x HF generate")]["measured"] == pytest.approx(33 / 11)
+
+
+def test_paired_ratio_pools_runs_prompt_by_prompt():
+    """benchmarks/paired_ratio.py pairs the two methods on the same prompt of the same run (a
+    per-run slowdown of both cancels) and pools the pairs of every run; a differing output refuses."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_ratio.py"
+    spec = importlib.util.spec_from_file_location("paired_ratio", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # run 2 is a loaded machine: both methods at half speed, the per-prompt ratios unchanged
+    run1 = {"rows": [_row("code", 0, "a", 40, acc=2.0), _row("code", 0, "b", 50, acc=2.2),
+                     _row("code", 1, "a", 60, acc=1.8), _row("code", 1, "b", 48, acc=1.6),
+                     _row("chat", 0, "a", 30, acc=1.5)]}           # no b on chat: no pair
+    run2 = {"rows": [_row("code", 0, "a", 20, acc=2.0), _row("code", 0, "b", 25, acc=2.2)]}
+    (res,) = mod.paired([run1, run2], "a", "b")
+    assert res["category"] == "code" and res["pairs"] == 3
+    assert res["geomean_ratio"] == pytest.approx((0.8 * 1.25 * 0.8) ** (1 / 3))
+    assert res["median_ratio"] == pytest.approx(0.8) and res["max_ratio"] == pytest.approx(1.25)
+    assert res["accepted_a"] == pytest.approx((2.0 + 1.8 + 2.0) / 3)
+    run2["rows"][0]["equal_to_hf"] = False
+    with pytest.raises(ValueError, match="differs from transformers'"):
+        mod.paired([run1, run2], "a", "b")
+    with pytest.raises(ValueError, match="no prompt has both"):
+        mod.paired([run1], "a", "c")
