@@ -1,5 +1,8 @@
 """The end-to-end benchmark's summary and aims (parallelspec.bench): medians per method and
 category, ratios against the right baseline, end to end and for the decode phase alone."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from parallelspec.bench import _aims, _summary
@@ -54,13 +57,8 @@ def test_aims_per_cpu_level():
 def test_paired_ratio_pools_runs_prompt_by_prompt():
     """benchmarks/paired_ratio.py pairs the two methods on the same prompt of the same run (a
     per-run slowdown of both cancels) and pools the pairs of every run; a differing output refuses."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_ratio.py"
-    spec = importlib.util.spec_from_file_location("paired_ratio", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paired_ratio as mod
     # run 2 is a loaded machine: both methods at half speed, the per-prompt ratios unchanged
     run1 = {"rows": [_row("code", 0, "a", 40, acc=2.0), _row("code", 0, "b", 50, acc=2.2),
                      _row("code", 1, "a", 60, acc=1.8), _row("code", 1, "b", 48, acc=1.6),
