@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -110,6 +112,35 @@ def force_cpu_capability(level: str):
 
 
 _loaded: list[Path] = []  # the native library native_library() loaded
+#: written by setup.py beside the library's place when the install did not build it (why, and how to)
+BUILD_NOTE = "_native_build.json"
+_warned_missing = False
+
+
+class NativeLibraryWarning(UserWarning):
+    """The native kernels are missing: every op runs on its PyTorch reference (Triton on a GPU)."""
+
+
+def _native_missing(here: Path, reason: str) -> tuple[bool, str]:
+    """(False, reason) for native_library(), the reason completed with the install's build note;
+    warns once a process (NativeLibraryWarning) with the command that builds the kernels, unless
+    the install skipped them on purpose (PS_KERNELS_SKIP_NATIVE=1)."""
+    global _warned_missing
+    try:
+        note = json.loads((here / BUILD_NOTE).read_text())
+    except (OSError, ValueError):
+        note = {}
+    if note.get("reason"):
+        reason += f"; at install: {note['reason']}"
+    if note.get("status") != "skipped" and not _warned_missing:
+        _warned_missing = True
+        rebuild = note.get("rebuild") or ("pip install cmake ninja && pip install --no-build-isolation --no-deps "
+                                          "--force-reinstall <the ps_kernels source directory>")
+        warnings.warn(f"ps_kernels: the native CPU/CUDA kernels are missing ({reason}). Every op runs on its "
+                      f"PyTorch reference (Triton on a GPU): on a CPU the decoding loop runs at about half its speed. "
+                      f"To build them: {rebuild}",
+                      NativeLibraryWarning, stacklevel=3)
+    return False, reason
 
 
 def native_build_id() -> str:
@@ -135,8 +166,8 @@ def native_library() -> tuple[bool, str]:
     if extra:
         candidates.insert(0, Path(extra))
     if not candidates:
-        return False, (f"native library not built: no _C*.so in {here} "
-                       "(install with `pip install --no-build-isolation .`)")
+        return _native_missing(here, f"native library not built: no _C*.so in {here} "
+                                     "(install with `pip install --no-build-isolation .`)")
     errors = []
     for path in candidates:
         try:
@@ -145,7 +176,7 @@ def native_library() -> tuple[bool, str]:
             return True, f"loaded {path.name}"
         except OSError as exc:  # wrong torch ABI, missing symbols, ...
             errors.append(f"{path.name}: {exc}")
-    return False, "native library failed to load: " + "; ".join(errors)
+    return _native_missing(here, "native library failed to load: " + "; ".join(errors))
 
 
 def native_has(op: str, dispatch_key: str) -> bool:

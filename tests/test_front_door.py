@@ -1,0 +1,106 @@
+"""The package as a new user meets it: an install without the native kernels says so (at install
+and once at first use), the extras bring what the embedded model needs, and the README and docs
+point at names and files that exist."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_KERNELS_")}
+    env.update(extra)
+    return env
+
+
+def _build_ext(src: Path, **env):
+    """`setup.py build_ext --inplace` in a copy of the build files, with no cmake on PATH (a ninja
+    there, so that setup.py does not add the ninja package's folder, which may hold cmake too)."""
+    tools = src / "bin"
+    tools.mkdir(exist_ok=True)
+    (tools / "ninja").write_text("#!/bin/sh\nexit 1\n")
+    (tools / "ninja").chmod(0o755)
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
+                          text=True, timeout=120, env=_env(PATH=str(tools), **env))
+
+
+def test_build_without_cmake_says_so_and_require_native_fails(tmp_path):
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "ps_kernels").mkdir()
+    soft = _build_ext(tmp_path)
+    assert soft.returncode == 0, soft.stderr[-2000:]
+    assert "native CPU/CUDA kernels were NOT built: cmake not found on PATH" in soft.stderr
+    assert "pip install cmake ninja" in soft.stderr
+    note = json.loads((tmp_path / "ps_kernels" / "_native_build.json").read_text())
+    assert note["status"] == "failed" and note["reason"] == "cmake not found on PATH"
+    assert not list((tmp_path / "ps_kernels").glob("_C*.so"))
+
+    hard = _build_ext(tmp_path, PS_KERNELS_REQUIRE_NATIVE="1")
+    assert hard.returncode != 0
+    assert "cmake not found on PATH" in hard.stderr
+
+    skipped = _build_ext(tmp_path, PS_KERNELS_SKIP_NATIVE="1")
+    assert skipped.returncode == 0 and "NOT built" not in skipped.stderr
+    assert json.loads((tmp_path / "ps_kernels" / "_native_build.json").read_text())["status"] == "skipped"
+
+
+_FIRST_USE = textwrap.dedent("""
+    import json, warnings
+    import torch
+    import ps_kernels
+    from ps_kernels import _backend
+    here = _backend.Path(_backend.__file__).parent
+    out = {}
+    for case, note in (("no note", None), ("failed", {"status": "failed", "reason": "cmake not found on PATH",
+                                                      "rebuild": "REBUILD-COMMAND"}),
+                       ("skipped", {"status": "skipped", "reason": "built with PS_KERNELS_SKIP_NATIVE=1"})):
+        if note is not None:
+            (here / _backend.BUILD_NOTE).write_text(json.dumps(note))
+        _backend.native_library.cache_clear()
+        _backend._why_unavailable.cache_clear()
+        _backend._select.cache_clear()
+        _backend._warned_missing = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x, w = torch.randn(3, 8), torch.randn(5, 8)
+            for _ in range(3):   # several ops, several calls: one warning
+                ps_kernels.skinny_linear(x, w)
+                ps_kernels.backends()
+        out[case] = {"warnings": [str(c.message) for c in caught if c.category is _backend.NativeLibraryWarning],
+                     "cpu": ps_kernels.backends()["cpu"]}
+    print(json.dumps(out))
+""")
+
+
+def test_missing_native_library_warns_once_at_first_use(tmp_path):
+    """A copy of ps_kernels without its native library, as an install without cmake leaves it."""
+    shutil.copytree(ROOT / "ps_kernels", tmp_path / "ps_kernels",
+                    ignore=shutil.ignore_patterns("_C*.so", "_native_build.json", "__pycache__"))
+    run = subprocess.run([sys.executable, "-c", _FIRST_USE], capture_output=True, text=True, timeout=300,
+                         env=_env(PYTHONPATH=str(tmp_path), TRITON_INTERPRET="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    (plain,) = out["no note"]["warnings"]
+    assert "native CPU/CUDA kernels are missing" in plain and "no _C*.so" in plain
+    assert "pip install cmake ninja" in plain
+    (failed,) = out["failed"]["warnings"]
+    assert "at install: cmake not found on PATH" in failed and failed.endswith("REBUILD-COMMAND")
+    assert "cmake not found on PATH" in out["failed"]["cpu"]
+    assert out["skipped"]["warnings"] == []      # skipped on purpose: said by backends() only
+    assert "PS_KERNELS_SKIP_NATIVE=1" in out["skipped"]["cpu"]
+
+
+def test_model_extra_brings_what_the_embedded_model_loads_with():
+    """transformers loads the embedded GGUF model only with gguf and accelerate installed."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {e: {re.split(r"[<>=;\[ ]", r)[0] for r in reqs} for e, reqs in extras.items()}
+    assert {"gguf", "accelerate"} <= names["model"]
+    assert set().union(*(v for k, v in names.items() if k != "all")) == names["all"]
