@@ -1,8 +1,8 @@
-"""Regenerate the benchmark tables in README.md (compact: today's headline figures) and
-benchmarks/results/README.md (every row) from benchmarks/results/*.json.
+"""Regenerate the benchmark tables of benchmarks/results/README.md (the headline tables and every
+row) and the one headline table of the project README from benchmarks/results/*.json.
 
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` markers; a table whose
-JSON is missing is left as it is.
+JSON is missing is left as it is. The project README holds only `e2e_headline_<device>`.
 
     python benchmarks/update_readme.py
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (re-exports parallelspec.benchutil)
+import harness  # noqa: E402  (re-exports parallelspec.tools.benchutil)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = (ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md")
@@ -27,7 +27,8 @@ def _load(name: str):
 
 def _source(meta: dict, script: str) -> str:
     cap = meta.get("cpu_capability") or {}
-    levels = meta.get("cpu_capabilities_run") or ([cap["active"]] if cap.get("active") else [])
+    # (a benchmark of kernels compiled once, for the baseline, records its level as None)
+    levels = [lv for lv in meta.get("cpu_capabilities_run") or [cap.get("active")] if lv]
     where = f"CPU levels run: {', '.join(levels)} (this CPU supports {', '.join(cap.get('supported', ()))}), " if levels else ""
     if meta.get("isa_environment"):
         where += "instruction sets limited by " + " ".join(f"{k}={v}" for k, v in meta["isa_environment"].items()) + ", "
@@ -43,8 +44,39 @@ def _kernels_source(meta: dict, suffix: str) -> str:
     return _source(meta, f"python benchmarks/bench_kernels.py --device {device}{levels}" + (f" --dtype {dtype}" if dtype else ""))
 
 
-#: the end-to-end methods the project README shows (benchmarks/results/README.md has them all)
-HEADLINE_METHODS = ("hf_generate", "hf_prompt_lookup", "plain_loop", "ngram_auto", "parallel_auto", "hybrid_auto")
+#: the end-to-end methods of the headline tables (the "every row" tables have them all), with the
+#: names the project README gives them
+HEADLINE_METHODS = {"hf_generate": "transformers' generate", "hf_prompt_lookup": "transformers' prompt lookup",
+                    "plain_loop": "plain loop (no drafter: the kernels)", "ngram_auto": "prompt lookup",
+                    "parallel_auto": "parallel drafter", "hybrid_auto": "**hybrid (the default)**"}
+
+
+def table_e2e_headline(device: str):
+    """The project README's table: each headline method once, ours at the highest CPU level the
+    bench ran, speedup vs transformers' generate per prompt category (tok/s in brackets)."""
+    data = _load(f"e2e_{device}")
+    if not data:
+        return None
+    cats = list(dict.fromkeys(s["category"] for s in data["summary"]))
+    by = {(s["method"], s["category"]): s for s in data["summary"]}
+    run = list(dict.fromkeys(s["method"] for s in data["summary"]))
+    levels = [lv for lv in dict.fromkeys(harness.split_level(m)[1] for m in run) if lv]
+    level = (data["meta"].get("cpu_capabilities_run") or levels or [None])[-1]
+    head = ["", *cats, "accepted tokens / step", "= transformers' output"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, label in HEADLINE_METHODS.items():
+        m = f"{name}@{level}" if f"{name}@{level}" in run else name
+        if m not in run:
+            continue
+        rows = [by.get((m, c)) for c in cats]
+        cells = [f"{s['speedup_vs_hf']:.2f}x ({s['tokens_per_s']:.1f} tok/s)" if s and s.get("speedup_vs_hf") else "-"
+                 for s in rows]
+        acc = [s["mean_accepted"] for s in rows if s and s.get("mean_accepted")]
+        eq = [s["equal_to_hf"].split("/") for s in rows if s and s.get("equal_to_hf") not in (None, "n/a")]
+        lines.append("| " + " | ".join([label, *cells, f"{sum(acc) / len(acc):.2f}" if acc else "-",
+                                        f"{sum(int(a) for a, _ in eq)}/{sum(int(b) for _, b in eq)}" if eq else "-"]) + " |")
+    meta = data["meta"] | ({"cpu_capabilities_run": [level]} if level else {})
+    return "\n".join(lines) + _source(meta, meta.get("command", f"parallelspec bench --device {device}"))
 
 
 def table_e2e_summary(device: str):
@@ -184,7 +216,9 @@ def main():
 
 def _fill(text: str) -> str:
     for name in re.findall(r"<!-- table:([\w.-]+) -->", text):
-        if name.startswith("e2e_summary_"):
+        if name.startswith("e2e_headline_"):
+            body = table_e2e_headline(name[len("e2e_headline_"):])
+        elif name.startswith("e2e_summary_"):
             body = table_e2e_summary(name[len("e2e_summary_"):])
         elif name.startswith("skinny_summary_"):
             body = table_skinny_summary(name[len("skinny_summary_"):])

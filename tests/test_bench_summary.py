@@ -1,11 +1,11 @@
-"""The end-to-end benchmark's summary and aims (parallelspec.bench): medians per method and
+"""The end-to-end benchmark's summary and aims (parallelspec.tools.bench): medians per method and
 category, ratios against the right baseline, end to end and for the decode phase alone."""
 import sys
 from pathlib import Path
 
 import pytest
 
-from parallelspec.bench import _aims, _summary
+from parallelspec.tools.bench import _aims, _summary
 
 
 def _row(cat, prompt, method, tps, decode=None, acc=None):
@@ -74,3 +74,46 @@ def test_paired_ratio_pools_runs_prompt_by_prompt():
         mod.paired([run1, run2], "a", "b")
     with pytest.raises(ValueError, match="no prompt has both"):
         mod.paired([run1], "a", "c")
+
+
+def _update_readme():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import update_readme
+    return update_readme
+
+
+def test_readme_headline_table(monkeypatch):
+    """The project README's one table (update_readme.py): each headline method once, ours at the
+    highest CPU level the bench ran, transformers' from its single run; methods not run are left out."""
+    ur = _update_readme()
+
+    def s(method, cat, speedup, tps, acc=None):
+        return {"method": method, "category": cat, "speedup_vs_hf": speedup, "tokens_per_s": tps,
+                "mean_accepted": acc, "equal_to_hf": "4/4"}
+    summary = [s("hf_generate", c, 1.0, 10.0) for c in ("chat", "long")]
+    for level, k in (("avx2", 1.0), ("avx512", 1.5)):
+        summary += [s(f"plain_loop@{level}", "chat", 1.8 * k, 18.0 * k, 1.0), s(f"plain_loop@{level}", "long", 1.6 * k, 16.0 * k, 1.0),
+                    s(f"hybrid_auto@{level}", "chat", 3.0 * k, 30.0 * k, 2.0), s(f"hybrid_auto@{level}", "long", 4.0 * k, 40.0 * k, 4.0)]
+    meta = {"device": "Some CPU (2 threads)", "torch": "2.13.0+cpu", "dtype": "float32", "date": "2030-01-02T03:04:05",
+            "cpu_capabilities_run": ["avx2", "avx512"], "cpu_capability": {"supported": ["default", "avx2", "avx512"]},
+            "command": "parallelspec bench X"}
+    monkeypatch.setattr(ur, "_load", lambda name: {"summary": summary, "meta": meta} if name == "e2e_cpu" else None)
+    page = "intro\n<!-- table:e2e_headline_cpu -->\nold\n<!-- /table:e2e_headline_cpu -->\nend\n"
+    text = ur._fill(page)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == "|  | chat | long | accepted tokens / step | = transformers' output |"
+    assert rows[1:] == [
+        "| transformers' generate | 1.00x (10.0 tok/s) | 1.00x (10.0 tok/s) | - | 8/8 |",
+        "| plain loop (no drafter: the kernels) | 2.70x (27.0 tok/s) | 2.40x (24.0 tok/s) | 1.00 | 8/8 |",
+        "| **hybrid (the default)** | 4.50x (45.0 tok/s) | 6.00x (60.0 tok/s) | 3.00 | 8/8 |"]
+    assert "_Some CPU (2 threads), CPU levels run: avx512 (this CPU supports default, avx2, avx512)" in text
+    assert "2030-01-02; `parallelspec bench X`_" in text
+    assert text.startswith("intro\n") and text.endswith("<!-- /table:e2e_headline_cpu -->\nend\n") and "old" not in text
+
+
+def test_table_footer_without_a_level():
+    """A benchmark of kernels compiled once records its level as None: the footer names none."""
+    ur = _update_readme()
+    meta = {"device": "Some CPU (2 threads)", "torch": "2.13.0+cpu", "dtype": "float32", "date": "2030-01-02T03",
+            "cpu_capabilities_run": [None], "cpu_capability": {"active": "avx2", "supported": ["default", "avx2"]}}
+    assert ur._source(meta, "cmd") == "\n\n_Some CPU (2 threads), torch 2.13.0+cpu, float32, 2030-01-02; `cmd`_"
