@@ -1,7 +1,7 @@
 // What the torch bindings of tree_attention and draft_attention share: the raw-pointer
 // contract checks (inputs are validated in Python, ps_kernels/ops/_attention.py; these guard
 // memory safety), the raw arguments, and the parallel loop over work items, each range run by
-// the active capability level's kernel (attention.h, compiled per level; dispatch.h).
+// the active capability level's kernel (attention/driver.h, compiled per level; dispatch.h).
 #pragma once
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -69,7 +69,7 @@ inline AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k_new, con
                        static_cast<float>(scale), dtype, nullptr, 0, nullptr, 0};
 }
 
-// Query rows per score tile of the kernels (attention.h's kRowTile): no chunk is thinner.
+// Query rows per score tile of the kernels (attention/common.h's kRowTile): no chunk is thinner.
 constexpr int64_t kRowTile = 8;
 
 // How many chunks to cut each (b, g) group's query rows into: enough items to keep every

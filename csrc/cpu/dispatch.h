@@ -31,7 +31,7 @@ struct SkinnyArgs {
   int64_t n;
 };
 
-// tree_attention / draft_attention, see attention.h. Pattern: draft when new_lens is set
+// tree_attention / draft_attention, see attention/common.h. Pattern: draft when new_lens is set
 // (real rows then num_masks mask slots, causal); else tree, with tree_words the packed
 // [B, N, words_per_row] mask or null for causal.
 struct AttentionArgs {

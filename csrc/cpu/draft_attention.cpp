@@ -1,4 +1,4 @@
-// Torch binding and schema of draft_attention (the CPU kernel is attention.h; the CUDA one
+// Torch binding and schema of draft_attention (the CPU kernel is attention/driver.h; the CUDA one
 // registers its impl for the same schema in csrc/cuda/draft_attention_binding.cpp).
 #include <torch/library.h>
 

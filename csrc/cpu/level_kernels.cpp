@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "attention.h"
+#include "attention/driver.h"
 #include "dispatch.h"
 #include "skinny_linear.h"
 

@@ -1,4 +1,4 @@
-// Torch binding and schema of tree_attention (the CPU kernel is attention.h; the CUDA one
+// Torch binding and schema of tree_attention (the CPU kernel is attention/driver.h; the CUDA one
 // registers its impl for the same schema in csrc/cuda/tree_attention_binding.cpp).
 #include <torch/library.h>
 
