@@ -22,26 +22,11 @@ from .. import reference as _ref
 
 OP = "skinny_linear"
 #: Per CPU capability level, per weight dtype: (fewest, most) rows of x for which the native
-#: kernel beat torch's F.linear, measured on one CPU (Intel Xeon with AVX-512 and AVX512-BF16,
-#: torch 2.13) with our level forced and torch held to the same instruction set
-#: (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), SmolLM2-135M's 540 MB of
-#: weights in turn, interleaved medians. A level or dtype missing here is not routed to (the
-#: kernel still runs when asked for by name).
-#:   avx512 / avx512_bf16 (2 threads): fp32 1.4-4.4x at 1..32 rows; bf16 1.1-1.6x at 1..4 rows
-#:   (torch's oneDNN bf16 GEMM wins beyond); fp16 2-3.5x at 2..32 rows (torch's one-row fp16
-#:   GEMV as fast)
-#:   avx2 (1 thread, 2026-12-02): fp32 0.97x at 1 row (1.8x on an AVX2-only EPYC, issue 20),
-#:   1.6-2.0x at 2..16, 1.4x at 32; bf16 1.2-4x and fp16 1.3-4x at 1..32
-#:   default (1 thread, against torch's portable build): fp32 1.25x at 4..8 (even at 2 and 16,
-#:   slower at 32); bf16 2.2-2.7x at 1..32; fp16 slower (no F16C: scalar conversion)
-#: All levels side by side at 2 threads (SmolLM2's 540 MB, % of a plain read of as many bytes,
-#: benchmarks/results/kernels_cpu.json, 2026-12-02): avx2 86 / 93 / 87 / 76 / 53 at 1 / 2 / 4 /
-#: 8 / 16 rows, avx512 87 / 101 / 94 / 85 / 60, default 66 / 57 / 45 / 31 / 19, torch (its
-#: AVX-512 build) 106 / 98 / 60 / 49 / 43: on this Intel CPU torch's one-row GEMV streams faster
-#: than ours (the one-layer shapes, which stay in cache, favour ours 1.6-2.2x at one row).
-#: On a 2-core AMD EPYC (Zen 5, AVX-512, 2026-12-03; same table) every range above also measured
-#: faster than torch (its AVX-512 build: 44-77 ms for the 540 MB at 1..32 rows; ours avx2 13-56,
-#: avx512 12-38, default 16 / 22 / 36 / 77 ms at 1 / 2 / 4 / 8 rows).
+#: kernel beat torch's F.linear at that level, with torch held to the same instruction set
+#: (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), over SmolLM2-135M's weights
+#: (benchmarks/results/README.md, "Few-row linears"; the runs behind the ranges are in
+#: benchmarks/results/kernels_cpu.json and benchmarks/results/variants/). A level or dtype missing
+#: here is not routed to (the kernel still runs when asked for by name).
 _AVX512_ROWS = {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (2, 32)}
 SKINNY_ROWS = {
     "default": {torch.float32: (4, 8), torch.bfloat16: (1, 32)},
@@ -109,10 +94,29 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return launch(x, weight, bias, _backend.select(OP, x.device, backend))
 
 
+def skinny_linear_rows(device: torch.device | str = "cpu") -> dict[torch.dtype, tuple[int, int]]:
+    """The routing query: per weight dtype, the (fewest, most) rows of x for which ``skinny_linear``
+    on `device` runs the native CPU kernel and measured faster than torch's F.linear at the active
+    CPU capability level (``SKINNY_ROWS``). Empty where the native CPU kernel does not serve
+    `device` (CUDA, no native library, ``PS_KERNELS_BACKEND`` naming another backend) or the level
+    has no measured range. A caller routes few-row linears by it once per block of calls, then
+    calls ``skinny_linear(x, w, b, backend="cpu", validate=False)`` for x with rows in range.
+
+    Example::
+
+        >>> ps_kernels.skinny_linear_rows("cpu").get(torch.float32)
+        (1, 32)
+    """
+    try:
+        if _backend.select(OP, torch.device(device), None) != "cpu":
+            return {}
+    except (ValueError, _backend.BackendUnavailable):  # PS_KERNELS_BACKEND names another backend
+        return {}
+    return dict(SKINNY_ROWS.get(_backend.cpu_level(), {}))
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """``skinny_linear`` past validation and backend selection: for callers that made both once
-    for many calls (``parallelspec.linear`` routes ~200 a decoding step, where ``select`` would
-    double each call's ~4 us of host time). backend: a name ``_backend.select`` returned."""
+    """``skinny_linear`` past validation, with `backend` already resolved."""
     if backend == "cpu" and not weight.is_contiguous():
         weight = weight.contiguous()
     lead = x.shape[:-1]
