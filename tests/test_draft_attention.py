@@ -138,7 +138,7 @@ def test_opcheck(backend):
         pytest.skip(f"backend {backend} unavailable")
     q, k, v, kc, vc, lens, new_lens, M = _good()
     torch.library.opcheck(torch.ops.ps_kernels.draft_attention.default,
-                          (q, k, v, kc, vc, lens, new_lens, M, 0.125, backend))
+                          (q, k, v, kc, vc, lens, new_lens, M, 0.125, 0, 0.0, None, backend))
 
 
 def test_torch_compile_traces_the_op():
@@ -147,7 +147,7 @@ def test_torch_compile_traces_the_op():
 
     @torch.compile(backend="eager", fullgraph=True)
     def step(q, k, v, kc, vc, lens, new_lens):
-        out, lse = torch.ops.ps_kernels.draft_attention(q, k, v, kc, vc, lens, new_lens, M, 0.125, "reference")
+        out, lse = torch.ops.ps_kernels.draft_attention(q, k, v, kc, vc, lens, new_lens, M, 0.125, 0, 0.0, None, "reference")
         return out + 1, lse
 
     out, lse = step(q, k, v, kc, vc, lens, new_lens)

@@ -228,7 +228,7 @@ def test_opcheck(backend, with_mask):
         pytest.skip(f"backend {backend} unavailable")
     q, k, v, kc, vc, lens, mask = _good()
     mask = mask.expand(2, -1, -1).contiguous() if with_mask else None
-    torch.library.opcheck(torch.ops.ps_kernels.tree_attention.default, (q, k, v, kc, vc, lens, mask, 0.125, backend))
+    torch.library.opcheck(torch.ops.ps_kernels.tree_attention.default, (q, k, v, kc, vc, lens, mask, 0.125, 0, 0.0, None, backend))
 
 
 def test_torch_compile_traces_the_op():
@@ -238,7 +238,7 @@ def test_torch_compile_traces_the_op():
 
     @torch.compile(backend="eager", fullgraph=True)
     def step(q, k, v, kc, vc, lens, mask):
-        out, lse = torch.ops.ps_kernels.tree_attention(q, k, v, kc, vc, lens, mask, 0.125, "reference")
+        out, lse = torch.ops.ps_kernels.tree_attention(q, k, v, kc, vc, lens, mask, 0.125, 0, 0.0, None, "reference")
         return out * 2, lse
 
     out, lse = step(q, k, v, kc, vc, lens, mask)

@@ -7,6 +7,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 
 #include "dispatch.h"
 
@@ -52,10 +54,25 @@ inline void check_rows_fit(const at::Tensor& cache_lens, int64_t S, const RowsFn
   }
 }
 
+// The optional features: window >= 0 (0 = none), softcap finite >= 0 (0 = off), sinks None or
+// a contiguous float32 CPU tensor [Hq].
+inline void check_features(const at::Tensor& q, int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
+  TORCH_CHECK(window >= 0, "window: expected >= 0 (0 = no window), got ", window);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap: expected a finite value >= 0 (0 = off), got ", softcap);
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->device().is_cpu() && sinks->scalar_type() == at::kFloat && sinks->is_contiguous() &&
+                    sinks->dim() == 1 && sinks->size(0) == q.size(1),
+                "sinks: expected a contiguous float32 CPU tensor [", q.size(1), "] (one per query head), got ",
+                sinks->scalar_type(), " ", sinks->sizes(), " on ", sinks->device());
+  }
+}
+
 // The raw-pointer arguments of one call; the caller sets the pattern (tree_words / new_lens).
 inline AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens, double scale,
+                               int64_t window, double softcap, const std::optional<at::Tensor>& sinks,
                                at::Tensor& out, at::Tensor& lse) {
+  check_features(q, window, softcap, sinks);
   DType dtype = DType::kFloat;
   switch (q.scalar_type()) {
     case at::kFloat: dtype = DType::kFloat; break;
@@ -66,7 +83,8 @@ inline AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k_new, con
   return AttentionArgs{q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                        cache_lens.data_ptr<int64_t>(), out.data_ptr(), lse.data_ptr<float>(),
                        q.size(0), q.size(1), k_new.size(1), q.size(2), q.size(3), k_cache.size(2),
-                       static_cast<float>(scale), dtype, nullptr, 0, nullptr, 0};
+                       static_cast<float>(scale), dtype, nullptr, 0, nullptr, 0,
+                       window, static_cast<float>(softcap), sinks.has_value() ? sinks->data_ptr<float>() : nullptr};
 }
 
 // Query rows per score tile of the kernels (attention/common.h's kRowTile): no chunk is thinner.
@@ -85,8 +103,9 @@ inline int64_t query_chunks(int64_t groups, int64_t rows_per_group, int threads)
 constexpr double kInlineMacs = 5e5;
 
 inline double total_macs(const AttentionArgs& p) {
-  double keys = 0;
-  for (int64_t b = 0; b < p.batch; ++b) keys += double(p.cache_lens[b] + p.rows);
+  double keys = 0;  // a window reads at most about `window` prefix rows
+  for (int64_t b = 0; b < p.batch; ++b)
+    keys += double((p.window > 0 ? std::min(p.cache_lens[b], p.window) : p.cache_lens[b]) + p.rows);
   return 2.0 * keys * double(p.q_heads * p.rows * p.head_dim);  // QK^T and PV
 }
 

@@ -33,7 +33,8 @@ struct SkinnyArgs {
 
 // tree_attention / draft_attention, see attention/common.h. Pattern: draft when new_lens is set
 // (real rows then num_masks mask slots, causal); else tree, with tree_words the packed
-// [B, N, words_per_row] mask or null for causal.
+// [B, N, words_per_row] mask or null for causal. Features: window (0 = none), softcap (0 = off),
+// sinks ([Hq] or null).
 struct AttentionArgs {
   const void* q;  // [B, Hq, rows, D]
   const void* k_new;
@@ -50,6 +51,9 @@ struct AttentionArgs {
   int64_t words_per_row;
   const int64_t* new_lens;
   int64_t num_masks;
+  int64_t window;
+  float softcap;
+  const float* sinks;
 };
 
 // One level's kernels. Each runs a range of work on the calling thread; the bindings split

@@ -40,7 +40,10 @@ void attention_typed(const AttentionArgs& a, int64_t chunks, int64_t begin, int6
                            static_cast<T*>(a.out),
                            a.lse,
                            a.batch, a.q_heads, a.kv_heads, a.rows, a.head_dim, a.cache_rows,
-                           a.scale};
+                           a.scale,
+                           a.window,
+                           a.softcap,
+                           a.sinks};
   if (a.new_lens != nullptr) {  // draft: real rows 0..r-1 then the mask slots R..T-1, causal over that order
     const int64_t* lens = a.new_lens;
     const int64_t masks = a.num_masks, R = a.rows - masks;

@@ -1,13 +1,27 @@
 // Shared part of the tree_attention / draft_attention torch bindings: tensor checks, the
-// AttentionParams they describe, split planning with its scratch buffers, and the launch.
+// AttentionParams they describe, and FlashInfer-style plan() / run():
+//   plan  the split plan (AttentionSplitPlan) for a step's shapes on a device, with the SM
+//         count looked up once per device; the ps_kernels_C::attention_split_plan op returns it
+//         to Python (ps_kernels/ops/attention_plan.py), which keeps one fp32 workspace per step
+//   run   the launch with a plan and a workspace: the *_planned ops, called once per layer
+// The ops without a plan argument plan inside the call and allocate their scratch there.
+// Only c10/cuda headers (no ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers), so
+// the bindings compile against a CPU torch's headers plus the CUDA runtime headers.
 #pragma once
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/types.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
+#include <cmath>
+#include <optional>
 
 #include "attention.cuh"
 
 namespace ps_kernels::cuda::binding {
+
+using LaunchFn = cudaError_t (*)(const AttentionParams&, cudaStream_t);
 
 inline void check_rank4(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, ": expected a CUDA tensor on ", q.device(),
@@ -24,11 +38,31 @@ inline void copy_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int k = 0; k < 3; ++k) dst[k] = t.stride(k);
 }
 
+// window (0 = none), softcap (0 = none) and sinks (fp32 [Hq] or none), as the schema passes them.
+inline void set_features(const char* op, AttentionParams& p, const at::Tensor& q, int64_t window, double softcap,
+                         const std::optional<at::Tensor>& sinks) {
+  TORCH_CHECK(window >= 0, op, ": window: expected 0 (no window) or a positive number of positions, got ", window);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op,
+              ": softcap: expected 0 (no soft-cap) or a positive finite float, got ", softcap);
+  // positions stay below the capacity S, so a window of S or more hides nothing
+  p.window = window < p.capacity ? window : 0;
+  p.softcap = static_cast<float>(softcap);
+  if (sinks.has_value()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK(s.is_cuda() && s.device() == q.device() && s.scalar_type() == at::kFloat && s.dim() == 1 &&
+                    s.size(0) == q.size(1) && s.is_contiguous(),
+                op, ": sinks: expected a contiguous float32 CUDA tensor [", q.size(1), "] (one logit per query head) on ",
+                q.device(), ", got ", s.sizes(), " ", s.scalar_type(), " on ", s.device());
+    p.sinks = s.data_ptr<float>();
+  }
+}
+
 // Checks the tensors every attention op shares and describes them. `index` tensors that the
 // caller converted (cache_lens) must outlive the launch.
 inline AttentionParams attention_params(const char* op, const at::Tensor& q, const at::Tensor& k_new,
                                         const at::Tensor& v_new, const at::Tensor& k_cache,
                                         const at::Tensor& v_cache, const at::Tensor& cache_lens, double scale,
+                                        int64_t window, double softcap, const std::optional<at::Tensor>& sinks,
                                         const at::Tensor& out, const at::Tensor& lse) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
@@ -86,24 +120,69 @@ inline AttentionParams attention_params(const char* op, const at::Tensor& q, con
   copy_strides(p.k_cache_stride, k_cache);
   copy_strides(p.v_cache_stride, v_cache);
   copy_strides(p.out_stride, out);
+  set_features(op, p, q, window, softcap, sinks);
   return p;
 }
 
-// Plans the splits, allocates their fp32 partials (freed after the launch: the caching
-// allocator reuses them only for work queued after it on this stream), launches. The caller
-// holds a CUDAGuard for q's device.
-inline void run_attention(const char* op, AttentionParams p, const at::Tensor& q,
-                          cudaError_t (*launch)(const AttentionParams&, cudaStream_t)) {
-  const int64_t partial_rows = plan_attention_splits(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  at::Tensor partial_out, partial_lse;
-  if (partial_rows > 0) {
-    partial_out = at::empty({partial_rows, p.head_dim}, q.options().dtype(at::kFloat));
-    partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
-    p.partial_out = partial_out.data_ptr<float>();
-    p.partial_lse = partial_lse.data_ptr<float>();
+// The SM count of a CUDA device, asked of the driver once per device.
+inline int device_sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "attention: CUDA device index ", device, " out of range");
+  int n = counts[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    TORCH_CHECK(err == cudaSuccess, "attention: cannot read the SM count of cuda:", device, ": ",
+                cudaGetErrorString(err));
+    counts[device].store(n, std::memory_order_relaxed);
   }
-  const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+  return n;
+}
+
+// run(): points the params at the plan's partials in `workspace` (fp32, at least
+// plan.workspace_floats(D) elements when split) and launches on the current stream. The
+// caller holds a CUDAGuard for q's device.
+inline void run_attention(const char* op, AttentionParams p, const AttentionSplitPlan& plan, float* workspace,
+                          LaunchFn launch) {
+  p.num_splits = plan.num_splits;
+  p.split_rows = plan.split_rows;
+  if (plan.num_splits > 1) {
+    p.partial_out = workspace;
+    p.partial_lse = workspace + plan.partial_rows * p.head_dim;
+  }
+  const cudaError_t err = launch(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// plan() and run() in one call (no plan given): the split plan of these shapes over the whole
+// capacity, partials allocated here (freed after the launch: the caching allocator reuses them
+// only for work queued after it on this stream).
+inline void plan_and_run_attention(const char* op, const AttentionParams& p, const at::Tensor& q, LaunchFn launch) {
+  const AttentionSplitPlan plan =
+      plan_attention_splits(p.batch, p.q_heads, p.kv_heads, p.rows, attention_prefix_span(p.capacity, p.window),
+                            device_sm_count(q.get_device()));
+  at::Tensor workspace;
+  if (plan.num_splits > 1) workspace = at::empty({plan.workspace_floats(p.head_dim)}, q.options().dtype(at::kFloat));
+  run_attention(op, p, plan, plan.num_splits > 1 ? workspace.data_ptr<float>() : nullptr, launch);
+}
+
+// run() with a plan made earlier (ps_kernels.attention_plan): checks that the plan fits these
+// shapes and its workspace holds the partials, then launches.
+inline void run_planned_attention(const char* op, const AttentionParams& p, const at::Tensor& q, int64_t num_splits,
+                                  int64_t split_rows, const at::Tensor& workspace, LaunchFn launch) {
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, op, ": num_splits: expected 1..65535, got ", num_splits);
+  TORCH_CHECK(split_rows >= 0, op, ": split_rows: expected a non-negative row count, got ", split_rows);
+  AttentionSplitPlan plan;
+  plan.num_splits = num_splits;
+  plan.split_rows = split_rows;
+  plan.partial_rows = num_splits > 1 ? p.batch * p.q_heads * p.rows * num_splits : 0;
+  const int64_t need = plan.workspace_floats(p.head_dim);
+  TORCH_CHECK(workspace.is_cuda() && workspace.device() == q.device() && workspace.scalar_type() == at::kFloat &&
+                  workspace.is_contiguous() && workspace.numel() >= need,
+              op, ": workspace: expected a contiguous float32 CUDA tensor on ", q.device(), " of at least ", need,
+              " elements (", num_splits, " splits of these shapes; a plan made for other shapes?), got ",
+              workspace.numel(), " ", workspace.scalar_type(), " on ", workspace.device());
+  run_attention(op, p, plan, need > 0 ? workspace.data_ptr<float>() : nullptr, launch);
 }
 
 }  // namespace ps_kernels::cuda::binding

@@ -6,6 +6,9 @@ Contract between these ops and their backends (reference, native ``ps_kernels_C`
 caches contiguous (checked: they are views ``kv[l, 0]`` / ``kv[l, 1]`` of the contiguous
 ``[L, 2, B, H_kv, S, D]`` cache), ``cache_lens`` contiguous int64, ``scale`` resolved to a float,
 and ``out`` ``[B, Hq, N, D]`` (q's dtype) / ``lse`` ``[B, Hq, N]`` fp32 preallocated contiguous.
+The optional features reach every backend in this order, right after ``scale``: ``window`` an
+int (0 = no window), ``softcap`` a float (0.0 = off), ``sinks`` None or a contiguous fp32 ``[Hq]``
+tensor on q's device (see the references for their meaning).
 """
 from __future__ import annotations
 
@@ -52,6 +55,32 @@ def check_scale(scale, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale: expected None or a finite float, got {scale!r}")
     return float(scale)
+
+
+def check_features(window, softcap, sinks, q: torch.Tensor, check_sinks: bool = True) -> tuple[int, float, torch.Tensor | None]:
+    """The optional features, checked, in the backends' form: (window, 0 = none; softcap, 0.0 =
+    off; sinks contiguous, or None). check_sinks=False skips the sinks tensor's checks (the
+    native bindings check them: validate=False)."""
+    window_msg = f"window: expected None or an int >= 1 (the sliding window, in positions), got {window!r}"
+    if window is None:
+        window = 0
+    elif isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(window_msg)
+    elif window < 1:
+        raise ValueError(window_msg)
+    softcap_msg = f"softcap: expected None or a finite float > 0 (scores become softcap * tanh(s / softcap)), got {softcap!r}"
+    if softcap is None:
+        softcap = 0.0
+    elif isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(softcap_msg)
+    elif not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(softcap_msg)
+    if sinks is not None:
+        if check_sinks:
+            _checks.tensor("sinks", sinks, ndim=1, dtypes=(torch.float32,), device=q.device)
+            _checks.shape("sinks", sinks, (q.shape[1],), "(one logit per query head of q)")
+        sinks = sinks.contiguous()
+    return int(window), float(softcap), sinks
 
 
 def contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

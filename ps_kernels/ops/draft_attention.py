@@ -10,6 +10,8 @@ and never written. ``cache_lens`` is left alone (the caller adds ``new_lens``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _backend, _checks
@@ -20,18 +22,19 @@ OP = "draft_attention"
 
 
 def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-         cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int, scale: float,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+         cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int, scale: float, window: int,
+         softcap: float, sinks: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         return _ref.draft_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale,
-                                    return_lse=True)
+                                    return_lse=True, window=window or None, softcap=softcap or None, sinks=sinks)
     out, lse = _attention.empty_outputs(q)
     if backend in ("cpu", "cuda"):
         torch.ops.ps_kernels_C.draft_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks,
-                                               scale, out, lse)
+                                               scale, window, softcap, sinks, out, lse)
     elif backend == "triton":
         from ..triton_kernels.draft_attention import draft_attention as _triton
-        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, out, lse)
+        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks,
+                out, lse)
     else:  # resolved by _backend.select; anything else is a bug
         raise AssertionError(backend)
     return out, lse
@@ -41,7 +44,7 @@ _draft_attention_op = torch.library.custom_op("ps_kernels::draft_attention", _ru
 
 
 @_draft_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, backend):
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks, backend):
     return _attention.empty_outputs(q)
 
 
@@ -71,7 +74,8 @@ def _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks
 
 def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int, *,
-                    scale: float | None = None, return_lse: bool = False, backend: str | None = None,
+                    scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None, return_lse: bool = False, backend: str | None = None,
                     validate: bool = True):
     """The drafter's attention: new real tokens (causal) and mask slots over the drafter cache.
 
@@ -84,6 +88,12 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         new_lens: ``[B]`` int32/int64 real tokens per sequence, ``0 <= new_lens[b] <= R``.
         num_masks: M, the number of mask slots (the last M rows), ``0 <= M <= T``.
         scale: score scale, default ``1 / sqrt(D)``.
+        window: sliding window, an int >= 1, or None (tree_attention's rule): cache row c sits at
+            position c, real token t at ``cache_lens[b] + t``, mask slot j at
+            ``cache_lens[b] + new_lens[b] + j``; a query at p_q sees an otherwise allowed key at
+            p_k iff ``p_q - p_k < window``.
+        softcap: logit soft-capping, a float > 0, or None (as in tree_attention).
+        sinks: fp32 ``[Hq]`` attention sinks on q's device, or None (as in tree_attention).
         return_lse: also return the log-sum-exp of the scaled scores (-inf on padding rows).
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
         validate: check values (lengths, cache room; one host sync); pass False in hot loops
@@ -108,8 +118,11 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     if not validate and name not in _attention.NATIVE:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, False)
     scale = _attention.check_scale(scale, q.shape[-1])
+    window, softcap, sinks = _attention.check_features(window, softcap, sinks, q,
+                                                       check_sinks=validate or name not in _attention.NATIVE)
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     new_lens = new_lens.to(torch.int64).contiguous()
     run = _draft_attention_op if torch.compiler.is_compiling() else _run  # as in tree_attention
-    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, name)
+    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks,
+                   name)
     return (out, lse) if return_lse else out

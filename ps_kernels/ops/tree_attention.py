@@ -27,16 +27,18 @@ OP = "tree_attention"
 
 
 def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-         cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+         cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float, window: int, softcap: float,
+         sinks: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
-        return _ref.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse=True)
+        return _ref.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse=True,
+                                   window=window or None, softcap=softcap or None, sinks=sinks)
     out, lse = _attention.empty_outputs(q)
     if backend in ("cpu", "cuda"):
-        torch.ops.ps_kernels_C.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out, lse)
+        torch.ops.ps_kernels_C.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window,
+                                              softcap, sinks, out, lse)
     elif backend == "triton":
         from ..triton_kernels.tree_attention import tree_attention as _triton
-        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out, lse)
+        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window, softcap, sinks, out, lse)
     else:  # resolved by _backend.select; anything else is a bug
         raise AssertionError(backend)
     return out, lse
@@ -46,7 +48,7 @@ _tree_attention_op = torch.library.custom_op("ps_kernels::tree_attention", _run,
 
 
 @_tree_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, backend):
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window, softcap, sinks, backend):
     return _attention.empty_outputs(q)
 
 
@@ -96,9 +98,7 @@ def _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, check_va
                                  f"and no bit j > i), got {where} with {what}")
 
 
-# Measured on an H200 (bf16, 2026-11-28): with 32+ query rows per KV head (GQA group x N) the
-# Triton kernel's tensor-core tiles beat the CUDA kernel 5-11x (B=8, Hq 32/Hkv 8, N 64, prefix
-# 2048: 165 vs 1421 us); below that CUDA wins (B=4, Hq 9/Hkv 3, N 16: 71 vs 210 us).
+# from 32 query rows per KV head the Triton kernel's tensor-core tiles win; see benchmarks/results/gpu/
 _TRITON_FIRST_ROWS = 32
 
 
@@ -111,7 +111,8 @@ def _auto_order(q: torch.Tensor, kv_heads: int):
 
 def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, cache_lens: torch.Tensor, tree_mask: torch.Tensor | None = None, *,
-                   scale: float | None = None, return_lse: bool = False, backend: str | None = None,
+                   scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                   sinks: torch.Tensor | None = None, return_lse: bool = False, backend: str | None = None,
                    validate: bool = True):
     """Attention of N tree nodes over each sequence's cache prefix and their tree ancestors.
 
@@ -124,6 +125,15 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
         tree_mask: ``[N, W]`` / ``[B, N, W]`` int64 packed bits (module docstring), or None
             for causal. Row i must set bit i and no bit j > i.
         scale: score scale, default ``1 / sqrt(D)``.
+        window: sliding window (transformers' ``sliding_window``), an int >= 1, or None: a
+            query at position p_q sees an otherwise allowed key at p_k iff ``p_q - p_k < window``.
+            Prefix row r sits at position r, node i at ``cache_lens[b] + depth(i)`` (depth: its
+            number of ancestors, i for the causal chain), so a node sees the last rows of the
+            prefix before it and its ancestors within the window.
+        softcap: logit soft-capping (Gemma 2), a float > 0, or None: scaled scores s become
+            ``softcap * tanh(s / softcap)`` before masking and softmax.
+        sinks: attention sinks (gpt-oss), fp32 ``[Hq]`` on q's device, or None: one logit per
+            query head added to the softmax denominator only (no value); lse includes it.
         return_lse: also return the log-sum-exp of the scaled scores.
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
         validate: check values (cache room, mask is a tree; one host sync); pass False in hot
@@ -150,6 +160,8 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
     if not validate and name not in _attention.NATIVE:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, False)
     scale = _attention.check_scale(scale, q.shape[-1])
+    window, softcap, sinks = _attention.check_features(window, softcap, sinks, q,
+                                                       check_sinks=validate or name not in _attention.NATIVE)
     if tree_mask is not None and tree_mask.dim() == 2:
         tree_mask = tree_mask.expand(q.shape[0], -1, -1)
     mask = None if tree_mask is None else tree_mask.contiguous()
@@ -157,7 +169,7 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
     # eager calls skip the custom-op dispatcher (~50 us of Python, more than a decode step's
     # kernel); torch.compile traces the registered op
     run = _tree_attention_op if torch.compiler.is_compiling() else _run
-    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, name)
+    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, window, softcap, sinks, name)
     return (out, lse) if return_lse else out
 
 

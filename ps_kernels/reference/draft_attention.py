@@ -2,10 +2,13 @@ import math
 
 import torch
 
+from .tree_attention import _softmax_attend
+
 
 def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int,
-                    scale: float | None = None, return_lse: bool = False):
+                    scale: float | None = None, return_lse: bool = False, *, window: int | None = None,
+                    softcap: float | None = None, sinks: torch.Tensor | None = None):
     """Fused mask-token attention of the parallel drafter (the specification).
 
     q:           [B, Hq, T, D]   T = R + M: rows [0, new_lens[b]) are new real tokens, rows
@@ -19,6 +22,10 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     Writes the real rows k_new[b, :, :new_lens[b]] to cache rows cache_lens[b]..; mask K/V are
     never written. Real token t attends the cache prefix and real tokens 0..t; mask slot j
     attends the prefix, every new real token and mask slots 0..j.
+
+    window, softcap, sinks: as in tree_attention. Positions for the window: cache row c at c,
+    real token t at P + t, mask slot j at P + r + j (P = cache_lens[b], r = new_lens[b]); a
+    query at p_q sees an otherwise allowed key at p_k iff p_q - p_k < window.
     """
     B, Hq, T, D = q.shape
     Hkv = k_new.shape[1]
@@ -43,9 +50,11 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         allowed[:r, P:P + r] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
         allowed[r:, P:P + r] = True
         allowed[r:, P + r:] = torch.ones(M, M, dtype=torch.bool, device=q.device).tril()
+        if window is not None:  # key column c sits at position c, query n (reals, then slots) at P + n
+            q_pos = P + torch.arange(n_q, device=q.device)
+            k_pos = torch.arange(P + r + M, device=q.device)
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
         qb = q[b, :, rows].to(acc)
         scores = torch.einsum("hnd,hsd->hns", qb, keys) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        lse[b, :, rows] = torch.logsumexp(scores, dim=-1)
-        out[b, :, rows] = torch.einsum("hns,hsd->hnd", torch.softmax(scores, dim=-1), vals).to(q.dtype)
+        out[b, :, rows], lse[b, :, rows] = _softmax_attend(scores, allowed, vals, softcap, sinks, q.dtype)
     return (out, lse) if return_lse else out

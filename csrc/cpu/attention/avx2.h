@@ -101,6 +101,30 @@ PS_ATTENTION_INLINE __m256 exp2_nonpositive(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// tanh, within 3 ulp (the AVX-512 path's method): x + x^3 P(x^2) below |x| = 0.5, else
+// (1 - e) / (1 + e) with e = exp(-2|x|), the sign copied back.
+PS_ATTENTION_INLINE __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign, x), u = _mm256_mul_ps(a, a);
+  __m256 poly = _mm256_set1_ps(-0.0066478378139436245f);
+  poly = _mm256_fmadd_ps(poly, u, _mm256_set1_ps(0.021298186853528023f));
+  poly = _mm256_fmadd_ps(poly, u, _mm256_set1_ps(-0.05389922857284546f));
+  poly = _mm256_fmadd_ps(poly, u, _mm256_set1_ps(0.13332964479923248f));
+  poly = _mm256_fmadd_ps(poly, u, _mm256_set1_ps(-0.333333283662796f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(a, u), poly, a);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp2_nonpositive(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f * kLog2e)));
+  const __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 t = _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.5f), _CMP_LT_OQ));
+  return _mm256_or_ps(t, _mm256_and_ps(x, sign));
+}
+
+inline void softcap(float* s, int mr, float cap) {
+  const __m256 c = _mm256_set1_ps(cap), inv = _mm256_set1_ps(1.0f / cap);
+  for (int v = 0; v < mr * (kKeyBlock / 8); ++v)
+    _mm256_storeu_ps(s + 8 * v, _mm256_mul_ps(c, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + 8 * v), inv))));
+}
+
 PS_ATTENTION_INLINE float hmax(__m256 a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

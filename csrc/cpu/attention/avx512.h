@@ -223,6 +223,29 @@ PS_ATTENTION_INLINE __m512 exp2_nonpositive(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// tanh, within 3 ulp: x + x^3 P(x^2) below |x| = 0.5 (P fitted to the relative error), else
+// (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.37 (no cancellation), the sign copied back.
+PS_ATTENTION_INLINE __m512 tanh16(__m512 x) {
+  const __m512 a = _mm512_abs_ps(x), u = _mm512_mul_ps(a, a);
+  __m512 poly = _mm512_set1_ps(-0.0066478378139436245f);
+  poly = _mm512_fmadd_ps(poly, u, _mm512_set1_ps(0.021298186853528023f));
+  poly = _mm512_fmadd_ps(poly, u, _mm512_set1_ps(-0.05389922857284546f));
+  poly = _mm512_fmadd_ps(poly, u, _mm512_set1_ps(0.13332964479923248f));
+  poly = _mm512_fmadd_ps(poly, u, _mm512_set1_ps(-0.333333283662796f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(a, u), poly, a);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp2_nonpositive(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f * kLog2e)));
+  const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.5f), _CMP_LT_OQ), large, small);
+  return _mm512_or_ps(t, _mm512_and_ps(x, _mm512_set1_ps(-0.0f)));
+}
+
+inline void softcap(float* s, int mr, float cap) {
+  const __m512 c = _mm512_set1_ps(cap), inv = _mm512_set1_ps(1.0f / cap);
+  for (int v = 0; v < mr * (kKeyBlock / 16); ++v)
+    _mm512_storeu_ps(s + 16 * v, _mm512_mul_ps(c, tanh16(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), inv))));
+}
+
 inline void softmax(const float* s, const uint32_t* bits, int mr, float* m, float* l, float* p, float* alpha) {
   const __m512 ninf = _mm512_set1_ps(kNegInf);
   for (int r = 0; r < mr; ++r) {

@@ -12,6 +12,14 @@
 // slots 0..j) is exactly causal over compact indices. A query attends every prefix row plus
 // the new keys its mask policy allows: CausalPolicy or TreeBitsPolicy (packed int64 bits).
 //
+// Optional features (off: no work added). A sliding window: compact index i sits at position
+// prefix + depth(i) (the policy's depth: i when causal, its ancestor count for a tree) and
+// prefix row r at r; a query sees a key only if their positions differ by less than the
+// window. Each work item starts its prefix at the first row any of its queries sees, so rows
+// outside every query's window are never read. Soft-capping: scores pass through
+// cap * tanh(s / cap) before the softmax. Sinks: one logit per query head joins each row's
+// softmax denominator when the output is normalised.
+//
 // One work item = (sequence b, KV head g, a chunk of the group's query rows); a chunk holds
 // query rows rho = i * G + h (node-major, so rows of one node share their mask) of ALL G query
 // heads of the group, and each key block (kKeyBlock rows of K and V, staged once) serves every
@@ -23,6 +31,8 @@
 //   qk(Q q, int mr, K k, float* s)
 //       s[r * 32 + c] = log2(e) * scale * (q_r . k_c) for rows r < mr and keys c < 32 (keys
 //       past the block's kb are zero-padded: any finite value, the softmax masks them).
+//   softcap(float* s, int mr, float cap)
+//       s = cap * tanh(s / cap) over the mr x 32 scores (cap in the scores' log2 domain).
 //   softmax(const float* s, const uint32_t* bits, int mr, float* m, float* l, float* p, float* alpha)
 //       online update of each row's max m and denominator l (kSumLanes partial sums) over the
 //       keys whose bit is set in bits[r]: m_new = max(m, allowed scores), p = exp2(s - m_new)
@@ -96,6 +106,9 @@ struct Problem {
   float* lse;            // [B, Hq, rows]
   int64_t batch, q_heads, kv_heads, rows, head_dim, cache_rows;
   float scale;
+  int64_t window;        // sliding window in positions, 0 = none
+  float softcap;         // logit soft-cap (of the scaled scores), 0 = off
+  const float* sinks;    // [Hq] sink logits, or null
 };
 
 // Per sequence: n compact rows (module comment), the first `written` of which are appended
@@ -105,13 +118,15 @@ struct SeqRows {
   int64_t row(int64_t i) const { return i < split ? i : i + skip; }
 };
 
-// Allowed new keys j0 .. j0 + 31 of compact query i, as bits (bit c <=> key j0 + c).
+// A mask policy: bits(b, i, j0) = the new keys j0 .. j0 + 31 compact query i may attend
+// (bit c <=> key j0 + c); depth(b, i) = compact row i's position after the prefix.
 struct CausalPolicy {
   uint32_t bits(int64_t /*b*/, int64_t i, int64_t j0) const {
     if (i < j0) return 0;
     const int64_t allowed = i - j0 + 1;
     return allowed >= 32 ? 0xffffffffu : (1u << allowed) - 1u;
   }
+  int64_t depth(int64_t /*b*/, int64_t i) const { return i; }
 };
 
 struct TreeBitsPolicy {
@@ -121,6 +136,13 @@ struct TreeBitsPolicy {
   uint32_t bits(int64_t b, int64_t i, int64_t j0) const {
     const uint64_t w = uint64_t(words[(b * nodes + i) * words_per_row + (j0 >> 6)]);
     return uint32_t(w >> (j0 & 63));
+  }
+  // an ancestor-or-self mask: the row's bits count the node's ancestors plus itself
+  int64_t depth(int64_t b, int64_t i) const {
+    const int64_t* row = words + (b * nodes + i) * words_per_row;
+    int64_t count = 0;
+    for (int64_t w = 0; w < words_per_row; ++w) count += __builtin_popcountll(uint64_t(row[w]));
+    return count - 1;
   }
 };
 
@@ -163,6 +185,7 @@ struct Buffer {
 struct Workspace {
   Buffer<float> q, o, m, l, kt, v, s, p, alpha;
   Buffer<uint32_t> q_pairs, kt_pairs, v_pairs;  // the bf16-pair operands
+  Buffer<int64_t> depth, first;                 // window: each new key's depth, each query row's first prefix row
   const float* vrow[kKeyBlock];                 // the staged block's V rows (VRows)
   void reserve(int64_t rows, int64_t d, int64_t dp) {
     q.resize(rows * d);

@@ -71,6 +71,33 @@ template <typename T>
 using Operands = F32Operands<T>;
 #endif
 
+// Bits c >= from of a 32-key block (from <= 0: all, >= 32: none).
+inline uint32_t bits_from(int64_t from) { return from <= 0 ? 0xffffffffu : from >= 32 ? 0u : 0xffffffffu << from; }
+
+// The sliding window of one work item: each new key's depth (ws.depth[j], j < n) and each query
+// row's first visible prefix row (ws.first[r], r < rows; = prefix when it sees none). Returns the
+// first prefix row any of the rows sees.
+template <typename Policy>
+int64_t window_bounds(const SeqRows& seq, const Policy& policy, int64_t b, int64_t G, int64_t rho0, int64_t rows,
+                      int64_t prefix, int64_t window, Workspace& ws) {
+  ws.depth.resize(seq.n);
+  ws.first.resize(rows);
+  for (int64_t j = 0; j < seq.n; ++j) ws.depth[j] = policy.depth(b, j);
+  int64_t first = prefix;
+  for (int64_t r = 0; r < rows; ++r) {  // position prefix + depth sees rows > prefix + depth - window
+    ws.first[r] = std::clamp<int64_t>(prefix + ws.depth[(rho0 + r) / G] - window + 1, 0, prefix);
+    first = std::min(first, ws.first[r]);
+  }
+  return first;
+}
+
+// New keys j0 .. j0 + kb - 1 within the window of a query at depth d (their depth > d - window).
+inline uint32_t window_bits(const Workspace& ws, int64_t j0, int kb, int64_t d, int64_t window) {
+  uint32_t bits = 0;
+  for (int c = 0; c < kb; ++c) bits |= uint32_t(ws.depth.ptr[j0 + c] > d - window) << c;
+  return bits;
+}
+
 // ---------------------------------------------------------------------------------------
 // One work item: sequence b, KV head g, query rows [rho0, rho1) of the group (rho = i * G + h).
 // ---------------------------------------------------------------------------------------
@@ -78,7 +105,7 @@ template <typename T, typename Policy>
 void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, int64_t b, int64_t g, int64_t rho0,
                  int64_t rho1, Workspace& ws) {
   const int64_t G = a.q_heads / a.kv_heads, D = a.head_dim, Dp = (D + 15) / 16 * 16;
-  const int64_t rows = rho1 - rho0, prefix = a.cache_lens[b];
+  const int64_t rows = rho1 - rho0, prefix = a.cache_lens[b], window = a.window;
   if (rows <= 0) return;
   ws.reserve(rows, D, Dp);
   Operands<T> ops{ws, D, Dp, a.scale * kLog2e};
@@ -89,6 +116,8 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
   std::fill(ws.o.data(), ws.o.data() + rows * Dp, 0.0f);
   std::fill(ws.m.data(), ws.m.data() + rows, kNegInf);
   std::fill(ws.l.data(), ws.l.data() + rows * kSumLanes, 0.0f);
+  const int64_t first = window > 0 ? window_bounds(seq, policy, b, G, rho0, rows, prefix, window, ws) : 0;
+  const float cap = a.softcap * kLog2e;  // the soft-cap in the scores' log2 domain
 
   const int64_t kv_base = (b * a.kv_heads + g);
   const T* kc = a.k_cache + kv_base * a.cache_rows * D;
@@ -99,11 +128,12 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
   const T* vsrc[kKeyBlock];
   uint32_t bits[kRowTile];
 
-  // segment 0: the prefix (every query sees every row); segment 1: the n new keys (policy)
+  // segment 0: the prefix rows from `first` (every row without a window); segment 1: the n new
+  // keys (policy), in blocks from key 0 (TreeBitsPolicy reads whole 32-bit halves of its words)
   for (int segment = 0; segment < 2; ++segment) {
-    const int64_t count = segment == 0 ? prefix : seq.n;
-    for (int64_t j0 = 0; j0 < count; j0 += kKeyBlock) {
-      const int kb = int(std::min<int64_t>(kKeyBlock, count - j0));
+    const int64_t begin = segment == 0 ? first : 0, end = segment == 0 ? prefix : seq.n;
+    for (int64_t j0 = begin; j0 < end; j0 += kKeyBlock) {
+      const int kb = int(std::min<int64_t>(kKeyBlock, end - j0));
       const uint32_t valid = kb == kKeyBlock ? 0xffffffffu : (1u << kb) - 1u;
       for (int c = 0; c < kb; ++c) {
         const int64_t row = segment == 0 ? j0 + c : seq.row(j0 + c);
@@ -115,15 +145,22 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
         const int mr = int(std::min<int64_t>(kRowTile, rows - t0));
         uint32_t any = 0;
         for (int r = 0; r < mr; ++r) {
-          bits[r] = segment == 0 ? valid : policy.bits(b, (rho0 + t0 + r) / G, j0) & valid;
+          const int64_t i = (rho0 + t0 + r) / G;
+          if (segment == 0) {
+            bits[r] = window > 0 ? valid & bits_from(ws.first[t0 + r] - j0) : valid;
+          } else {
+            bits[r] = policy.bits(b, i, j0) & valid;
+            if (window > 0 && bits[r]) bits[r] &= window_bits(ws, j0, kb, ws.depth[i], window);
+          }
           any |= bits[r];
         }
-        if (!any) continue;  // e.g. causal rows before this block
+        if (!any) continue;  // e.g. causal rows before this block, or rows whose window ends before it
         if (!staged) {       // convert the block once, on first use
           ops.stage(krow, vsrc, kb);
           staged = true;
         }
         qk(ops.q(t0), mr, ops.k(), ws.s.data());
+        if (cap > 0.0f) softcap(ws.s.data(), mr, cap);
         softmax(ws.s.data(), bits, mr, ws.m.data() + t0, ws.l.data() + t0 * kSumLanes, ws.p.data(), ws.alpha.data());
         pv(ws.o.data() + t0 * Dp, mr, D, Dp, ws.p.data(), ws.alpha.data(), ops.v(kb));
       }
@@ -134,11 +171,18 @@ void attend_rows(const Problem<T>& a, const SeqRows& seq, const Policy& policy, 
     const int64_t i = (rho0 + r) / G, h = (rho0 + r) % G;
     const int64_t out_row = (b * a.q_heads + g * G + h) * a.rows + seq.row(i);
     T* dst = a.out + out_row * D;
-    float l = 0.0f;  // 0 only when nothing was allowed (an invalid mask, validate=False)
+    float m = ws.m[r], l = 0.0f;  // l = 0 only when nothing was allowed (an invalid mask, validate=False)
     for (int c = 0; c < kSumLanes; ++c) l += ws.l[r * kSumLanes + c];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float o_scale = 1.0f;
+    if (a.sinks != nullptr && l > 0.0f) {  // the sink joins the denominator: rescale to the larger max
+      const float sink = a.sinks[g * G + h] * kLog2e, m_new = std::max(m, sink);
+      o_scale = std::exp2(m - m_new);
+      l = l * o_scale + std::exp2(sink - m_new);
+      m = m_new;
+    }
+    const float inv = l > 0.0f ? o_scale / l : 0.0f;
     for (int64_t e = 0; e < D; ++e) store(dst + e, ws.o[r * Dp + e] * inv);
-    a.lse[out_row] = l > 0.0f ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf;
+    a.lse[out_row] = l > 0.0f ? (m + std::log2(l)) * kLn2 : kNegInf;
   }
 }
 

@@ -28,6 +28,10 @@ inline void qk(QRows q, int mr, KCols k, float* s) {
   }
 }
 
+inline void softcap(float* s, int mr, float cap) {
+  for (int c = 0; c < mr * kKeyBlock; ++c) s[c] = cap * std::tanh(s[c] / cap);
+}
+
 inline void softmax(const float* s, const uint32_t* bits, int mr, float* m, float* l, float* p, float* alpha) {
   for (int r = 0; r < mr; ++r) {
     float block_max = kNegInf;
