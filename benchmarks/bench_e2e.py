@@ -1,7 +1,7 @@
 """End-to-end benchmark (the same as `parallelspec bench`); see parallelspec/bench.py."""
 import sys
 
-from parallelspec.bench import main
+from parallelspec.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

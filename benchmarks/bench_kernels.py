@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (re-exports parallelspec.benchutil)
+import harness  # noqa: E402  (re-exports parallelspec.tools.benchutil)
 
 import ps_kernels  # noqa: E402
 from ps_kernels import _backend  # noqa: E402

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (re-exports parallelspec.benchutil)
+import harness  # noqa: E402  (re-exports parallelspec.tools.benchutil)
 
 import ps_kernels  # noqa: E402
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (re-exports parallelspec.benchutil)
+import harness  # noqa: E402  (re-exports parallelspec.tools.benchutil)
 
 from parallelspec.defaults import SHIPPED  # noqa: E402
-from parallelspec.drafters.layer import load_network  # noqa: E402
+from parallelspec.drafters.network import load_network  # noqa: E402
 from parallelspec.models import load_target  # noqa: E402
-from parallelspec.training.train import ShardData, TrainConfig, evaluate, target_to_draft  # noqa: E402
+from parallelspec.tools.training.train import ShardData, TrainConfig, evaluate, target_to_draft  # noqa: E402
 
 
 def score(spec: str, target, data: ShardData, sequences: int) -> dict:

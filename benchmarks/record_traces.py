@@ -82,7 +82,7 @@ def accepted_paths(trees, first: int, new: list[int]) -> list[list]:
 
 
 def policy_builder(model, policy: str, max_nodes: int):
-    from parallelspec.autotree import AutoTree
+    from parallelspec.trees import AutoTree
     from parallelspec.trees import DynamicTree
 
     if policy == "auto":
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from parallelspec import generate
-    from parallelspec.bench import prompt_sets
+    from parallelspec.tools.bench import prompt_sets
     from parallelspec.defaults import DEFAULT_DRAFTER, load_drafter
     from parallelspec.models import load_default_target
 

@@ -237,7 +237,7 @@ def replay_file(path: Path, model, device, args) -> dict:
 def verify_curve(model, device, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), prefixes=(512, 1024, 2048, 4096),
                  repeats: int = 5) -> list[dict]:
     """Time of one target forward (LM head included) over N new tokens after a P-token prefix."""
-    from parallelspec.hf import TargetModel
+    from parallelspec.hf.target import TargetModel
 
     target = TargetModel(model)
     rows = []

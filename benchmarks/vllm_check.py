@@ -31,12 +31,12 @@ def prepare(args) -> None:
     import torch
 
     import parallelspec as ps
-    from parallelspec.bench import prompt_sets
-    from parallelspec.export import export_vllm, import_vllm
+    from parallelspec.tools.bench import prompt_sets
+    from parallelspec.tools.export import export_vllm, import_vllm
     from parallelspec.models import cache_dir, load_default_target
-    from parallelspec.training.data import load_prompts
-    from parallelspec.training.extract import generate_and_extract
-    from parallelspec.training.train import TrainConfig, train
+    from parallelspec.tools.training.data import load_prompts
+    from parallelspec.tools.training.extract import generate_and_extract
+    from parallelspec.tools.training.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)

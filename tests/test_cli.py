@@ -1,7 +1,7 @@
 """The CLI's errors name the flag, what was expected and what came; drafters resolve by name."""
 import pytest
 
-from parallelspec import cli
+from parallelspec.tools import cli
 from parallelspec.defaults import load_drafter
 from parallelspec.drafters import HybridDrafter, NgramDrafter
 
@@ -120,7 +120,7 @@ def test_bad_cpu_level_variable_is_an_error_not_a_traceback(command):
     if ps_kernels.cpu_capability().active is None:
         pytest.skip("no native CPU library in this install: the variable is not read")
     env = {**os.environ, "PS_KERNELS_CPU_CAPABILITY": "avx3"}
-    proc = subprocess.run([sys.executable, "-m", "parallelspec.cli", *command], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "parallelspec.tools.cli", *command], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"parallelspec {command[0]}: error: PS_KERNELS_CPU_CAPABILITY=avx3: expected one of" in proc.stderr

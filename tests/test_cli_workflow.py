@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import parallelspec as ps
-from parallelspec import cli
+from parallelspec.tools import cli
 from parallelspec.defaults import load_drafter
 from parallelspec.drafters import ParallelDrafter
 
@@ -93,7 +93,7 @@ def test_extract_train_load_generate_equals_transformers(workflow, capsys, one_t
 def test_extract_reads_chats_and_plain_prompts(workflow):
     """Every record of the file is a prompt of one split: chats up to their last user turn in the
     chat template, plain prompts as a user turn; the target continued each (self-distillation)."""
-    from parallelspec.training.data import load_user_prompts
+    from parallelspec.tools.training.data import load_user_prompts
     tok = workflow["tok"]
     prompts = {tuple(p) for split in ("train", "heldout")
                for _, p, _ in load_user_prompts(tok, workflow["data"], split, held_out=0.2)}
@@ -114,7 +114,7 @@ def test_extract_progress_and_estimate(tmp_path, capsys, monkeypatch, one_thread
     """A line before anything slow, progress from the first decoding step, and a time estimate
     once 10 s have passed (a clock that moves 4 s a reading here)."""
     import types
-    from parallelspec.training import extract
+    from parallelspec.tools.training import extract
     now = iter(range(0, 100000, 4))
     monkeypatch.setattr(extract, "time", types.SimpleNamespace(time=lambda: float(next(now))))
     _save_model(tmp_path / "model")
@@ -138,7 +138,7 @@ def test_extract_from_a_datasets_directory(tmp_path, monkeypatch, one_thread):
     fake = types.ModuleType("datasets")
     fake.load_from_disk = lambda path: {"train": rows}
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    from parallelspec.training.data import load_user_prompts
+    from parallelspec.tools.training.data import load_user_prompts
     (tmp_path / "ds").mkdir()
     tok = _word_tokenizer(VOCAB)
     tok.chat_template = CHAT_TEMPLATE
@@ -232,7 +232,7 @@ def test_generate_with_a_stock_generation_config_option(tmp_path, capsys, one_th
 
 def test_help_does_not_import_torch():
     """`parallelspec --help` answers at once: the CLI module imports nothing heavy."""
-    code = "import sys, parallelspec.cli as c; c.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, parallelspec.tools.cli as c; c.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -245,8 +245,9 @@ def test_demo_main_on_a_tiny_model(monkeypatch, capsys, workflow, one_thread):
 
 def test_bench_main_writes_to_a_user_directory(tmp_path, monkeypatch, capsys, workflow, one_thread):
     """bench without --out: ./parallelspec-bench in the current directory, never the checkout's results."""
-    from parallelspec import bench, models
-    from parallelspec.benchutil import RESULTS
+    from parallelspec import models
+    from parallelspec.tools import bench
+    from parallelspec.tools.benchutil import RESULTS
     model, tok = workflow["model"], _word_tokenizer(VOCAB)
     tok.chat_template, tok.pad_token = CHAT_TEMPLATE, "t0"      # the batch-4 run pads
     monkeypatch.setattr(models, "load_default_target", lambda *a, **k: (model, tok))
@@ -275,7 +276,7 @@ def test_bench_main_writes_to_a_user_directory(tmp_path, monkeypatch, capsys, wo
 
 
 def test_report_main_on_the_workflow(workflow, capsys):
-    from parallelspec.training import report
+    from parallelspec.tools.training import report
     report.main(["--data", str(workflow["shards"]), "--curve", str(workflow["run"] / "summary.json")])
     out = capsys.readouterr().out
     assert "| step | tokens seen" in out and '"ngram"' in out

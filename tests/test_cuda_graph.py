@@ -1,10 +1,10 @@
-"""generate(..., cuda_graph=True): the verify step captured per tree-size bucket (parallelspec.graphs).
+"""generate(..., cuda_graph=True): the verify step captured per tree-size bucket (parallelspec.capture).
 
-On the CPU, cuda_graph="trace" captures the step as a record of its aten ops (make_fx) on the
+On the CPU, cuda_graph=True with the "trace" capture (capture.OFF_GPU_CAPTURE, set here) captures the step as a record of its aten ops (make_fx) on the
 same static buffers, bucket padding, warm-up and undo, and replays the record without running the
 step's Python again, as a CUDA graph replays its kernels: the loop must give the uncaptured
 loop's tokens and acceptances (and transformers' greedy output) for every drafter and tree kind.
-cuda_graph="eager" runs the step's Python each time, so the tests can watch it: one set of
+The "eager" capture runs the step's Python each time, so the tests can watch it: one set of
 buffers per bucket, reused step after step, and no more than one host sync a step. The GPU test
 (skipped here) captures for real and compares with transformers' generate on the same GPU
 (benchmarks/gpu_check.sh runs it in its loop stage)."""
@@ -13,8 +13,8 @@ import torch
 
 import ps_kernels
 import parallelspec as ps
-from parallelspec import engine, graphs
-from parallelspec.autotree import AutoTree
+from parallelspec import capture as graphs, engine
+from parallelspec.trees import AutoTree
 from parallelspec.trees import ChainTree, Tree, TreeBuilder
 from engine_helpers import hf_greedy, left_padded, tiny_model
 from helpers import runnable_backends
@@ -24,6 +24,12 @@ from test_engine_syncs import BUDGET, TREES, VOCAB, step_syncs
 NEW = 20
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def trace_capture(monkeypatch):
+    """cuda_graph=True off a GPU runs the "trace" capture in these tests ("eager" where a test says)."""
+    monkeypatch.setattr(graphs, "OFF_GPU_CAPTURE", "trace")
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +128,14 @@ def test_padding_is_never_accepted(shared, backend):
 @pytest.mark.parametrize("tree", list(TREES))
 @pytest.mark.parametrize("kind", [None, "ngram", "parallel", "hybrid"])
 def test_static_buffers_give_the_plain_loop_and_hf(case, kind, tree):
-    """cuda_graph="trace": the captured loop's code path (static buffers per bucket, padding,
+    """cuda_graph=True ("trace" capture): the captured loop's code path (static buffers per bucket, padding,
     warm-up undone, in-place bookkeeping) gives the plain loop's tokens, steps and acceptances,
     and transformers' greedy output."""
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
     model, ids, mask, reference = case
     runs = []
-    for cuda_graph in (False, "trace"):
+    for cuda_graph in (False, True):
         out, stats = ps.generate(model, ids, _drafter(kind, model), attention_mask=mask, max_new_tokens=NEW,
                                  tree=_tree(tree), return_stats=True, cuda_graph=cuda_graph, **TREES[tree])
         runs.append((out, stats.steps, stats.accept_histogram))
@@ -154,8 +160,9 @@ def test_one_set_of_buffers_per_bucket(case, kind, monkeypatch):
         seen.setdefault(tree.size, set()).add(ptrs)
         return step(target, cache, tree, sampling, out)
     monkeypatch.setattr(engine, "verify_step", recording)
+    monkeypatch.setattr(graphs, "OFF_GPU_CAPTURE", "eager")   # the step's Python runs (and is watched) every step
     out = ps.generate(model, ids, _drafter(kind, model), attention_mask=mask, max_new_tokens=NEW, tree=_tree("auto"),
-                      cuda_graph="eager")   # eager: the step's Python runs (and is watched) every step
+                      cuda_graph=True)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     (gv,) = spy.made
     assert set(seen) <= {1, 2, 4, 8, 10}, seen                       # buckets of a 10-node AutoTree
@@ -168,9 +175,10 @@ def test_one_set_of_buffers_per_bucket(case, kind, monkeypatch):
 
 @pytest.mark.parametrize("tree", ["chain", "auto"])
 @pytest.mark.parametrize("kind", ["ngram", "hybrid"])
-def test_at_most_one_host_sync_a_step(case, kind, tree):
+def test_at_most_one_host_sync_a_step(case, kind, tree, monkeypatch):
     """Copying the tree into its bucket's buffers and the outputs out adds no host sync."""
-    steps, _ = step_syncs(case[0], kind, tree, cuda_graph="eager")   # eager: record() marks the steps
+    monkeypatch.setattr(graphs, "OFF_GPU_CAPTURE", "eager")   # eager: record() marks the steps
+    steps, _ = step_syncs(case[0], kind, tree, cuda_graph=True)
     worst = max(steps, key=len)
     assert len(steps) >= 3 and len(worst) <= BUDGET, f"{kind} x {tree}: {len(worst)} host syncs in a step: {worst}"
 
@@ -182,11 +190,11 @@ def test_eos_and_max_new_tokens_in_place(case):
     want = hf_greedy(model, ids, mask, NEW, eos_token_id=eos, pad_token_id=0)
     for kind, tree in ((None, "chain"), ("ngram", "auto"), ("hybrid", "dynamic")):
         out = ps.generate(model, ids, _drafter(kind, model), attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos,
-                          pad_token_id=0, tree=_tree(tree), cuda_graph="trace", **TREES[tree])
+                          pad_token_id=0, tree=_tree(tree), cuda_graph=True, **TREES[tree])
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     for max_new in (1, 3):
         out = ps.generate(model, ids, _drafter("ngram", model), attention_mask=mask, max_new_tokens=max_new,
-                          tree=_tree("auto"), cuda_graph="trace")
+                          tree=_tree("auto"), cuda_graph=True)
         torch.testing.assert_close(out, reference[:, :ids.shape[1] + max_new], rtol=0, atol=0)
 
 
@@ -207,7 +215,7 @@ def test_captured_again_when_the_cache_grows(case, monkeypatch):
     spy = _Spy(monkeypatch)
     builder = _GrowingChain()
     out = ps.generate(model, ids, ps.NgramDrafter(num_tokens=4), attention_mask=mask, max_new_tokens=NEW,
-                      tree=builder, cuda_graph="trace")
+                      tree=builder, cuda_graph=True)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     (gv,) = spy.made
     assert gv.cache.reallocations >= 2 and gv.captures > len(gv.captured)
@@ -217,7 +225,7 @@ def test_patch_passes_cuda_graph_on(case, monkeypatch):
     """parallelspec.patch(model, drafter, cuda_graph=...) : model.generate runs the captured loop."""
     model, ids, mask, reference = case
     spy = _Spy(monkeypatch)
-    ps.patch(model, ps.NgramDrafter(num_tokens=4), cuda_graph="trace", tree=_tree("auto"))
+    ps.patch(model, ps.NgramDrafter(num_tokens=4), cuda_graph=True, tree=_tree("auto"))
     try:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     finally:
@@ -232,17 +240,20 @@ def test_cuda_graph_refusals(case, monkeypatch):
     model, ids, mask, _ = case
     run = dict(attention_mask=mask, max_new_tokens=4)
     if not torch.cuda.is_available():
+        monkeypatch.setattr(graphs, "OFF_GPU_CAPTURE", None)   # as users run it: refused off a GPU
         def measured(*args, **kwargs):
             raise AssertionError("tree='auto' measured the verify cost before the refusal")
         monkeypatch.setattr(AutoTree, "for_model", measured)
         with pytest.raises(ValueError, match="cuda_graph: expected a model on a CUDA device, got cpu"):
             ps.generate(model, ids, ps.NgramDrafter(), cuda_graph=True, **run)   # tree="auto" by default
-    with pytest.raises(ValueError, match="cuda_graph: expected True or False, got 'yes'"):
-        ps.generate(model, ids, None, cuda_graph="yes", **run)
+        monkeypatch.setattr(graphs, "OFF_GPU_CAPTURE", "trace")
+    for value in ("yes", "trace", "eager"):   # the test captures are no values of the option
+        with pytest.raises(ValueError, match=f"cuda_graph: expected True or False, got '{value}'"):
+            ps.generate(model, ids, None, cuda_graph=value, **run)
     with pytest.raises(ValueError, match=r"cuda_graph: only greedy decoding \(do_sample=False\)"):
-        ps.generate(model, ids, None, cuda_graph="trace", do_sample=True, **run)
+        ps.generate(model, ids, None, cuda_graph=True, do_sample=True, **run)
     with pytest.raises(ValueError, match="cuda_graph: .* the streamer given needs"):
-        ps.generate(model, ids[:1], None, attention_mask=mask[:1], max_new_tokens=4, cuda_graph="trace",
+        ps.generate(model, ids[:1], None, attention_mask=mask[:1], max_new_tokens=4, cuda_graph=True,
                     streamer=BaseStreamer())
 
 

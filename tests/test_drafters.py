@@ -5,9 +5,9 @@ import torch
 from drafter_helpers import tiny_target
 
 from parallelspec.drafters import EagleDrafter, ParallelDrafter, build_network
-from parallelspec.drafters.eagle import eagle_train_forward
-from parallelspec.drafters.layer import MaskedAttention, group_layout
-from parallelspec.drafters.parallel import parallel_train_forward
+from parallelspec.tools.training.forwards import eagle_train_forward
+from parallelspec.tools.training.forwards import MaskedAttention, group_layout
+from parallelspec.tools.training.forwards import parallel_train_forward
 
 V, D = 96, 48
 CPU = torch.device("cpu")
@@ -82,7 +82,7 @@ def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers, 
 def test_half_precision_head_drafts_the_same_to_rounding(kind):
     """head_dtype=bf16 (a CPU drafter's head copy at half the bytes): the same candidates'
     log-probabilities to bf16 rounding of the head; a bad head_dtype is refused by name."""
-    from parallelspec.linear import native_serves
+    from parallelspec.hf.linear import native_serves
 
     _, ref = make(kind, vocab=None)
     half = kind(ref.net, top_m=ref.top_m, head_dtype=torch.bfloat16)

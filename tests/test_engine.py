@@ -192,7 +192,7 @@ def _network_drafter(kind, model):
 
 def _small_tree(tree):
     """tree= for generate: an AutoTree on a fixed cost table (10 nodes at most) for "auto"."""
-    from parallelspec.autotree import AutoTree
+    from parallelspec.trees import AutoTree
     return AutoTree({1: 1.0, 64: 1.05}, max_nodes=10) if tree == "auto" else tree
 
 

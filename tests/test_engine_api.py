@@ -244,7 +244,8 @@ def test_default_tree_is_auto_and_plain_decoding_measures_nothing(model, prompts
     """generate / patch / custom_generate default to tree="auto" (every source of a hybrid in one
     tree, sized by the measured verify cost): the same output, built by AutoTree; without a
     drafter the tree is the root alone and no cost curve is measured."""
-    import parallelspec.autotree as autotree
+    import parallelspec.trees.auto as autotree
+    from parallelspec.trees import verify_cost
     from parallelspec.trees import make_tree_builder
 
     ids, mask = prompts
@@ -255,7 +256,7 @@ def test_default_tree_is_auto_and_plain_decoding_measures_nothing(model, prompts
     drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=6), OracleDrafter(unpadded_rows(reference, mask), VOCAB)])
     torch.testing.assert_close(ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=6), reference)
     assert built, "the default tree did not go through AutoTree"
-    monkeypatch.setattr(autotree, "measure_verify_cost", lambda *a, **k: pytest.fail("measured without a drafter"))
+    monkeypatch.setattr(verify_cost, "measure_verify_cost", lambda *a, **k: pytest.fail("measured without a drafter"))
     torch.testing.assert_close(ps.generate(model, ids, attention_mask=mask, max_new_tokens=6), reference)
     with pytest.raises(ValueError, match="tree: 'auto' .* needs model=, got None"):
         make_tree_builder("auto")

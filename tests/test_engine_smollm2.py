@@ -63,7 +63,7 @@ def test_shipped_eagle3_drafter_exports_for_vllm(tmp_path):
 
     from safetensors.torch import load_file
 
-    from parallelspec import cli
+    from parallelspec.tools import cli
     from parallelspec.defaults import SHIPPED
 
     if not SHIPPED["parallel-eagle3"].exists():

@@ -39,7 +39,7 @@ def _drafter(kind, model):
 
 
 def step_syncs(model, kind, tree, batch=(6, 9), **sampling):
-    from parallelspec.autotree import AutoTree
+    from parallelspec.trees import AutoTree
 
     ids, mask = left_padded(list(batch), VOCAB)
     # repeated prompts: prompt lookup matches, so its chains (and the hybrid's deferral) are exercised
@@ -108,7 +108,7 @@ def test_at_most_one_host_sync_a_step_when_sampling(model, tree):
 def test_cache_sized_once(model, kind, tree, monkeypatch):
     """The target's KV cache is allocated once per generation, for prompt + max_new_tokens + the
     largest tree the builder may emit: no reallocation (no copy) while decoding."""
-    from parallelspec.hf import TargetModel
+    from parallelspec.hf.target import TargetModel
 
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
@@ -136,7 +136,7 @@ def test_verify_step_traces_whole_with_torch_compile(model, shared_tree):
 
     import ps_kernels
     from parallelspec.engine import DecodeSettings, _Output, verify_step
-    from parallelspec.hf import TargetModel
+    from parallelspec.hf.target import TargetModel
     from parallelspec.sampling import SamplingParams
     from parallelspec.trees import Tree
 

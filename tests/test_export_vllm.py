@@ -40,7 +40,7 @@ def _eagle3_drafter(target, vocab=40, layers=1, head="trained", seed=1):
 
 
 def _export(tmp_path, drafter, target=None, dtype="float32"):
-    from parallelspec.export import export_vllm
+    from parallelspec.tools.export import export_vllm
 
     drafter.save_pretrained(tmp_path / "run" / "drafter", dtype=torch.float32)
     return export_vllm(tmp_path / "run", tmp_path / "vllm", target, dtype)
@@ -261,7 +261,7 @@ def test_independent_vllm_forward_equals_our_step(tmp_path, vocab, layers):
 
 @pytest.mark.parametrize("head", ["trained", "target"])
 def test_round_trip_drafts_the_same(tmp_path, head):
-    from parallelspec.export import import_vllm
+    from parallelspec.tools.export import import_vllm
 
     target = tiny_target()
     drafter = _eagle3_drafter(target, head=head)
@@ -282,7 +282,7 @@ def test_round_trip_drafts_the_same(tmp_path, head):
 
 def test_export_refuses_other_layouts_and_kinds(tmp_path):
     from parallelspec.drafters import EagleDrafter, ParallelDrafter, build_network
-    from parallelspec.export import export_vllm
+    from parallelspec.tools.export import export_vllm
 
     target = tiny_target()
     ParallelDrafter(build_network(target, parallel=True)).save_pretrained(tmp_path / "fused")
@@ -303,7 +303,7 @@ def test_export_refuses_other_layouts_and_kinds(tmp_path):
 
 
 def test_cli_export(tmp_path, capsys):
-    from parallelspec.cli import main
+    from parallelspec.tools.cli import main
 
     target = tiny_target()
     _eagle3_drafter(target).save_pretrained(tmp_path / "run" / "drafter")
@@ -324,7 +324,7 @@ def test_cli_export(tmp_path, capsys):
 def test_eagle3_drafter_in_our_loop_is_lossless(tree, one_thread):
     import parallelspec as ps
     from engine_helpers import hf_greedy, left_padded, tiny_model
-    from parallelspec.autotree import AutoTree
+    from parallelspec.trees import AutoTree
     from parallelspec.drafters import build_network
 
     model = tiny_model("llama", 256)

@@ -148,13 +148,13 @@ def test_model_on_meta_device_is_refused():
 def test_first_use_measurement_says_what_it_does_once(tmp_path, monkeypatch, capsys, one_thread):
     """The verify-cost measurement (~20 s on SmolLM2, on a first use) says so on stderr, once per
     process and model; a cached measurement is silent."""
-    from parallelspec import autotree
+    from parallelspec.trees import verify_cost
     monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(autotree, "_ANNOUNCED", set())
+    monkeypatch.setattr(verify_cost, "_ANNOUNCED", set())
     model = tiny_model("llama", 64)
-    first = autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
+    first = verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
     err = capsys.readouterr().err
     assert "parallelspec: measuring the target's forward time for 1..2 tokens" in err and str(tmp_path) in err
-    assert autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1) == first      # cached: silent
-    autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1, cache=False)      # announced already
+    assert verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1) == first      # cached: silent
+    verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1, cache=False)      # announced already
     assert capsys.readouterr().err == ""

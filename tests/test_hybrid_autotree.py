@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import parallelspec as ps
-from parallelspec.autotree import AutoTree
+from parallelspec.trees import AutoTree
 from parallelspec.drafters import DraftCandidates, HybridDrafter, NgramDrafter
 from ps_kernels import reference as ref
 
@@ -143,8 +143,8 @@ def test_bad_arguments():
 
 def test_for_model_refuses_bad_options_before_measuring(monkeypatch):
     """The verify-cost measurement takes seconds on first use: bad options are named first."""
-    import parallelspec.autotree as autotree
-    monkeypatch.setattr(autotree, "measure_verify_cost", lambda *a, **k: pytest.fail("measured before checking"))
+    from parallelspec.trees import verify_cost
+    monkeypatch.setattr(verify_cost, "measure_verify_cost", lambda *a, **k: pytest.fail("measured before checking"))
     for kwargs, name in (({"max_nodes": 0}, "max_nodes"), ({"depth": 0}, "tree_depth"),
                          ({"chain_trust": 0.5}, "chain_trust")):
         with pytest.raises(ValueError, match=f"{name}: expected at least 1"):
@@ -264,16 +264,16 @@ def test_engine_restarts_the_builders_record_at_every_call():
 
 def test_verify_cost_is_measured_per_size_and_cached(tmp_path, monkeypatch):
     """measure_verify_cost: one positive time per asked size, written once and read back as is."""
-    from parallelspec import autotree
+    from parallelspec.trees import verify_cost
 
     monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
     model = tiny_model("llama", VOCAB)
     sizes = (1, 3, 8)
-    costs = autotree.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2)
+    costs = verify_cost.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2)
     assert sorted(costs) == list(sizes) and all(t > 0 for t in costs.values())
     assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 1
     # timed again, the figures would differ: read back, they are equal to the last bit
-    assert autotree.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2) == costs
+    assert verify_cost.measure_verify_cost(model, sizes=sizes, prefix=16, repeats=2) == costs
 
 
 def test_verify_cost_is_cached_per_cpu_level(tmp_path, monkeypatch):
@@ -283,7 +283,7 @@ def test_verify_cost_is_cached_per_cpu_level(tmp_path, monkeypatch):
     import pytest
 
     from ps_kernels import _backend
-    from parallelspec import autotree
+    from parallelspec.trees import verify_cost
 
     levels = _backend.runnable_cpu_levels()
     if len(levels) < 2:
@@ -292,7 +292,7 @@ def test_verify_cost_is_cached_per_cpu_level(tmp_path, monkeypatch):
     model = tiny_model("llama", VOCAB)
     for level in levels[-2:]:
         with _backend.force_cpu_capability(level):
-            autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
+            verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=1)
     assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 2
 
 
@@ -341,15 +341,15 @@ def test_cost_curve_is_read_through_its_increasing_envelope():
 
 def test_a_disturbed_measurement_gets_more_rounds(tmp_path, monkeypatch):
     """measure_verify_cost times more rounds (up to a limit) while the curve does not increase."""
-    from parallelspec import autotree
+    from parallelspec.trees import verify_cost
 
     monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
     model = tiny_model("llama", VOCAB)
     checks = []
-    monkeypatch.setattr(autotree, "_monotone", lambda costs: checks.append(dict(costs)) or False)
-    autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=2, cache=False)
-    assert len(checks) == autotree._MAX_DISTURBED_BLOCKS - 1   # checked after each block but the last
+    monkeypatch.setattr(verify_cost, "_monotone", lambda costs: checks.append(dict(costs)) or False)
+    verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=2, cache=False)
+    assert len(checks) == verify_cost._MAX_DISTURBED_BLOCKS - 1   # checked after each block but the last
     checks.clear()
-    monkeypatch.setattr(autotree, "_monotone", lambda costs: checks.append(dict(costs)) or True)
-    autotree.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=2, cache=False)
+    monkeypatch.setattr(verify_cost, "_monotone", lambda costs: checks.append(dict(costs)) or True)
+    verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=2, cache=False)
     assert len(checks) == 1   # plausible after the first block: done

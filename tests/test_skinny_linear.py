@@ -1,5 +1,5 @@
 """skinny_linear (few-row linear) against its reference and torch's F.linear, and the
-parallelspec.linear routing that puts it under the target's and drafter's layers."""
+parallelspec.hf.linear routing that puts it under the target's and drafter's layers."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,8 @@ def test_torch_compile_traces_the_op():
 @needs_native
 @LEVELS
 def test_routing_inside_the_block_only(level):
-    from parallelspec import linear
-    from parallelspec.linear import skinny_linears
+    from parallelspec.hf import linear
+    from parallelspec.hf.linear import skinny_linears
 
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
     calls = []
@@ -140,7 +140,7 @@ def test_routing_inside_the_block_only(level):
 def test_routing_follows_the_active_levels_table(monkeypatch):
     """A level without a measured-faster range for a dtype is not routed to (e.g. fp16 at the
     portable level); the level's range decides the rows."""
-    from parallelspec import linear
+    from parallelspec.hf import linear
 
     before = ps_kernels._backend.cpu_level()   # the best level, or the one PS_KERNELS_CPU_CAPABILITY forces
     monkeypatch.setitem(ps_kernels.SKINNY_ROWS, "default", {torch.float32: (2, 3)})

@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from drafter_helpers import target_features, tiny_target
 
 from parallelspec.drafters import ParallelDrafter
-from parallelspec.training import data as D
-from parallelspec.training.extract import extract_shard, generate_and_extract
-from parallelspec.training.train import TrainConfig, build_draft_vocab, ShardData, train
+from parallelspec.tools.training import data as D
+from parallelspec.tools.training.extract import extract_shard, generate_and_extract
+from parallelspec.tools.training.train import TrainConfig, build_draft_vocab, ShardData, train
 
 V = 96
 
@@ -145,7 +145,7 @@ def test_training_learns_and_saves(kind, layout, tmp_path):
 
 
 def test_main_train_cli(tmp_path):
-    from parallelspec.training.train import main_train
+    from parallelspec.tools.training.train import main_train
 
     model, _, _ = tiny_shards(tmp_path)
     model.save_pretrained(tmp_path / "target")
@@ -196,7 +196,7 @@ def _ddp_worker(rank, world, port, tmp, kind, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from parallelspec.training import dist as pdist
+    from parallelspec.tools.training import dist as pdist
 
     pdist.init()
     model = tiny_target()
@@ -223,7 +223,7 @@ def test_ddp_two_processes_match_single(kind, tmp_path):
 
 
 def test_ngram_proposal_copies_the_latest_longest_match():
-    from parallelspec.training.report import ngram_proposal
+    from parallelspec.tools.training.report import ngram_proposal
 
     ctx = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
     assert ngram_proposal(ctx, 3) == [4, 5, 7]     # no earlier "7 2 3"; the latest earlier "2 3" precedes 4 5 7
@@ -237,9 +237,10 @@ def test_distilled_slot_loss_is_the_mix_of_target_and_teacher_ce(tmp_path):
     """Depths >= 2: CE = (1 - w) * CE(target labels) + w * CE(the EAGLE teacher's top-32 at the
     same anchor) where the teacher's chain reaches, the target's CE alone where it does not;
     depth 1 never sees the teacher. Reference: the teacher's own forward, row by row."""
-    from parallelspec.training.train import (forward_losses, gather_labels, label_rows, load_teacher, soft_ce,
+    from parallelspec.tools.training.train import (forward_losses, gather_labels, label_rows, load_teacher, soft_ce,
                                              target_to_draft)
     from parallelspec.drafters import build_network
+    from parallelspec.tools.training.forwards import TrainingForward, train_forward
 
     model, tr, ho = tiny_shards(tmp_path)
     train(small_cfg(kind="eagle", steps=4), model, tr, ho, tmp_path / "eagle", log=lambda m: None)
@@ -252,13 +253,13 @@ def test_distilled_slot_loss_is_the_mix_of_target_and_teacher_ce(tmp_path):
     batch = data.batch([0, 1, 2], torch.device("cpu"))
     n = batch["tokens"].shape[1]
     anchors = torch.arange(batch["first_anchor"], n)          # the last two run past the teacher's reach
-    plain = forward_losses(student, student, cfg, batch, anchors, t2d)
-    mixed = forward_losses(student, student, cfg, batch, anchors, t2d, teacher)
+    plain = forward_losses(TrainingForward(student), student, cfg, batch, anchors, t2d)
+    mixed = forward_losses(TrainingForward(student), student, cfg, batch, anchors, t2d, teacher)
     assert torch.equal(plain[0][0], mixed[0][0]) and torch.equal(plain[2], mixed[2])
     with torch.no_grad():
-        _, slot_g = student(batch["tokens"], batch["features"], anchors)
+        _, slot_g = train_forward(student, batch["tokens"], batch["features"], anchors)
         reach = anchors + 2 < n
-        _, t_slots = teacher(batch["tokens"], batch["features"], anchors[reach])
+        _, t_slots = train_forward(teacher, batch["tokens"], batch["features"], anchors[reach])
     _, slot_pos = label_rows(anchors, 3, n)
     for d in (1, 2):
         ids, p, valid = gather_labels(batch, slot_pos[:, d - 1])
@@ -297,7 +298,7 @@ def test_distilled_training_learns_and_checks_its_teacher(tmp_path):
 
 
 def test_restart_schedule_starts_a_fresh_cycle_on_resume(tmp_path):
-    from parallelspec.training.train import lr_at
+    from parallelspec.tools.training.train import lr_at
 
     cfg = small_cfg(steps=20, warmup=2, lr=1e-3)
     assert lr_at(0, cfg) == pytest.approx(5e-4) and lr_at(20, cfg) == pytest.approx(1e-4)
@@ -327,7 +328,7 @@ def _fused_and_eagle3(model, depth=3, seed=0):
 
 def test_warm_start_same_layout_copies_every_tensor():
     from parallelspec.drafters import build_network
-    from parallelspec.training.warmstart import warm_start
+    from parallelspec.tools.training.warmstart import warm_start
 
     model = tiny_target()
     src, _ = _fused_and_eagle3(model)
@@ -340,8 +341,8 @@ def test_warm_start_same_layout_copies_every_tensor():
 def test_warm_start_fused_to_eagle3_reproduces_an_exactly_mappable_layer_0():
     """A fused fc that ignores e and rotates f (c * Q, Q orthogonal): RMSNorm(c Q f) = Q rms(f) is
     linear in eagle3's inputs, so the fitted map must reproduce layer 0's q/k/v on unseen rows."""
-    from parallelspec.drafters.layer import rope_cos_sin
-    from parallelspec.training.warmstart import warm_start
+    from parallelspec.drafters.network import rope_cos_sin
+    from parallelspec.tools.training.warmstart import warm_start
 
     model = tiny_target()
     src, dst = _fused_and_eagle3(model)

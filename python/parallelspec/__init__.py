@@ -4,17 +4,16 @@ The public names load on first use (torch, transformers and the kernels take sec
 import; ``parallelspec --help`` needs none of them)."""
 import importlib
 import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AutoTree": ".autotree", "KVCache": ".cache", "load_drafter": ".defaults",
+    "AutoTree": ".trees", "KVCache": ".cache", "load_drafter": ".defaults",
     "DraftCandidates": ".drafters", "Drafter": ".drafters", "EagleDrafter": ".drafters",
     "HybridDrafter": ".drafters", "NgramDrafter": ".drafters", "ParallelDrafter": ".drafters",
     "GenerationStats": ".engine",
-    "CUSTOM_GENERATE_DIR": ".generate", "custom_generate": ".generate", "generate": ".generate",
-    "patch": ".generate", "unpatch": ".generate",
+    "CUSTOM_GENERATE_DIR": ".hf.generate", "custom_generate": ".hf.generate", "generate": ".hf.generate",
+    "patch": ".hf.generate", "unpatch": ".hf.generate",
     "ChainTree": ".trees", "DynamicTree": ".trees", "StaticTree": ".trees", "Tree": ".trees",
     "TreeBuilder": ".trees",
 }
@@ -33,14 +32,3 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-class _Package(types.ModuleType):
-    """`parallelspec.generate` is the function, as with an eager ``from .generate import
-    generate``: importing the submodule of that name must not replace it."""
-
-    def __setattr__(self, name, value):
-        if name == "generate" and isinstance(value, types.ModuleType):
-            value = value.generate
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

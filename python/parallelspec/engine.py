@@ -23,7 +23,7 @@ prompt, the new tokens and the largest tree the builder may emit.
 
 ``verify_step`` (the target's pass, tree_accept, recording, the commit) has fixed shapes per tree
 size and updates its state in place, so ``decode(..., cuda_graph=True)`` captures it once per
-tree-size bucket and replays it (graphs.py).
+tree-size bucket and replays it (capture.py).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import ps_kernels
 import torch
 
-from . import graphs
+from . import capture
 from .drafters.base import Drafter, HostTokens
-from .hf import TargetModel
+from .hf.target import TargetModel
 from .sampling import SamplingParams, probabilities, sample
 from .trees import RootOnly, Tree, TreeBuilder
 
@@ -78,23 +78,54 @@ class GenerationStats:
                 "tokens_per_second": self.tokens_per_second}
 
 
-class _Clock:
-    """Wall time of the loop's phases. On a GPU the phases' work is asynchronous, so the clock
-    synchronises at each boundary (only when stats were asked for)."""
+class StatsRecorder:
+    """What one call records into its GenerationStats (nothing without one): phase times
+    (``lap``), steps, the tree size and the acceptance histogram, kept on the device until
+    ``finish``. On a GPU the phases' work is asynchronous, so a lap synchronises first."""
 
-    def __init__(self, device: torch.device, enabled: bool):
-        self.sync = enabled and device.type == "cuda"
-        self.enabled = enabled
-        self.last = time.perf_counter()
+    def __init__(self, stats: GenerationStats | None, device: torch.device):
+        self.stats = stats
+        self.sync = stats is not None and device.type == "cuda"
+        self.start = self.last = time.perf_counter()
+        self.histogram = torch.zeros(2, dtype=torch.int64, device=device)  # [a] = (sequence, step) pairs
 
-    def lap(self) -> float:
-        if not self.enabled:
-            return 0.0
+    def lap(self, phase: str) -> None:
+        """Add the time since the last lap to ``stats.<phase>_time`` (prefill, draft, verify)."""
+        if self.stats is None:
+            return
         if self.sync:
             torch.cuda.synchronize()
         now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
+        name = f"{phase}_time"
+        setattr(self.stats, name, getattr(self.stats, name) + now - self.last)
+        self.last = now
+
+    def step(self, tree_size: int, accept_lens: torch.Tensor, was_live: torch.Tensor) -> None:
+        """One verified step: accept_lens [B] counted for the sequences live before it."""
+        if self.stats is None:
+            return
+        self.stats.steps += 1
+        self.stats.tree_size = tree_size
+        if self.histogram.shape[0] <= tree_size:
+            self.histogram = torch.cat([self.histogram, self.histogram.new_zeros(tree_size + 1 - self.histogram.shape[0])])
+        self.histogram.scatter_add_(0, accept_lens, was_live.to(torch.int64))
+
+    def finish(self, out: "_Output") -> None:
+        if self.stats is None:
+            return
+        self.stats.new_tokens = int(out.lens.sum())
+        self.stats.accept_histogram = self.histogram.tolist()
+        self.stats.total_time = time.perf_counter() - self.start
+
+
+@dataclass
+class DraftInput:
+    """What the drafter is fed next step (docs/DESIGN.md, "Drafter interface"): the newly
+    committed tokens [B, R] (EAGLE-shifted), the target's features at them [B, R, d] and how many
+    of each row count [B] (0 for a finished sequence)."""
+    tokens: torch.Tensor
+    features: torch.Tensor
+    lens: torch.Tensor
 
 
 def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -227,7 +258,7 @@ class _Output:
         self.tokens.scatter_(1, self.lens[:, None] + col, emitted)  # columns past lens + keep are scratch
         host_side = bool(self.settings.stopping_criteria) or self.settings.streamer is not None
         before = self.lens.clone() if host_side else None
-        # in place: a captured step (graphs.py) updates the tensors it was captured with
+        # in place: a captured step (capture.py) updates the tensors it was captured with
         self.lens.add_(keep)
         self.finished |= (hit_eos & (upto <= room)) | (self.lens >= self.limit)
         if host_side:
@@ -256,89 +287,91 @@ class _Output:
         return torch.where(col[None, :] < self.lens[:, None], self.tokens[:, :longest], pad_token_id)
 
 
+def start(target: TargetModel, cache, rows: torch.Tensor, lens: torch.Tensor, drafter: Drafter | None,
+          builder: TreeBuilder, out: "_Output", settings: DecodeSettings, max_len: int):
+    """Prefill, the first token (recorded) and the drafter's and builder's fresh state. Returns the
+    first root [B] and the drafter's first input (None without a drafter)."""
+    hidden = prefill(target, cache, rows, lens)
+    root = first_token(target, hidden, lens, settings.sampling)
+    out.record(root[:, None], torch.ones_like(lens))
+    pending = None
+    if drafter is not None:
+        drafter.reset(rows.shape[0], max_len, target.device, target.dtype)
+        pending = DraftInput(shift_in(rows, lens, root), hidden, lens)
+    builder.reset()
+    return root, pending
+
+
+def draft_and_build(drafter: Drafter | None, builder: TreeBuilder, root: torch.Tensor, pending: DraftInput | None,
+                    out: "_Output") -> Tree | None:
+    """The step up to its tree: the device drafting, the step's one host sync (all done?, prompt
+    lookup's new tokens, what the builder asked for), the host drafting, the tree. None when every
+    sequence is done."""
+    candidates = features = None
+    host_drafting = drafter is not None and drafter.wants_host_tokens
+    if drafter is not None:
+        features = pending.features if drafter.needs_features else None
+        candidates = (drafter.launch(pending.tokens, features, pending.lens) if host_drafting
+                      else drafter.step(pending.tokens, features, pending.lens))
+    parts = [out.finished.all()]
+    if host_drafting:
+        parts += [pending.lens, pending.tokens]
+    requested = builder.host_request(candidates)
+    host = host_copy(parts + requested)
+    if host[0]:
+        return None
+    if requested:
+        builder.receive(host[len(parts):])
+    if host_drafting:
+        candidates = drafter.step(pending.tokens, features, pending.lens, host=HostTokens(host[2], host[1]))
+    return builder.build(root, candidates)
+
+
 def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Drafter | None,
            builder: TreeBuilder, settings: DecodeSettings, stats: GenerationStats | None = None,
-           pad_token_id: int = 0, cuda_graph: bool | str = False) -> torch.Tensor:
+           pad_token_id: int = 0, cuda_graph: bool = False) -> torch.Tensor:
     """Generate up to settings.max_new_tokens for each left-padded prompt; returns the new
     tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id).
-    cuda_graph: capture the verify step per tree-size bucket and replay it (graphs.py; True on
-    CUDA; "trace" / "eager": the same static buffers on any device, for tests)."""
-    capture = graphs.check_options(cuda_graph, target.device, settings)
+    cuda_graph: capture the verify step per tree-size bucket and replay it (capture.py)."""
+    capture_kind = capture.check_options(cuda_graph, target.device, settings)
     builder = builder if drafter is not None else RootOnly()
-    clock = _Clock(target.device, stats is not None)
-    start = time.perf_counter()
+    recorder = StatsRecorder(stats, target.device)
     rows, lens, longest = pack_prompts(input_ids, attention_mask)
-    B = rows.shape[0]
-    # sized once: the committed rows stay below longest + max_new_tokens - 1, a tree goes after them
+    # a live sequence has committed fewer than longest + max_new_tokens - 1 rows; a tree goes after them
+    committed = longest + settings.max_new_tokens - 1
     largest_tree = builder.max_size(drafter_depth(drafter)) or 1
-    cache = target.new_cache(B, longest + settings.max_new_tokens - 1 + largest_tree)
+    cache = target.new_cache(rows.shape[0], committed + largest_tree)
     out = _Output(input_ids, settings, slack=largest_tree)
 
     def verify_tree(tree: Tree):
         return verify_step(target, cache, tree, settings.sampling, out)
-    if capture is not None:
-        verify_tree = graphs.GraphedVerify(verify_tree, cache, out, largest_tree, capture)
+    if capture_kind is not None:
+        verify_tree = capture.GraphedVerify(verify_tree, cache, out, largest_tree, capture_kind)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
-    host_drafting = drafter is not None and drafter.wants_host_tokens
     with torch.inference_mode(), target.attention():
-        hidden = prefill(target, cache, rows, lens)
-        root = first_token(target, hidden, lens, settings.sampling)
-        out.record(root[:, None], torch.ones_like(lens))
-        if drafter is not None:
-            # a live sequence has committed fewer than longest + max_new_tokens - 1 tokens
-            drafter.reset(B, longest + settings.max_new_tokens, target.device, target.dtype)
-            new_tokens, new_features, new_lens = shift_in(rows, lens, root), hidden, lens
-        builder.reset()
-        histogram = torch.zeros(2, dtype=torch.int64, device=target.device)  # [a] = (sequence, step) pairs
-        if stats is not None:
-            stats.prefill_time = clock.lap()
+        root, pending = start(target, cache, rows, lens, drafter, builder, out, settings, committed + 1)
+        recorder.lap("prefill")
         # a step commits at least one token of every live sequence: max_new_tokens - 1 steps at
         # most, then the one that reads "all done" (more means the step's state went stale)
         for _ in range(settings.max_new_tokens):
-            candidates = features = None
-            if drafter is not None:   # device drafting, before the host sync
-                features = new_features if drafter.needs_features else None
-                candidates = (drafter.launch(new_tokens, features, new_lens) if host_drafting
-                              else drafter.step(new_tokens, features, new_lens))
-            # the step's one host sync: all done?, prompt lookup's new tokens, the builder's request
-            parts = [out.finished.all()]
-            if host_drafting:
-                parts += [new_lens, new_tokens]
-            requested = builder.host_request(candidates)
-            host = host_copy(parts + requested)
-            if host[0]:
+            tree = draft_and_build(drafter, builder, root, pending, out)
+            if tree is None:
                 break
-            if requested:
-                builder.receive(host[len(parts):])
-            if host_drafting:
-                candidates = drafter.step(new_tokens, features, new_lens, host=HostTokens(host[2], host[1]))
-            tree = builder.build(root, candidates)
-            cache.reserve(longest + settings.max_new_tokens - 1 + tree.size)   # sized for it already
-            if stats is not None:
-                stats.draft_time += clock.lap()
+            cache.reserve(committed + tree.size)   # sized for it already
+            recorder.lap("draft")
             was_live = ~out.finished
-            hidden, accept_index, accept_lens, next_token, emitted, live = verify_tree(tree)
-            path = accept_index.clamp(min=0)
+            hidden, accept_index, accept_lens, root, emitted, live = verify_tree(tree)
             builder.observe(accept_lens * live, accept_index)
             if drafter is not None:  # finished sequences feed nothing (lens 0): the drafter stops growing too
-                new_tokens, new_features, new_lens = emitted, gather_rows(hidden, path), accept_lens * live
-            root = next_token
-            if stats is not None:
-                stats.verify_time += clock.lap()
-                stats.steps += 1
-                stats.tree_size = tree.size
-                if histogram.shape[0] <= tree.size:
-                    histogram = torch.cat([histogram, histogram.new_zeros(tree.size + 1 - histogram.shape[0])])
-                histogram.scatter_add_(0, accept_lens, was_live.to(torch.int64))
+                pending = DraftInput(emitted, gather_rows(hidden, accept_index.clamp(min=0)), accept_lens * live)
+            recorder.lap("verify")
+            recorder.step(tree.size, accept_lens, was_live)
         else:
             raise RuntimeError(f"the decoding loop ran {settings.max_new_tokens} steps without finishing (a bug: a "
-                               f"step committed nothing for a live sequence{'; try cuda_graph=False' if capture else ''})")
+                               f"step committed nothing for a live sequence{'; try cuda_graph=False' if capture_kind else ''})")
     if settings.streamer is not None:
         settings.streamer.end()
     result = out.padded(pad_token_id)
-    if stats is not None:
-        stats.new_tokens = int(out.lens.sum())
-        stats.accept_histogram = histogram.tolist()
-        stats.total_time = time.perf_counter() - start
+    recorder.finish(out)
     return result

@@ -1,7 +1,8 @@
 from .base import DraftCandidates, Drafter
 from .eagle import EagleDrafter
 from .hybrid import HybridDrafter
-from .layer import DraftConfig, DraftNetwork, build_network
+from .checkpoint import DraftConfig
+from .network import DraftNetwork, build_network
 from .ngram import NgramDrafter
 from .parallel import ParallelDrafter
 

@@ -7,7 +7,7 @@ top-1 token and the drafter's own output feature (its estimate of the target's f
 the next position; those K/V rows are scratch past cache_lens, overwritten by the next step.
 Candidates are the top-m at each depth along the top-1 chain.
 
-Training (``eagle_train_forward``) unrolls the same k passes over a whole sequence in
+Training (``eagle_train_forward`` in parallelspec.tools.training.forwards) unrolls the same k passes over a whole sequence in
 parallel over anchors, EAGLE-3 "training-time test" style: pass j adds one slot per anchor
 whose input is (the token j places after the anchor, the drafter's own output feature from
 pass j - 1), attending the real prefix up to its anchor and its earlier slots. The tokens fed
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .base import DraftCandidates
-from .layer import DraftNetwork, MaskedAttention, NetworkDrafter, group_layout, top_candidates
+from .network import NetworkDrafter, top_candidates
 
 
 class EagleDrafter(NetworkDrafter):
@@ -52,31 +52,3 @@ class EagleDrafter(NetworkDrafter):
             h = net.run(net.fuse(tok[:, :, 0], g), scratch[:, None], self._cached_attention(scratch, one, 0))
             g = net.features_out(h)
         return DraftCandidates(torch.cat(ids, dim=1), torch.cat(logps, dim=1), conditioned_depths=self.depth - 1)
-
-
-def eagle_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
-    """Unrolled training forward; returns output features like parallel_train_forward.
-
-    Slot j (0-based) of anchor a is fed (tokens[a + 1 + j], the drafter's output feature at the
-    previous row of its chain) and predicts the token after that; anchors must satisfy
-    a + k - 1 < n so every fed token exists.
-    """
-    B, n = tokens.shape
-    M = net.cfg.depth - 1
-    A = anchors.shape[0]
-    if A and M and int(anchors.max()) + M >= n:
-        raise ValueError(f"anchors: expected every anchor + {M} < n={n} (the tokens fed to the "
-                         f"slots), got max anchor {int(anchors.max())}")
-    positions, allowed = group_layout(n, anchors, M)
-    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
-    attend.allowed = allowed[:n, :n]
-    g = net.features_out(net.run(net.fuse(tokens, features), positions[:n].expand(B, -1), attend))
-    real_g, prev = g, g[:, anchors]
-    slots = []
-    for j in range(M):
-        rows = slice(n + j * A, n + (j + 1) * A)
-        attend.allowed = allowed[rows, :rows.stop]
-        h = net.run(net.fuse(tokens[:, anchors + 1 + j], prev), positions[rows].expand(B, -1), attend)
-        prev = net.features_out(h)
-        slots.append(prev)
-    return real_g, torch.stack(slots, dim=2) if M else real_g.new_zeros(B, A, 0, real_g.shape[-1])

@@ -8,8 +8,8 @@ appended to the cache; mask slots attend every real token and the slots before t
 their K/V are scratch (``ps_kernels.draft_attention`` implements this pattern). The output at
 the last real token is the distribution of depth 1, the output of slot j that of depth j + 1.
 
-Training (``train_forward``) runs the same network over a whole sequence where every anchor
-gets its own group of k - 1 mask slots (``layer.group_layout``): slot j of the group at anchor
+Training (``parallel_train_forward`` in parallelspec.tools.training.forwards) runs the same network over a whole sequence where every anchor
+gets its own group of k - 1 mask slots (``group_layout``): slot j of the group at anchor
 a sees the real prefix 0..a and slots 1..j of its group, exactly what step() sees when a is
 the last real token; so the two agree to rounding (tests/test_drafters.py checks it).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .base import DraftCandidates
-from .layer import DraftNetwork, MaskedAttention, NetworkDrafter, group_layout, top_candidates
+from .network import NetworkDrafter, top_candidates
 
 
 class ParallelDrafter(NetworkDrafter):
@@ -61,41 +61,3 @@ class ParallelDrafter(NetworkDrafter):
         h2 = net.run(slots, mask_pos, self._cached_attention(self.cache_lens, torch.zeros_like(lens), M))
         ids2, logp2 = top_candidates(self._logits(net.features_out(h2)), net.draft_to_target, self.top_m)
         return DraftCandidates(torch.cat([ids1, ids2], dim=1), torch.cat([logp1, logp2], dim=1), conditioned_depths=1)
-
-
-def parallel_train_forward(net: DraftNetwork, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor):
-    """Group-wise parallel training forward.
-
-    tokens [B, n] / features [B, n, d]: real inputs (token x_{t+1} paired with feature f_t);
-    anchors [A] int64: real indices that get a group of k - 1 mask slots.
-    Returns the output features (real [B, n, d], slots [B, A, k-1, d]); ``net.logits`` of them
-    gives the distributions (the caller applies the head only where it has labels: it is the
-    costliest part). Real row t predicts the token after tokens[t] and the feature f_{t+1};
-    slot j (0-based) of the group at anchor a predicts the token j + 1 places after that.
-    """
-    B, n = tokens.shape
-    M = net.cfg.depth - 1
-    A = anchors.shape[0]
-    positions, allowed = group_layout(n, anchors, M)
-    x = net.fuse(tokens, features)
-    attend = MaskedAttention(net.cfg.num_heads, net.cfg.num_kv_heads)
-    if not (M and A):
-        slots = None
-    else:
-        slots = net.mask_inputs(x.dtype).repeat_interleave(A, dim=0).expand(B, -1, -1)   # slot-major rows
-    if slots is not None and net.cfg.slot1 == "draft":
-        # pass 1 over the real rows; pass 2 over the slots, slot 1 fed (the data's next token, the
-        # drafter's own output feature at the anchor) plus its vector; anchors at n - 1 have no next
-        # token and no slot labels, any token serves there
-        attend.allowed = allowed[:n, :n]
-        real = net.features_out(net.run(x, positions[:n].expand(B, -1), attend))
-        fed = net.fuse(tokens[:, (anchors + 1).clamp(max=n - 1)], real[:, anchors])
-        slots = torch.cat([slots[:, :A] + fed, slots[:, A:]], dim=1)
-        attend.allowed = allowed[n:]
-        g = net.features_out(net.run(slots, positions[n:].expand(B, -1), attend))
-        return real, g.reshape(B, M, A, g.shape[-1]).transpose(1, 2)
-    if slots is not None:
-        x = torch.cat([x, slots], dim=1)
-    attend.allowed = allowed
-    g = net.features_out(net.run(x, positions.expand(B, -1), attend))
-    return g[:, :n], g[:, n:].reshape(B, M, A, g.shape[-1]).transpose(1, 2)

@@ -22,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+TARGET_FILE = "target.json"      # what the shards were made from: train checks its target against it
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "bard": "assistant", "assistant": "assistant", "system": "system"}
 

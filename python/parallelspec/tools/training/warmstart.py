@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..drafters.layer import DraftNetwork
+from ...drafters.network import DraftNetwork
 
 
 def check_compatible(net: DraftNetwork, source: DraftNetwork) -> None:

@@ -19,7 +19,7 @@ A CUDA graph replays fixed kernels on fixed memory, as gpt-fast's and vLLM's dec
 - the outputs are copied out of the graph's buffers and cut back to the tree's N, so the loop
   sees what the uncaptured step returns and may keep them past the next replay.
 
-Two captures run on any device, for the CPU tests: ``"trace"`` records the step's aten ops with
+Two more captures run off a GPU, for the CPU tests (``OFF_GPU_CAPTURE``, set by the tests only): ``"trace"`` records the step's aten ops with
 ``make_fx`` (the tensors it reads and updates held by reference, as a CUDA graph holds their
 addresses) and replays that record, without running the Python of the step again, so state the
 step rebinds instead of updating in place goes stale there as it would in a graph; ``"eager"``
@@ -41,16 +41,20 @@ from ps_kernels import tree_mask_from_parents
 from .trees import Tree
 
 CAPTURES = ("cuda", "trace", "eager")
+#: what ``cuda_graph=True`` captures where the model is not on a GPU: None (refused); the CPU tests
+#: set "trace" or "eager" to run the captured loop's code path there
+OFF_GPU_CAPTURE: str | None = None
 
 
 def check_options(cuda_graph, device: torch.device, settings) -> str | None:
-    """generate()'s ``cuda_graph`` (False, True, or for tests on any device "trace" / "eager")
-    checked against the device and the decoding settings; returns the capture to use, or None."""
+    """generate()'s ``cuda_graph`` (True or False) checked against the device and the decoding
+    settings; returns the capture to use ("cuda", or off a GPU ``OFF_GPU_CAPTURE``), or None."""
     if cuda_graph is False or cuda_graph is None:
         return None
-    if not (cuda_graph is True or cuda_graph in ("trace", "eager")):
+    if cuda_graph is not True:
         raise ValueError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
-    if cuda_graph is True and device.type != "cuda":
+    kind = "cuda" if device.type == "cuda" else OFF_GPU_CAPTURE
+    if kind is None:
         raise ValueError(f"cuda_graph: expected a model on a CUDA device, got {device.type} (CUDA graphs capture "
                          "GPU kernels; leave cuda_graph=False elsewhere)")
     if settings.sampling.do_sample:
@@ -60,7 +64,7 @@ def check_options(cuda_graph, device: torch.device, settings) -> str | None:
         what = "streamer" if settings.streamer is not None else "stopping_criteria"
         raise ValueError(f"cuda_graph: a captured step cannot hand its tokens to the host every step, which the "
                          f"{what} given needs; pass cuda_graph=False with a streamer or stopping criteria")
-    return "cuda" if cuda_graph is True else cuda_graph
+    return kind
 
 
 def bucket(n: int, largest: int) -> int:

@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cli import device_arg
-from ..drafters import EagleDrafter, ParallelDrafter, build_network
+from ..common import device_arg
+from ...drafters import EagleDrafter, ParallelDrafter, build_network
 from . import dist as pdist
+from .forwards import TrainingForward, train_forward
 from .warmstart import warm_start
 
 
@@ -239,7 +240,7 @@ def teacher_features(teacher, batch: dict, anchors: torch.Tensor, cfg: TrainConf
     n = batch["tokens"].shape[1]
     reach = anchors + cfg.depth - 1 < n
     with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        _, inner = teacher(batch["tokens"], batch["features"], anchors[reach])
+        _, inner = train_forward(teacher, batch["tokens"], batch["features"], anchors[reach])
     out = inner.new_full((inner.shape[0], anchors.shape[0], *inner.shape[2:]), float("nan"))
     out[:, reach] = inner
     return out
@@ -286,7 +287,7 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
         hi = n - 1 - (cfg.depth - 1 if cfg.kind == "eagle" else 0)
         anchors = torch.arange(batch["first_anchor"], hi + 1, cfg.eval_anchor_stride, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            real_g, slot_g = net(batch["tokens"], batch["features"], anchors)
+            real_g, slot_g = train_forward(net, batch["tokens"], batch["features"], anchors)
             depth_logits = net.logits(torch.cat([real_g[:, anchors, None], slot_g], dim=2))   # [B, A, k, V]
         real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
         pos = torch.cat([real_pos[anchors, None], slot_pos], dim=1)                      # [A, k]
@@ -371,7 +372,7 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
         cycle_start = step
         log(f"learning-rate schedule restarted at step {step}: warmup {cfg.warmup}, cosine to step {cfg.steps}")
     teacher = load_teacher(cfg, target, device) if cfg.distill_from else None
-    model = pdist.wrap(net)
+    model = pdist.wrap(TrainingForward(net))
     weights = torch.tensor(cfg.depth_weights or [1.0] * cfg.depth, dtype=torch.float32, device=device)
     if rank == 0:
         log(f"{cfg.kind} drafter: {sum(p.numel() for p in params) / 1e6:.2f} M trained params, draft vocab "
@@ -447,7 +448,7 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
 
 def load_teacher(cfg: TrainConfig, target, device):
     """The frozen EAGLE-style drafter of --distill-from, checked against the run's settings."""
-    from ..defaults import load_drafter
+    from ...defaults import load_drafter
 
     if cfg.kind != "parallel":
         raise ValueError(f"--distill-from: distills the parallel drafter's mask slots; got --kind {cfg.kind}")
@@ -466,8 +467,8 @@ def load_teacher(cfg: TrainConfig, target, device):
 
 def load_init_source(cfg: TrainConfig, target):
     """The drafter network of --init-from (a drafter directory, or a shipped name), target attached."""
-    from ..defaults import SHIPPED
-    from ..drafters.layer import load_network
+    from ...defaults import SHIPPED
+    from ...drafters.network import load_network
 
     path = Path(SHIPPED.get(cfg.init_from, cfg.init_from))
     if not (path / "config.json").is_file():
@@ -551,7 +552,7 @@ def main_train(argv=None) -> int:
                       eval_sequences=args.eval_sequences, time_budget=args.time_budget, train_tokens=args.tokens)
     pdist.init()
     try:
-        from ..models import load_target
+        from ...models import load_target
 
         if args.target is not None and not Path(args.target).is_dir():
             raise FileNotFoundError(f"--target: expected a local model directory (config.json + weights), got "
@@ -588,8 +589,8 @@ def check_data_dir(data: Path) -> None:
 def check_run(cfg: TrainConfig, target, data: Path, out: Path) -> None:
     """Refuse, with what to do, shards made for another model, a checkpoint in --out of another
     network, and --steps a resumed checkpoint has already reached; then record the run's network."""
-    from ..drafters.layer import check_signature, target_signature
-    from .extract import TARGET_FILE
+    from ...drafters.checkpoint import check_signature, target_signature
+    from .data import TARGET_FILE
 
     made_for = data / TARGET_FILE
     if made_for.exists():

@@ -87,8 +87,8 @@ def curve_table(history: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    from ..drafters import EagleDrafter, ParallelDrafter
-    from ..models import load_target
+    from ...drafters import EagleDrafter, ParallelDrafter
+    from ...models import load_target
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", help="shard directory: prints the prompt-lookup baseline on its held-out shards")

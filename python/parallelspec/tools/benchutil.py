@@ -62,8 +62,8 @@ def cpu_capabilities(spec: str | None) -> list[str | None]:
     cannot run)."""
     if spec is None:
         return [None]
-    from ps_kernels import _backend
-    runnable = list(_backend.runnable_cpu_levels())
+    import ps_kernels
+    runnable = list(ps_kernels.runnable_cpu_levels())
     if spec == "all":
         return runnable
     levels = [s.strip() for s in spec.split(",") if s.strip()]
@@ -86,8 +86,8 @@ def at_cpu_capability(level: str | None):
     import contextlib
     if level is None:
         return contextlib.nullcontext()
-    from ps_kernels import _backend
-    return _backend.force_cpu_capability(level)
+    import ps_kernels
+    return ps_kernels.force_cpu_capability(level)
 
 
 def machine_info(device: torch.device) -> dict:

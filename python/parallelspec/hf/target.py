@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ps_kernels
 import torch
 
-from .cache import KVCache
+from ..cache import KVCache
 from .linear import skinny_linears
 
 ATTENTION_NAME = "parallelspec"

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from .common import _positive, device_arg, encode_prompt, load_target
+
 DEMO_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
     "Explain in a short paragraph why the sky is blue.",
@@ -14,63 +16,8 @@ DEMO_PROMPTS = [
 ]
 
 
-def load_target(path: str | None, dtype: str = "fp32", device="cpu"):
-    """(model, tokenizer): the embedded SmolLM2-135M-Instruct when path is None, else a local
-    transformers checkpoint directory; the model on `device`."""
-    from pathlib import Path
-
-    import torch
-
-    from . import models
-    if path is not None and not Path(path).is_dir():
-        raise FileNotFoundError(f"--model: expected a local model directory (config.json + weights), got {path!r}")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return models.load_target(path, torch_dtype, device)
-
-
-def encode_prompt(tokenizer, text: str, chat: bool):
-    import torch
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt")
-        ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-    else:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-    return ids
-
-
-def _positive(name):
-    def parse(value):
-        try:
-            v = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {v}")
-        return v
-    return parse
-
-
-def device_arg(text: str):
-    """argparse type of --device: cpu, cuda or cuda:N, checked against what torch sees here."""
-    import torch
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"--device: expected cpu on this machine (torch sees no CUDA GPU), got {text!r}")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"--device: expected cuda:0..cuda:{count - 1} (torch sees {count} GPU(s)), got {text!r}")
-    elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
-    return device
-
-
 def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    from .defaults import DRAFTER_CHOICES
+    from ..defaults import DRAFTER_CHOICES
     p.add_argument("--drafter", default="default",
                    help=f"one of {', '.join(DRAFTER_CHOICES)}, or a saved drafter directory (default: %(default)s)")
     p.add_argument("--tree", default="auto", choices=["auto", "chain", "static", "dynamic"],
@@ -84,7 +31,7 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _tree_kwargs(args, model):
-    from .trees import make_tree_builder
+    from ..trees import make_tree_builder
     return {"tree": make_tree_builder(args.tree, depth=args.tree_depth, nodes=args.tree_nodes, model=model)}
 
 
@@ -92,8 +39,8 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from . import generate
-    from .defaults import load_drafter
+    from .. import generate
+    from ..defaults import load_drafter
     if args.threads:
         torch.set_num_threads(args.threads)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -132,7 +79,7 @@ def _option_arg(text: str):
 def _generation_options(args, model) -> dict:
     """The --generation-option values, plus, with --ignore-unsupported-options, every option the
     model's generation config sets that parallelspec cannot honour, turned off (said on stderr)."""
-    from .generate import UNSUPPORTED_OPTIONS, unsupported_options
+    from ..hf.generate import UNSUPPORTED_OPTIONS, unsupported_options
     options = dict(args.generation_option or [])
     refused = {k: v for k, v in unsupported_options(model.generation_config).items() if k not in options}
     if refused and args.ignore_unsupported_options:
@@ -153,8 +100,8 @@ def cmd_demo(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from . import generate
-    from .defaults import DEFAULT_DRAFTER, load_drafter
+    from .. import generate
+    from ..defaults import DEFAULT_DRAFTER, load_drafter
     if args.threads:
         torch.set_num_threads(args.threads)
     from .benchutil import sync
@@ -204,7 +151,7 @@ def cmd_demo(args) -> int:
           f"mean accepted tokens per step: {steps_acc:.2f}")
     same = all(r["same"] for r in rows)
     print(f"outputs identical to transformers generate: {'yes' if same else 'NO'} ({len(rows)} prompts)")
-    from .defaults import DRAFTER_CHOICES
+    from ..defaults import DRAFTER_CHOICES
     others = [c for c in DRAFTER_CHOICES if c not in ("default", name)]
     print(f"other drafters: --drafter {' | '.join(others)} (parallel-eagle3: the parallel drafter in vLLM's "
           "EAGLE-3 layout, servable by vLLM after `parallelspec export --format vllm`)")

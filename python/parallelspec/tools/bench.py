@@ -25,7 +25,7 @@ import torch
 
 from .benchutil import (at_cpu_capability, cpu_capabilities, machine_info, markdown_table, pyplot, split_level, sync,
                         write_results)
-from .cli import device_arg
+from .common import device_arg
 
 # HF's assisted generation needs a smaller assistant with the same tokenizer: SmolLM2-135M is
 # the smallest SmolLM2 and no other is shipped for offline use, so there is none to compare.
@@ -62,9 +62,9 @@ def prompt_sets(tok, n: int, long_tokens=(250, 600)) -> dict[str, list[torch.Ten
 
 def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = None):
     """name -> (callable(ids, mask=None, **sampling) -> (output ids, stats | None), or a reason string)."""
-    from . import generate
-    from .autotree import AutoTree
-    from .defaults import load_drafter
+    from .. import generate
+    from ..trees import AutoTree
+    from ..defaults import load_drafter
 
     def hf(**extra):
         def run(ids, mask=None, **kw):
@@ -191,7 +191,7 @@ def _aims_at(summary, suffix: str):
 
 
 def run(args) -> dict:
-    from .models import load_default_target
+    from ..models import load_default_target
 
     if args.threads:
         torch.set_num_threads(args.threads)

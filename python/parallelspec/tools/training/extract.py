@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..linear import linear, skinny_linears
-from ..models import load_target
-from .data import (DATA_FORMATS, autocast_for, load_prompts, load_user_prompts, prompt_token_counts, save_atomic,
+from ...hf.linear import linear, skinny_linears
+from ...models import load_target
+from .data import (DATA_FORMATS, TARGET_FILE, autocast_for, load_prompts, load_user_prompts, prompt_token_counts, save_atomic,
                    shard_path, sharegpt_token_counts)
 
 
@@ -172,7 +172,6 @@ def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw,
         out["topk_ids"][i], out["topk_p"][i] = tk, tp
 
 
-TARGET_FILE = "target.json"      # what the shards were made from: train checks its target against it
 
 
 def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_shards: int | None = 1,
@@ -187,7 +186,7 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
     (``data.load_user_prompts``: a JSONL / JSON file or a `datasets` directory).
     source="self": the target's greedy continuations of the prompts (self-distillation);
     source="sharegpt": ShareGPT's own conversations, labels from the first answer on."""
-    from ..drafters.layer import check_signature, target_signature
+    from ...drafters.checkpoint import check_signature, target_signature
 
     if source not in ("self", "sharegpt"):
         raise ValueError(f"source: expected 'self' or 'sharegpt', got {source!r}")
@@ -306,7 +305,7 @@ def main_extract(argv=None) -> int:
     """`parallelspec extract`: the target's own continuations of prompts (self-distillation) and
     its features / top-K probabilities along them, in resumable shards for `parallelspec train`.
     Prompts: ShareGPT's first user turns (default), or your own with --data. Returns the exit code."""
-    from ..cli import device_arg
+    from ..common import device_arg
     ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__)
     ap.add_argument("--target", default=None, help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--out", required=True, help="shard directory (outside git); rerunning resumes it")

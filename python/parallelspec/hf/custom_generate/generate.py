@@ -2,7 +2,7 @@
 ``model.generate(ids, custom_generate=parallelspec.CUSTOM_GENERATE_DIR, trust_remote_code=True,
 drafter=...)`` loads this file and calls ``generate(model=model, **generate_arguments)`` with
 every argument of model.generate."""
-from parallelspec.generate import generate as _generate
+from parallelspec.hf.generate import generate as _generate
 
 
 def generate(model, inputs=None, **kwargs):

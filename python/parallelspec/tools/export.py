@@ -159,7 +159,7 @@ def export_vllm(run, out, target=None, dtype: str = "float32") -> Path:
     target's: its rows are written; checked against the drafter's target). Returns OUT."""
     from safetensors.torch import save_file
 
-    from .drafters.layer import load_network
+    from ..drafters.network import load_network
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -172,7 +172,7 @@ def export_vllm(run, out, target=None, dtype: str = "float32") -> Path:
     head_rows = None
     max_pos = 8192
     if target is not None:
-        from .drafters.layer import check_signature
+        from ..drafters.checkpoint import check_signature
 
         check_signature(net.cfg.target, target)
         head_rows = target.get_output_embeddings().weight.detach()[net.draft_to_target].float()
@@ -194,8 +194,8 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
     round trip's other half. depth: K (default: the one recorded at export)."""
     from safetensors.torch import load_file
 
-    from .drafters import ParallelDrafter
-    from .drafters.layer import DraftConfig, DraftNetwork
+    from ..drafters import ParallelDrafter
+    from ..drafters import DraftConfig, DraftNetwork
 
     path = Path(path)
     conf = json.loads((path / "config.json").read_text())
@@ -252,7 +252,7 @@ def main_export(argv=None) -> int:
         meta = json.loads((path / "config.json").read_text())
         target = None
         if meta.get("head") == "target" and meta.get("layout") == "eagle3":
-            from .models import load_target
+            from ..models import load_target
 
             target, _ = load_target(args.target, with_tokenizer=False)
         out = export_vllm(path, args.out, target, args.dtype)

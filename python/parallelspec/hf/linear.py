@@ -14,51 +14,38 @@ forked and the model is unchanged outside the block.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ps_kernels
-from ps_kernels import _backend
-from ps_kernels.ops.skinny_linear import launch as _launch
 
 
 def native_serves(device: torch.device) -> bool:
     """True when skinny_linear would run the native CPU kernel for tensors on `device` and the
     active CPU capability level has a row range measured faster than torch (SKINNY_ROWS; e.g.
     the portable `default` level may have none)."""
-    try:
-        return _backend.select("skinny_linear", device, None) == "cpu" and bool(_level_rows())
-    except (ValueError, _backend.BackendUnavailable):  # PS_KERNELS_BACKEND names another backend
-        return False
-
-
-def _level_rows() -> dict:
-    """SKINNY_ROWS of the active capability level (its dtype -> row range)."""
-    return ps_kernels.SKINNY_ROWS.get(_backend.cpu_level(), {})
+    return bool(ps_kernels.skinny_linear_rows(device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native few-row kernel where it is faster (module docstring)."""
-    return _routed(x, weight, bias) if native_serves(x.device) else F.linear(x, weight, bias)
+    rows = ps_kernels.skinny_linear_rows(x.device)
+    return _routed(x, weight, bias, rows) if rows else F.linear(x, weight, bias)
 
 
-def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear` once native_serves is known to hold: only the per-call conditions are checked
-    (a decoding step makes ~200 of these calls), then the op is launched on the native CPU
-    backend, the choice native_serves already made (``ps_kernels.skinny_linear`` making it again
-    doubled each call's ~4 us of host time)."""
+def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: dict) -> torch.Tensor:
+    """`linear` with the routing query's answer `rows` (dtype -> row range) already in hand: only
+    the per-call conditions are checked (a decoding step makes ~200 of these calls), then the op
+    runs on the native CPU backend that answer named, without validation."""
     K = x.shape[-1]
     if x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype and K:
-        lo, hi = _level_rows().get(x.dtype, (1, 0))
+        lo, hi = rows.get(x.dtype, (1, 0))
         if lo <= x.numel() // K <= hi:
-            return _launch(x, weight, bias, "cpu")
+            return ps_kernels.skinny_linear(x, weight, bias, backend="cpu", validate=False)
     return F.linear(x, weight, bias)
-
-
-def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _routed(x, module.weight, module.bias)  # patched only where native_serves held
 
 
 @contextlib.contextmanager
@@ -66,10 +53,12 @@ def skinny_linears(module: nn.Module):
     """Route the module's nn.Linear layers through `linear` inside the block (nothing is patched
     where the native kernel does not serve)."""
     patched = []
-    if native_serves(torch.device("cpu")):
+    rows = ps_kernels.skinny_linear_rows("cpu")
+    if rows:
         for m in module.modules():
             if type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu":
-                m.forward = _forward.__get__(m)  # bound method: the module's own forward, routed
+                # the module's own forward, routed (an instance attribute, removed afterwards)
+                m.forward = functools.partial(_routed, weight=m.weight, bias=m.bias, rows=rows)
                 patched.append(m)
     try:
         yield

@@ -36,22 +36,15 @@ gathered on the device into the tree.
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
-import time
-from pathlib import Path
-from typing import Sequence
 
 import torch
 from ps_kernels import tree_mask_from_parents
-from ps_kernels._backend import cpu_level, native_build_id
 
-from .drafters.base import DraftCandidates, to_device
-from .linear import native_serves
-from .trees import Tree, TreeBuilder, beam_levels, check_depth
+from ..drafters.base import DraftCandidates, to_device
+from . import verify_cost as _verify_cost
+from .base import Tree, TreeBuilder, beam_levels, check_depth
 
-_COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 # prompt lookup's fixed estimates may be scaled up to this (a long match's first token .72 -> 1): on
 # inputs it copies (summaries, rewrites) they are too low (benchmarks/results/variants/README.md)
 CHAIN_TRUST = 2.0
@@ -64,7 +57,7 @@ class AutoTree(TreeBuilder):
         if not verify_cost or 1 not in verify_cost:
             raise ValueError(f"verify_cost: expected measured times including N = 1, got {verify_cost}")
         self.sizes = sorted(verify_cost)
-        self.verify_cost = _envelope(dict(verify_cost))
+        self.verify_cost = _verify_cost.envelope(dict(verify_cost))
         self.max_nodes = max_nodes
         self.depth = depth
         # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
@@ -380,96 +373,9 @@ class AutoTree(TreeBuilder):
         """options: per_source, chain_trust, draft_cost (see the class)."""
         # before the (first-use) measurement, not after it
         cls._check_options(max_nodes, depth, options.get("chain_trust", CHAIN_TRUST))
-        return cls(measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
+        return cls(_verify_cost.measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
 
 
 def _slot_path(depth: int, slot: int) -> tuple:
     """The candidate slots of a blind node: the top-1 chain to `depth`, or depth 1's `slot`."""
     return (0,) * depth if slot == 0 else (slot,)
-
-
-#: measurement blocks (of `repeats` rounds) before a curve that does not increase is given up on
-_MAX_DISTURBED_BLOCKS = 3
-#: a larger N may measure this much faster than a smaller one (timer noise) and still count as increasing
-_MONOTONE_SLACK = 0.03
-
-
-def _monotone(costs: dict[int, float]) -> bool:
-    """Every size at least (1 - slack) x the time of every smaller size."""
-    sizes = sorted(costs)
-    return all(costs[b] >= (1 - _MONOTONE_SLACK) * costs[a] for i, a in enumerate(sizes) for b in sizes[i + 1:])
-
-
-def _envelope(costs: dict[int, float]) -> dict[int, float]:
-    """The cost of n nodes is at most that of any larger size (a tree can be padded to it)."""
-    return {n: min(c for m, c in costs.items() if m >= n) for n in costs}
-
-
-_ANNOUNCED: set[str] = set()     # models whose measurement this process has announced on stderr
-
-
-def measure_verify_cost(model, sizes: Sequence[int] = _COST_SIZES, prefix: int = 256, repeats: int = 7,
-                        cache: bool = True) -> dict[int, float]:
-    """Fastest of `repeats` timings of one target forward (LM head included) over N new tokens on a
-    `prefix`-token cache, for each N in `sizes`. Cached per (model shape, dtype, device, threads, native
-    library build)."""
-    from .hf import TargetModel
-    from .models import cache_dir
-
-    target = TargetModel(model)
-    dev = target.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear),
-    # and so do the CPU levels our kernels (PS_KERNELS_CPU_CAPABILITY, forced levels) and torch's
-    # (ATEN_CPU_CAPABILITY) run at
-    level = f"-{cpu_level()}-torch{torch.backends.cpu.get_cpu_capability()}" if dev.type == "cpu" and cpu_level() else ""
-    linear = (f"skinny{level}-{native_build_id()}" if native_serves(dev) else f"torch{level}")  # remeasured after a rebuild
-    key = (f"{model.config.model_type}-L{target.num_layers}-d{target.hidden_size}-V{target.vocab_size}-"
-           f"{str(target.dtype).replace('torch.', '')}-{name}-{linear}").replace(" ", "_").replace("/", "_")
-    path = cache_dir() / "verify_cost" / f"{key}.json"
-    if cache and path.exists():
-        return {int(k): v for k, v in json.loads(path.read_text()).items()}
-    # a first use waits for this (~20 s for SmolLM2 on 2 CPU cores): say what it is, once per process and model
-    announce = key not in _ANNOUNCED
-    if announce:
-        _ANNOUNCED.add(key)
-        where = f"once per model and machine, saved to {path}" if cache else "not cached: cache=False"
-        print(f"parallelspec: measuring the target's forward time for {min(sizes)}..{max(sizes)} tokens on this "
-              f"{'GPU' if dev.type == 'cuda' else 'CPU'} to size the draft tree ({where})...",
-              file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    kv = target.new_cache(1, prefix + max(sizes) + 1)
-    ids = torch.randint(0, target.vocab_size, (1, prefix + max(sizes)), device=dev)
-    with torch.inference_mode(), target.attention():
-        target.forward(ids[:, :prefix], torch.arange(prefix, device=dev)[None], kv, None)
-        kv.lens.fill_(prefix)
-        times = {n: [] for n in sizes}
-        # the sizes take turns (one round = every size once; the first round warms up), so a
-        # shared machine's slow and fast spells fall on all of them alike: the curve's shape,
-        # which is what sizes the tree, does not depend on when each size was timed
-        # a curve that does not increase with N (a forward over fewer tokens slower than one over
-        # more) was measured on a busy machine: more rounds, up to a limit (a 2-core CPU shared with
-        # another job measured 26.7 ms at 1 token and 24.2 at 2; the trees sized by that curve took
-        # 12 nodes where a quiet curve takes 8). AutoTree also reads every curve through its
-        # increasing envelope.
-        for round_ in range(1 + _MAX_DISTURBED_BLOCKS * repeats):
-            if round_ > repeats and (round_ - 1) % repeats == 0 and _monotone({n: min(t[1:]) for n, t in times.items()}):
-                break
-            for n in sizes:
-                x = ids[:, prefix:prefix + n]
-                pos = torch.arange(prefix, prefix + n, device=dev)[None]
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                target.logits(target.forward(x, pos, kv, None))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times[n].append(time.perf_counter() - t0)
-        # interference only ever adds time: the minimum is the cost
-        costs = {n: min(t[1:]) for n, t in times.items()}
-    if announce:
-        print(f"parallelspec: measured in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(costs))
-    return costs

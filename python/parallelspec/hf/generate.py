@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from .drafters.base import Drafter
-from .drafters.hybrid import HybridDrafter
-from .engine import DecodeSettings, GenerationStats, decode
-from .graphs import check_options as check_cuda_graph
-from .hf import TargetModel
-from .sampling import SamplingParams
-from .trees import TreeBuilder, make_tree_builder
+from ..drafters.base import Drafter
+from ..drafters.hybrid import HybridDrafter
+from ..engine import DecodeSettings, GenerationStats, decode
+from ..capture import check_options as check_cuda_graph
+from .target import TargetModel
+from ..sampling import SamplingParams
+from ..trees import TreeBuilder, make_tree_builder
 
 #: pass as model.generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, drafter=...)
 CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
@@ -145,7 +145,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
             (``tree_nodes`` best paths incl. the root, up to ``tree_depth``) or a TreeBuilder.
         return_stats: also return a GenerationStats (accepted lengths, steps, times).
         cuda_graph: capture the verify step (the target's pass over the tree, tree_accept, the
-            commit) in a CUDA graph per tree-size bucket and replay it each step (parallelspec.graphs);
+            commit) in a CUDA graph per tree-size bucket and replay it each step (parallelspec.capture);
             a model on a CUDA device and greedy decoding only, no streamer or stopping criteria
             (a ValueError names what is missing). Off by default until measured faster on a GPU.
 
