@@ -104,3 +104,37 @@ def test_model_extra_brings_what_the_embedded_model_loads_with():
     names = {e: {re.split(r"[<>=;\[ ]", r)[0] for r in reqs} for e, reqs in extras.items()}
     assert {"gguf", "accelerate"} <= names["model"]
     assert set().union(*(v for k, v in names.items() if k != "all")) == names["all"]
+
+
+def _readme():
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_is_a_front_page():
+    assert len(_readme().splitlines()) <= 120
+
+
+def test_readme_python_names_exist():
+    """Every `ps.NAME` and `from parallelspec.X import Y` of the README's Python blocks exists."""
+    import importlib
+
+    import parallelspec as ps
+    code = "\n".join(re.findall(r"```python\n(.*?)```", _readme(), flags=re.S))
+    assert code, "the README has a Python example"
+    for name in set(re.findall(r"\bps\.(\w+)", code)):
+        assert name in ps.__all__, f"README uses ps.{name}, not exported by parallelspec"
+    for module, names in re.findall(r"from (parallelspec[\w.]*) import ([\w, ]+)", code):
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(mod, name.strip()), f"README imports {name.strip()} from {module}"
+
+
+def test_doc_links_resolve():
+    """Relative links of the README and docs/ point at files that exist."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("python/parallelspec/assets/*/TRAINING.md")),
+             ROOT / "benchmarks" / "results" / "README.md", *sorted((ROOT / "benchmarks" / "results" / "variants").rglob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"\w+://", target):
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
