@@ -41,7 +41,7 @@ bench-kernels: install
 	$(PY) benchmarks/bench_kernels.py
 
 bench: install
-	$(VENV)/bin/parallelspec bench --out benchmarks/results
+	$(PY) benchmarks/bench_e2e.py --out benchmarks/results
 
 clean:
 	rm -rf build ps_kernels/_C*.so *.egg-info

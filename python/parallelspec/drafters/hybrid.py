@@ -8,11 +8,9 @@ draft probability and sized by the verify cost; verification and acceptance do n
 a branch came from, so the output stays exactly the target's. Other tree builders see only the
 per-depth candidates.
 
-``defer_after``: while every sequence's last step committed at least that many tokens (the
-chain sources are being accepted whole: a copying stretch), the sources that need the
-target's features (the network drafters, the costly ones) sit the next step out.
-``defer_on_match``: the same when every sequence's prompt lookup (a source exposing
-``last_match_n``) matched at least that many trailing tokens. The decision is taken on the host
+``defer_on_match``: when every sequence's prompt lookup (a source exposing ``last_match_n``)
+matched at least that many trailing tokens (a copying stretch), the sources that need the
+target's features (the network drafters, the costly ones) sit the next step out. The decision is taken on the host
 copies of one step and applies to the next one's network pass (``launch``), which the decoding
 loop starts before its one host read a step: a sit-out follows the step that called for it. When that
 read shows the copying has stopped (the step's own tokens no longer meet the criterion: the
@@ -40,23 +38,19 @@ _MAX_DEFERRED_ROWS = 32
 class HybridDrafter(Drafter):
     wants_host_tokens = True
 
-    def __init__(self, drafters, defer_after: int | None = None, defer_on_match: int | None = None):
+    def __init__(self, drafters, defer_on_match: int | None = None):
         drafters = list(drafters)
         if not drafters or not all(isinstance(d, Drafter) for d in drafters):
             raise TypeError(f"drafters: expected a non-empty list of parallelspec Drafters, got "
                             f"{[type(d).__name__ for d in drafters]}")
-        for name, value, lo, what in (("defer_after", defer_after, 2, "an int >= 2 (tokens committed by one step)"),
-                                      ("defer_on_match", defer_on_match, 1, "an n-gram length >= 1")):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name}: expected None or {what}, got {value!r}")
+        if defer_on_match is not None:
+            if isinstance(defer_on_match, bool) or not isinstance(defer_on_match, int) or defer_on_match < 1:
+                raise ValueError(f"defer_on_match: expected None or an n-gram length >= 1, got {defer_on_match!r}")
             if all(d.needs_features for d in drafters):
-                raise ValueError(f"{name}: needs a source that never sits out (one without features, "
+                raise ValueError(f"defer_on_match: needs a source that never sits out (one without features, "
                                  f"e.g. NgramDrafter), got only {[type(d).__name__ for d in drafters]}")
         self.drafters = drafters
         self.needs_features = any(d.needs_features for d in drafters)
-        self.defer_after = defer_after
         self.defer_on_match = defer_on_match
         self._pending = None      # (tokens, features, lens) the deferred drafters have not seen yet
         self._pending_rows = 0
@@ -170,13 +164,11 @@ class HybridDrafter(Drafter):
         return _merge_per_depth(per_depth, paths)
 
     def _copying(self, host: HostTokens) -> bool:
-        """Every live sequence is copying: this step's committed tokens >= defer_after, or prompt
-        lookup matched >= defer_on_match trailing tokens (after this step's tokens)."""
+        """Every live sequence is copying: prompt lookup matched >= defer_on_match trailing tokens
+        (after this step's tokens)."""
         live = [n > 0 for n in host.lens]
         copying = False
-        if self.defer_after is not None:
-            copying = all(n >= self.defer_after or not ok for n, ok in zip(host.lens, live))
-        if self.defer_on_match is not None and not copying:
+        if self.defer_on_match is not None:
             matched = [getattr(d, "last_match_n", None) for d in self.drafters if not d.needs_features]
             matched = [m for m in matched if m is not None]
             copying = bool(matched) and all(max(m[b] for m in matched) >= self.defer_on_match

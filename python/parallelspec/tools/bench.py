@@ -60,8 +60,10 @@ def prompt_sets(tok, n: int, long_tokens=(250, 600)) -> dict[str, list[torch.Ten
     return {"chat": chat, "code": code, "long": long}
 
 
-def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = None):
-    """name -> (callable(ids, mask=None, **sampling) -> (output ids, stats | None), or a reason string)."""
+def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = None, variants: dict | None = None):
+    """name -> (callable(ids, mask=None, **sampling) -> (output ids, stats | None), or a reason string).
+    variants: more methods, name -> (drafter spec, tree, load_drafter keywords) (benchmarks/bench_e2e.py
+    passes its ablations here)."""
     from .. import generate
     from ..trees import AutoTree
     from ..defaults import load_drafter
@@ -71,12 +73,12 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
             return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), **extra, **kw), None
         return run
 
-    def ours(drafter_spec, tree, drafter_kw=None, builder_kw=None, **tree_kw):
+    def ours(drafter_spec, tree, drafter_kw=None, **tree_kw):
         try:
             drafter = load_drafter(drafter_spec, model, **(drafter_kw or {}))
         except (FileNotFoundError, ValueError) as exc:
             return f"{exc}"
-        builder = AutoTree.for_model(model, max_nodes=max_nodes, **(builder_kw or {})) if tree == "auto" else tree
+        builder = AutoTree.for_model(model, max_nodes=max_nodes) if tree == "auto" else tree
 
         def run(ids, mask=None, **kw):
             return generate(model, ids, drafter, attention_mask=mask, tree=builder, return_stats=True, **tree_kw, **kw)
@@ -99,19 +101,12 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
         "parallel-eagle3_chain": lambda: ours("parallel-eagle3", "chain"),
         "parallel-eagle3_auto": lambda: ours("parallel-eagle3", "auto"),
         "hybrid_auto": lambda: ours("hybrid", "auto"),
-        "hybrid_defer_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_after": 5}}),
-        "hybrid_nomatch_auto": lambda: ours("hybrid", "auto", drafter_kw={"hybrid_options": {"defer_on_match": None}}),
-        # prompt lookup's continuation cut at 4 tokens (the default before NGRAM_TOKENS = 12)
-        "ngram4_auto": lambda: ours("ngram", "auto", drafter_kw={"ngram_tokens": 4}),
-        "hybrid_ngram4_auto": lambda: ours("hybrid", "auto", drafter_kw={"ngram_tokens": 4}),
-        # one acceptance scale for all sources (AutoTree before per_source)
-        "hybrid_onecal_auto": lambda: ours("hybrid", "auto", builder_kw={"per_source": False}),
-        # prompt lookup's scale capped at its fixed estimates (AutoTree before chain_trust)
-        "hybrid_trust1_auto": lambda: ours("hybrid", "auto", builder_kw={"chain_trust": 1.0}),
     }
     for name, path in (extra or {}).items():   # --drafter NAME=PATH: a saved drafter, alone and in the hybrid
         table[f"{name}_auto"] = lambda path=path: ours(path, "auto")
         table[f"hybrid-{name}_auto"] = lambda path=path: ours(f"hybrid:{path}", "auto")
+    for name, (spec, tree, drafter_kw) in (variants or {}).items():
+        table[name] = lambda spec=spec, tree=tree, drafter_kw=drafter_kw: ours(spec, tree, drafter_kw)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {list(table)}")
@@ -141,56 +136,7 @@ def _summary(rows, methods, categories):
     return out
 
 
-def _aims(summary):
-    """The issues' aims, with the measured ratios (>1 = met); with --cpu-capability, once per level
-    (our methods are NAME@level there, transformers' run once and serve every level)."""
-    aims = []
-    for level in dict.fromkeys(split_level(s["method"])[1] for s in summary if not s["method"].startswith("hf_")):
-        ours = [s for s in summary if split_level(s["method"])[1] == level and not s["method"].startswith("hf_")]
-        peers = [s for s in summary if s["method"].startswith("hf_")]
-        aims += [a | {"level": level} if level else a for a in _aims_at(ours + peers, f"@{level}" if level else "")]
-    return aims
-
-
-def _aims_at(summary, suffix: str):
-    def fastest(rs, key="tokens_per_s"):
-        rs = [s for s in rs if s.get(key)]
-        return max(rs, key=lambda s: s[key]) if rs else None
-
-    def base(method):
-        return method.removesuffix(suffix) if suffix else method
-
-    def best(cat, prefix):
-        return fastest([s for s in summary if s["category"] == cat and base(s["method"]).startswith(prefix)])
-
-    aims = []
-    for cat in sorted({s["category"] for s in summary}):
-        get = {base(s["method"]): s for s in summary if s["category"] == cat}
-        par, eag, hyb = best(cat, "parallel_"), best(cat, "eagle_"), get.get("hybrid_auto")
-        pl, hf, plain = get.get("hf_prompt_lookup"), get.get("hf_generate"), get.get("plain_loop")
-        singles = [s for s in summary if s["category"] == cat
-                   and base(s["method"]).split("_")[0].rstrip("0123456789") in ("parallel", "eagle", "ngram")]
-
-        def ratio(a, b, want, what, key="tokens_per_s"):
-            if a and b and a.get(key) and b.get(key):
-                r = a[key] / b[key]
-                aims.append({"category": cat, "aim": what, "want": want, "measured": r, "met": r >= want,
-                             "a": a["method"], "b": b["method"]})
-        ratio(plain, hf, 2.0, "plain loop >= 2x HF generate")
-        if cat in ("chat", "code"):
-            ratio(hyb, hf, 3.0, "hybrid >= 3x HF generate")
-        ratio(par, hf, 2.0, "ParallelSpec >= 2x HF generate")
-        ratio(par, eag, 1.15, "ParallelSpec >= 1.15x EagleDrafter")
-        ratio(par, pl, 1.0, "ParallelSpec faster than HF prompt lookup")
-        ratio(hyb, pl, 1.3, "hybrid >= 1.3x HF prompt lookup")
-        ratio(hyb, fastest(singles), 1.15, "hybrid >= 1.15x best single drafter of ours")
-        # the same without the prompt's forward, which every method pays alike (most of a long
-        # input's time at 64 new tokens): what the drafters and trees themselves change
-        ratio(hyb, fastest(singles, "decode_tokens_per_s"), 1.15, "(decode phase) hybrid >= 1.15x best single of ours", key="decode_tokens_per_s")
-    return aims
-
-
-def run(args) -> dict:
+def run(args, variants: dict | None = None) -> dict:
     from ..models import load_default_target
 
     if args.threads:
@@ -202,12 +148,12 @@ def run(args) -> dict:
     names = args.methods.split(",") + [f"{pre}{n}_auto" for n in extra for pre in ("", "hybrid-")]
     levels = cpu_capabilities(args.cpu_capability) if args.device.type == "cpu" else [None]
     if levels == [None]:
-        methods = build_methods(model, names, args.max_nodes, extra)
+        methods = build_methods(model, names, args.max_nodes, extra, variants)
     else:  # our methods once per capability level (NAME@level), transformers' once
-        methods = build_methods(model, [n for n in names if n.startswith("hf_")], args.max_nodes, extra)
+        methods = build_methods(model, [n for n in names if n.startswith("hf_")], args.max_nodes, extra, variants)
         ours = [n for n in names if not n.startswith("hf_")]
         for level in levels:
-            for n, m in build_methods(model, ours, args.max_nodes, extra).items():
+            for n, m in build_methods(model, ours, args.max_nodes, extra, variants).items():
                 methods[f"{n}@{level}"] = m if isinstance(m, str) else _at_level(m, level)
     skipped = {n: m for n, m in methods.items() if isinstance(m, str)}
     live = {n: m for n, m in methods.items() if not isinstance(m, str)}
@@ -250,7 +196,7 @@ def run(args) -> dict:
     summary = _summary(rows, list(live), list(sets))
     sampled = _sampled_acceptance(live, sets["chat"], args)
     batch = _batch_throughput(live, tok, sets["chat"], args)
-    return {"rows": rows, "summary": summary, "aims": _aims(summary), "sampled": sampled, "batch4": batch,
+    return {"rows": rows, "summary": summary, "sampled": sampled, "batch4": batch,
             "skipped": skipped}
 
 
@@ -313,7 +259,7 @@ def readme_table(result) -> str:
                  ("speedup_vs_hf", "speedup vs HF"), ("decode_tokens_per_s", "decode tok/s"), ("mean_accepted", "accepted/step"),
                  ("draft_share", "draft time share"), ("equal_to_hf", "= HF output")]
     text = markdown_table(result["summary"], from_cols)
-    if result["aims"]:
+    if result.get("aims"):
         text += "\n\nAims (measured ratio of tokens/s; met when >= want):\n\n" + markdown_table(
             result["aims"], [("category", "prompts")] + ([("level", "CPU level")] if any("level" in a for a in result["aims"]) else [])
             + [("aim", "aim"), ("a", "ours"), ("b", "against"),
@@ -327,19 +273,21 @@ def readme_table(result) -> str:
 
 
 ALL_METHODS = ("hf_generate,hf_prompt_lookup,hf_assisted,plain_loop,ngram_chain,ngram_auto,eagle_chain,eagle_auto,"
-               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto,ngram4_auto,hybrid_ngram4_auto,hybrid_trust1_auto")
+               "parallel_chain,parallel_static,parallel_dynamic,parallel_auto,hybrid_auto")
 
 
 #: where `parallelspec bench` writes unless --out says otherwise: never the checkout's committed results
 DEFAULT_OUT = "parallelspec-bench"
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, variants: dict | None = None, default_methods: str = ALL_METHODS, extend=None) -> int:
+    """`parallelspec bench`. variants / default_methods: more methods and the --methods default
+    (benchmarks/bench_e2e.py); extend(result) -> more entries for the JSON and the table (its aims)."""
     ap = argparse.ArgumentParser(prog="parallelspec bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per category")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-nodes", type=int, default=32, help="node budget of tree='auto'")
-    ap.add_argument("--methods", default=ALL_METHODS)
+    ap.add_argument("--methods", default=default_methods, help="comma-separated methods (default: %(default)s)")
     ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH", type=_drafter_arg,
                     help="also run a saved drafter (NAME_auto) and the hybrid with it (hybrid-NAME_auto)")
     ap.add_argument("--threads", type=int, default=None)
@@ -356,7 +304,8 @@ def main(argv=None) -> int:
         args.prompts, args.max_new_tokens = 2, 24
     if args.prompts < 1 or args.max_new_tokens < 1:
         ap.error(f"--prompts and --max-new-tokens: expected positive integers, got {args.prompts}, {args.max_new_tokens}")
-    result = run(args)
+    result = run(args, variants)
+    result.update(extend(result) if extend else {})
     stem = f"e2e_{args.device.type}"
     meta = machine_info(args.device) | {
         "command": "parallelspec bench " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -14,8 +14,8 @@ where ``verify_cost`` is the target's measured time for one forward over N token
 machine (``measure_verify_cost``). Verification width is cheap on a GPU and costly on a CPU, so
 the same drafter gets a wide tree there and a narrow one here. exp(score) is the draft's own
 estimate that the target accepts the node; ``AutoTree`` rescales it by the acceptance actually
-seen (``observe``), so an overconfident drafter does not buy wide trees for nothing. With
-``per_source`` (the default) the scale is kept per source -- the model drafter's per-depth
+seen (``observe``), so an overconfident drafter does not buy wide trees for nothing. The
+scale is kept per source -- the model drafter's per-depth
 candidates, the explicit chains -- from the accepted nodes each contributed, so prompt lookup's
 fixed estimates and a network drafter's probabilities are each corrected by their own record
 (a node's scaled estimate is capped by its parent's, which keeps the best n prefix-closed). The
@@ -52,21 +52,20 @@ CHAIN_TRUST = 2.0
 
 class AutoTree(TreeBuilder):
     def __init__(self, verify_cost: dict[int, float], *, max_nodes: int = 32, depth: int | None = None,
-                 draft_cost: float | None = None, per_source: bool = True, chain_trust: float = CHAIN_TRUST):
-        self._check_options(max_nodes, depth, chain_trust)
+                 draft_cost: float | None = None):
+        self._check_options(max_nodes, depth)
         if not verify_cost or 1 not in verify_cost:
             raise ValueError(f"verify_cost: expected measured times including N = 1, got {verify_cost}")
         self.sizes = sorted(verify_cost)
         self.verify_cost = _verify_cost.envelope(dict(verify_cost))
         self.max_nodes = max_nodes
         self.depth = depth
-        # a parallel drafter's pass costs about a tenth of a target step (method.md); the engine
+        # a parallel drafter's pass costs about a tenth of a target step; the engine
         # can overwrite this with what it measures
         self.draft_cost = 0.1 * verify_cost[1] if draft_cost is None else draft_cost
-        self.per_source = per_source
         # caps on the scales: a model's probabilities are never trusted beyond what they claim;
-        # prompt lookup's fixed estimates may be raised up to chain_trust times (inputs it copies)
-        self.source_cap = [1.0, chain_trust if per_source else 1.0]
+        # prompt lookup's fixed estimates may be raised up to CHAIN_TRUST times (inputs it copies)
+        self.source_cap = [1.0, CHAIN_TRUST]
         self.reset()
 
     def reset(self) -> None:
@@ -136,7 +135,7 @@ class AutoTree(TreeBuilder):
         after each step; the tensors are read on the host with the next step's host sync):
         calibration = accepted / predicted extra tokens summed over the steps of this generate
         call, starting from a prior of 4 predicted = 4 accepted, capped at 1 (never trust a
-        drafter more than it claims; prompt lookup's fixed estimates: ``chain_trust``) and
+        drafter more than it claims; prompt lookup's fixed estimates: ``CHAIN_TRUST``) and
         floored at 0.3 (a run of rejections must not shut drafting off for good: with no tree
         there is nothing left to observe)."""
         self._apply_record()
@@ -177,7 +176,7 @@ class AutoTree(TreeBuilder):
             self._seen_total += sum(max(n - 1, 0) for n in lens)
             self._predicted_total += self._predicted
             self._calibration = min(1.0, max(0.3, self._seen_total / self._predicted_total))
-        if not self.per_source or index is None or self._kept_sources is None:
+        if index is None or self._kept_sources is None:
             self._source_calibration = [self._calibration] * 2   # one scale for all
         elif self._predicted > 0:
             # the same per source: each accepted node counts for the source it came from
@@ -360,19 +359,17 @@ class AutoTree(TreeBuilder):
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
-    def _check_options(max_nodes: int, depth: int | None, chain_trust: float) -> None:
+    def _check_options(max_nodes: int, depth: int | None) -> None:
         if max_nodes < 1:
             raise ValueError(f"max_nodes: expected at least 1 (the root), got {max_nodes}")
         check_depth(depth)
-        if not chain_trust >= 1.0:
-            raise ValueError(f"chain_trust: expected at least 1 (a cap on the chains' scale), got {chain_trust}")
 
     @classmethod
     def for_model(cls, model, *, max_nodes: int = 32, depth: int | None = None, cache: bool = True,
                   **options) -> "AutoTree":
-        """options: per_source, chain_trust, draft_cost (see the class)."""
+        """options: draft_cost (see the class)."""
         # before the (first-use) measurement, not after it
-        cls._check_options(max_nodes, depth, options.get("chain_trust", CHAIN_TRUST))
+        cls._check_options(max_nodes, depth)
         return cls(_verify_cost.measure_verify_cost(model, cache=cache), max_nodes=max_nodes, depth=depth, **options)
 
 
