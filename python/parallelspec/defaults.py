@@ -67,27 +67,19 @@ def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_op
         raise ValueError(f"drafter: the shipped '{spec}' drafter is trained for the embedded SmolLM2-135M-Instruct, "
                          f"not this model ({exc}). Use prompt lookup (--drafter ngram / load_drafter('ngram', "
                          "model)), no drafter ('none'), or train one for your model: parallelspec extract, then "
-                         "parallelspec train (README, 'Training your own drafter'), and pass its run directory") from None
+                         "parallelspec train (docs/TRAINING.md), and pass its run directory") from None
 
 
-#: chosen from benchmarks/results/e2e_cpu.json (see README)
+#: the fastest method of the end-to-end benchmark on the embedded target (benchmarks/results/README.md)
 DEFAULT_DRAFTER = "hybrid"
-#: HybridDrafter options of the "hybrid" drafter (benchmarks/results/variants/). defer_on_match=3:
-#: the parallel drafter sits out a step when prompt lookup matched a 3-gram; same accepted tokens
-#: per step on chat/code/long, drafting share 10.8 -> 8.5% of a step on long prompts. defer_after
-#: off: sitting out the step after prompt lookup was accepted whole measured no gain (long
-#: prompts 2.31x vs 2.38x HF without it)
-HYBRID_OPTIONS = {"defer_after": None, "defer_on_match": 3}
+#: HybridDrafter options of the "hybrid" drafter: the parallel drafter sits out a step when
+#: prompt lookup matched a 3-gram (same accepted tokens, less drafting time); the measurements
+#: behind it are in benchmarks/results/variants/README.md
+HYBRID_OPTIONS = {"defer_on_match": 3}
 #: prompt lookup's longest continuation ("ngram" and "hybrid"): the tree='auto' builder keeps only
-#: the nodes worth their verify cost, so a long continuation costs nothing when it is not taken.
-#: 12 vs 4 (benchmarks/results/variants/README.md, "Prompt lookup's continuation length"; the
-#: main bench keeps 4 as
-#: ngram4_auto / hybrid_ngram4_auto): long inputs 2.6 -> 3.6 accepted tokens a step alone, 3.0 ->
-#: 4.8 in the hybrid (+23% tok/s); on chat and code the 4-token hybrid was 3-4% faster in
-#: that run (the later run with the record restarting per call: 5% faster on chat, 8% slower on
-#: code; the one with chain estimates by match length, README: 4% / 1% / 7% slower on chat /
-#: code / long)
+#: the nodes worth their verify cost, so a long continuation costs nothing when it is not taken
+#: (benchmarks/results/variants/README.md, "Prompt lookup's continuation length")
 NGRAM_TOKENS = 12
 #: network drafters keep a bf16 copy of their head on a CPU: half the bytes of a drafter step's
-#: largest read (one thread, quiet machine: parallel drafter step 8.7 -> 7.7 ms, EAGLE-style 24.4 -> 16.3 ms)
+#: largest read (benchmarks/results/variants/README.md)
 HEAD_DTYPE = "bfloat16"

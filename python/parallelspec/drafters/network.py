@@ -346,7 +346,7 @@ def build_network(target, *, parallel: bool, depth: int = 4, draft_to_target: to
                   head: str = "target", num_layers: int = 1, slot1: str = "mask", layout: str = "fused",
                   mask_token_id: int | None = None, seed: int = 0) -> DraftNetwork:
     """A freshly initialised network for `target` (random init: it learned faster than a warm
-    start from the target's last layer in method.md's runs), target tensors attached.
+    start from the target's last layer in this project's training runs), target tensors attached.
     layout / mask_token_id: ``DraftConfig`` (eagle3: the id defaults to the target's last one)."""
     cfg = DraftConfig.for_target(target, depth=depth, head=head, num_layers=num_layers, parallel=parallel,
                                  slot1=slot1, layout=layout, mask_token_id=mask_token_id,

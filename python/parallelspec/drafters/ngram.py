@@ -1,7 +1,7 @@
 """Prompt lookup: draft by copying what followed the latest earlier occurrence of the context's
 last n tokens, for several n at once (longest first). A small model's greedy output repeats
-itself and its prompt, which makes this a strong drafter for free (docs/method.md measured
-2.5 tokens per 4-token chain step on SmolLM2's own text).
+itself and its prompt, which makes this a strong drafter for free (about 2.5 tokens
+per 4-token chain step on SmolLM2's own text; docs/METHOD.md).
 
 Candidate slot i of every depth comes from the i-th distinct match (n = 3, then 2, then 1 by
 default), so the path (i, i, .., i) is that match's continuation; a static tree such as
@@ -30,8 +30,6 @@ from .base import DraftCandidates, Drafter, HostTokens, to_device
 #: measured with prompt lookup alone (12 tokens, chain tree) on SmolLM2-135M-Instruct's greedy
 #: output over the bench's prompts 5-12 of each category (disjoint from the 4 the bench runs; 430
 #: matches): a 1-token match's first token is taken 17% of the time, a 3+-token match's 72%.
-#: (Before: 0.5 and 0.88 for every match, from method.md's agreement by depth, which buys deep
-#: nodes of 1-token matches for nothing.)
 FIRST_PROB = (0.17, 0.42, 0.72)
 NEXT_PROB = (0.62, 0.82, 0.88)
 

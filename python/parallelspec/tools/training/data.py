@@ -5,7 +5,7 @@
   partial record is dropped; about 17.7k conversations come out.
 * The held-out split is by conversation (ShareGPT cuts long chats into ``<id>_0``, ``<id>_1``...;
   all parts of one chat fall on the same side), deterministic from a hash of the id.
-* Self-distillation (method.md: the first lever): the prompt is a conversation's first user
+* Self-distillation (docs/METHOD.md, group-wise training): the prompt is a conversation's first user
   turn in the target's chat template; the target continues it greedily (extract.py). The
   continuation, not ShareGPT's answer, is what the drafter learns to predict.
 

@@ -10,7 +10,7 @@ sequence x_0..x_{N-1} (prompt + the target's continuation, cut at ``max_len``):
     topk_p    fp16  [N, K]   their probabilities (fp32 logits; the LM head runs in fp32)
 
 Shards that exist are skipped, so the pass resumes; it is the cost that bounds how much data a
-CPU can see (~450 tok/s fp32, ~670 tok/s bf16 autocast on 2 cores, method.md).
+CPU can see (~450 tok/s fp32, ~670 tok/s bf16 autocast on 2 cores).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
     out = {"ids": [None] * len(prompts), "start": [len(p) for p in prompts], "feat": [None] * len(prompts),
            "topk_ids": [None] * len(prompts), "topk_p": [None] * len(prompts)}
 
-    def top(h):       # fp32 LM head: bf16 ties flipped 2-3% of argmaxes (method.md)
+    def top(h):       # fp32 LM head: a bf16 head flips near-tied argmaxes
         with torch.autocast(device.type, enabled=False):
             return torch.softmax(linear(h.float(), head.float()), dim=-1).topk(top_k, dim=-1)
 
