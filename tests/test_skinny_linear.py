@@ -108,18 +108,14 @@ def test_routing_inside_the_block_only(level):
 
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
     calls = []
-    real, real_launch = ps_kernels.skinny_linear, linear._launch
+    real = ps_kernels.skinny_linear
 
     def spy(*a, **k):
         calls.append(a[0].shape)
         return real(*a, **k)
 
-    def spy_launch(*a):   # the patched modules launch the op past its backend selection
-        calls.append(a[0].shape)
-        return real_launch(*a)
-
-    few, many = torch.randn(2, 3, 32), torch.randn(linear._level_rows()[torch.float32][1] + 1, 32)
-    ps_kernels.skinny_linear, linear._launch = spy, spy_launch
+    few, many = torch.randn(2, 3, 32), torch.randn(ps_kernels.skinny_linear_rows(CPU)[torch.float32][1] + 1, 32)
+    ps_kernels.skinny_linear = spy
     try:
         with torch.no_grad():
             want_few, want_many = model(few), model(many)
@@ -131,7 +127,7 @@ def test_routing_inside_the_block_only(level):
         assert len(calls) == 2
         assert all("forward" not in m.__dict__ for m in model.modules())  # restored
     finally:
-        ps_kernels.skinny_linear, linear._launch = real, real_launch
+        ps_kernels.skinny_linear = real
     torch.testing.assert_close(got_few, want_few, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_many, want_many)
 
@@ -149,12 +145,12 @@ def test_routing_follows_the_active_levels_table(monkeypatch):
         w = torch.randn(5, 8)
         for rows, routed in ((1, False), (2, True), (3, True), (4, False)):
             calls = []
-            real = linear._launch
-            monkeypatch.setattr(linear, "_launch", lambda *a: calls.append(1) or real(*a))
+            real = ps_kernels.skinny_linear
+            monkeypatch.setattr(ps_kernels, "skinny_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
             with torch.no_grad():
                 linear.linear(torch.randn(rows, 8), w)
             assert bool(calls) == routed, rows
-            monkeypatch.setattr(linear, "_launch", real)
+            monkeypatch.setattr(ps_kernels, "skinny_linear", real)
         monkeypatch.setitem(ps_kernels.SKINNY_ROWS, "default", {})
         assert not linear.native_serves(CPU)
     assert ps_kernels._backend.cpu_level() == before      # restored
