@@ -138,3 +138,86 @@ def test_doc_links_resolve():
             if re.match(r"\w+://", target):
                 continue
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+# -- the command line as a new user meets it ------------------------------------------------------
+
+def _cli(argv, capsys):
+    from parallelspec.tools import cli
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_version_flag(capsys):
+    import pytest
+
+    import parallelspec
+    from parallelspec.tools import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"parallelspec {parallelspec.__version__}"
+
+
+def test_empty_prompt_exits_2_before_loading_a_model(monkeypatch, capsys):
+    from parallelspec.tools import cli
+    monkeypatch.setattr(cli, "load_target", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    code, _, err = _cli(["generate", "--prompt", "  "], capsys)
+    assert code == 2 and "--prompt: expected a non-empty prompt" in err
+
+
+def test_sampling_flags_without_do_sample_warn(monkeypatch, capsys):
+    from parallelspec.tools import cli
+
+    class Loaded(Exception):
+        pass
+    monkeypatch.setattr(cli, "load_target", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    import pytest
+    with pytest.raises(Loaded):
+        cli.main(["generate", "--prompt", "hi", "--temperature", "0.5", "--top-k", "3"])
+    err = capsys.readouterr().err
+    assert "--temperature, --top-k set without --do-sample" in err
+    with pytest.raises(Loaded):
+        cli.main(["generate", "--prompt", "hi", "--temperature", "0.5", "--do-sample"])
+    assert "without --do-sample" not in capsys.readouterr().err
+
+
+def test_bad_count_names_the_flag_once(capsys):
+    import pytest
+
+    from parallelspec.tools import cli
+    for argv, flag in ((["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+                       (["extract", "--out", "x", "--shard-size", "0"], "--shard-size")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]     # the error line (the usage lists flags)
+        assert exit_.value.code == 2 and err.count(flag) == 1 and "expected an integer >= 1, got 0" in err, err
+
+
+def test_help_shows_defaults_and_no_docstring_leftovers(capsys):
+    import pytest
+
+    from parallelspec.tools import cli
+    for command in ("generate", "extract", "train", "export"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "Returns the exit code" not in out and "(default:" in out, command
+
+
+def test_extract_says_why_there_is_no_held_out_split_and_names_the_target_next(tmp_path, capsys):
+    """A small prompt set leaves the held-out split empty: extract says so (train will not evaluate)
+    and its "next:" line carries --target for the user's own model."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_cli_workflow import _save_model   # the tiny model + tokenizer the workflow tests use
+    torch.manual_seed(0)
+    _save_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"t{i} t{i + 1} t{i}"}) + "\n" for i in range(3)))
+    code, out, err = _cli(["extract", "--target", str(tmp_path / "model"), "--data", str(data), "--out",
+                           str(tmp_path / "shards"), "--max-new-tokens", "4", "--held-out", "0.0001", "--fp32"], capsys)
+    assert code == 0, err
+    assert "no prompt fell in the held-out split" in out
+    assert f"next: parallelspec train --target {tmp_path / 'model'} --data {tmp_path / 'shards'}" in out

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from .common import _positive, device_arg, encode_prompt, load_target
+from .common import HelpFormatter, _positive, device_arg, encode_prompt, load_target
 
 DEMO_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -22,10 +22,12 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(DRAFTER_CHOICES)}, or a saved drafter directory (default: %(default)s)")
     p.add_argument("--tree", default="auto", choices=["auto", "chain", "static", "dynamic"],
                    help="draft tree: auto picks the node budget from the measured verify cost (default)")
-    p.add_argument("--tree-nodes", type=_positive("--tree-nodes"), default=None)
-    p.add_argument("--tree-depth", type=_positive("--tree-depth"), default=None)
-    p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--tree-nodes", type=_positive("--tree-nodes"), default=None,
+                   help="node budget of the tree (default: the kind's own: auto 32, static its shape, dynamic 16)")
+    p.add_argument("--tree-depth", type=_positive("--tree-depth"), default=None,
+                   help="deepest draft level used (default: the drafter's depth)")
+    p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128, help="tokens to generate")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's dtype")
     p.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
 
@@ -45,7 +47,14 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if not text.strip():
-        raise SystemExit("parallelspec generate: --prompt: expected a non-empty prompt (or text on stdin), got ''")
+        print(f"parallelspec generate: error: --prompt: expected a non-empty prompt (or text on stdin), got {text!r}",
+              file=sys.stderr)
+        return 2
+    ignored = [f for f, v, d in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
+                                 ("--top-p", args.top_p, None)) if v != d]
+    if ignored and not args.do_sample:
+        print(f"parallelspec generate: warning: {', '.join(ignored)} set without --do-sample: decoding is greedy and "
+              "they are ignored (as transformers' generate does); add --do-sample to sample", file=sys.stderr)
     model, tok = load_target(args.model, args.dtype, args.device)
     options = _generation_options(args, model)
     drafter = load_drafter(args.drafter, model)
@@ -179,22 +188,25 @@ def cmd_export(argv) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
     ap = argparse.ArgumentParser(prog="parallelspec", description="ParallelSpec speculative decoding")
+    ap.add_argument("--version", action="version", version=f"parallelspec {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="stream answers on the embedded default and compare speeds")
+    d = sub.add_parser("demo", help="stream answers on the embedded default and compare speeds",
+                       formatter_class=HelpFormatter)
     _add_decoding_flags(d)
     d.set_defaults(max_new_tokens=96)
-    d.add_argument("--prompts", type=_positive("--prompts"), default=len(DEMO_PROMPTS))
-    g = sub.add_parser("generate", help="generate from a prompt")
+    d.add_argument("--prompts", type=_positive("--prompts"), default=len(DEMO_PROMPTS), help="demo prompts to run")
+    g = sub.add_parser("generate", help="generate from a prompt", formatter_class=HelpFormatter)
     g.add_argument("--prompt", default=None, help="the prompt (default: read stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--model", default=None, help="local transformers model directory (default: embedded SmolLM2)")
     _add_decoding_flags(g)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy, as transformers' generate)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k filter (with --do-sample)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus filter (with --do-sample)")
+    g.add_argument("--seed", type=int, default=None, help="torch seed, for a reproducible sample")
     g.add_argument("--stats", action="store_true", help="print tokens/s and accepted length")
     g.add_argument("--generation-option", action="append", type=_option_arg, metavar="NAME=VALUE",
                    help="a transformers generation option over the model's generation config, VALUE as JSON "

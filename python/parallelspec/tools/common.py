@@ -29,16 +29,26 @@ def encode_prompt(tokenizer, text: str, chat: bool):
     return ids
 
 
-def _positive(name):
+def int_at_least(low: int = 1):
+    """argparse type: an integer >= low (argparse names the flag in its message)."""
     def parse(value):
         try:
             v = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {v}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
         return v
     return parse
+
+
+def _positive(name):
+    """argparse type of a positive integer flag (`name` kept for the call sites' readability)."""
+    return int_at_least(1)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default and keeps the description's line breaks."""
 
 
 def device_arg(text: str):

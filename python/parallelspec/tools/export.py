@@ -238,7 +238,9 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
 def main_export(argv=None) -> int:
     """`parallelspec export --format vllm RUN OUT`: write a drafter trained in the eagle3 layout
     as model.safetensors + config.json for vLLM's EAGLE-3 parallel drafting."""
-    ap = argparse.ArgumentParser(prog="parallelspec export", description=main_export.__doc__)
+    from .common import HelpFormatter
+    ap = argparse.ArgumentParser(prog="parallelspec export", description=main_export.__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--format", required=True, choices=("vllm",), help="the serving engine's format")
     ap.add_argument("run", metavar="RUN", help="a training run (parallelspec train --out) or a saved drafter directory")
     ap.add_argument("out", metavar="OUT", help="the directory to write")
@@ -257,7 +259,11 @@ def main_export(argv=None) -> int:
             target, _ = load_target(args.target, with_tokenizer=False)
         out = export_vllm(path, args.out, target, args.dtype)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"parallelspec export: error: {exc}", file=sys.stderr)
+        hint = ""
+        if args.target is None and "target" in str(exc):
+            hint = (" (the target defaults to the embedded SmolLM2-135M-Instruct: for a drafter of your own model, "
+                    "pass its directory with --target)")
+        print(f"parallelspec export: error: {exc}{hint}", file=sys.stderr)
         return 2
     k = json.loads((out / "config.json").read_text())["parallelspec"]["depth"]
     print(f"wrote {out}/model.safetensors and config.json; serve with vLLM: speculative_config="

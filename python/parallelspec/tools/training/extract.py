@@ -228,6 +228,9 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
     if not splits["train"]:
         raise ValueError(f"--data: all {len(splits['heldout'])} prompts fell in the held-out split "
                          f"(--held-out {held_out}); lower --held-out or give more prompts")
+    if not splits["heldout"]:
+        log(f"no prompt fell in the held-out split ({len(splits['train'])} prompts, --held-out {held_out}): "
+            "train will not evaluate the drafter (no log.jsonl); give more prompts or a larger --held-out")
     prior = out_dir / ("sharegpt-counts.pt" if data is None else "token-counts.pt")
     if not prior.exists():      # the draft vocabulary's prior (train.build_draft_vocab)
         if data is None:
@@ -277,7 +280,7 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
         tokens += new
         el = time.time() - t_run
         log(f"{what} written: +{new} tokens ({tokens} this run, {tokens / max(el, 1e-9):.0f} tok/s), {el:.0f} s")
-    log(f"done in {time.time() - t0:.0f} s: shards in {out_dir} (next: parallelspec train --data {out_dir} --out RUN)")
+    log(f"done in {time.time() - t0:.0f} s: shards in {out_dir}")
 
 
 def _eos_id(model, tokenizer) -> int:
@@ -304,9 +307,10 @@ def save_atomic_json(obj, path: Path) -> None:
 def main_extract(argv=None) -> int:
     """`parallelspec extract`: the target's own continuations of prompts (self-distillation) and
     its features / top-K probabilities along them, in resumable shards for `parallelspec train`.
-    Prompts: ShareGPT's first user turns (default), or your own with --data. Returns the exit code."""
-    from ..common import device_arg
-    ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__)
+    Prompts: ShareGPT's first user turns (default), or your own with --data."""
+    from ..common import HelpFormatter, device_arg
+    ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", default=None, help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--out", required=True, help="shard directory (outside git); rerunning resumes it")
     ap.add_argument("--data", default=None,
@@ -347,19 +351,15 @@ def main_extract(argv=None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"parallelspec extract: error: {exc}", file=sys.stderr)
         return 2
+    target = f" --target {args.target}" if args.target is not None else ""
+    print(f"next: parallelspec train{target} --data {args.out} --out RUN", flush=True)
     return 0
 
 
 def _count(name: str, low: int = 1):
-    def parse(value):
-        try:
-            v = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {low}, got {value!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {low}, got {v}")
-        return v
-    return parse
+    """argparse type of the integer flag `name`, at least `low`."""
+    from ..common import int_at_least
+    return int_at_least(low)
 
 
 if __name__ == "__main__":

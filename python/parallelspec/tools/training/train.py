@@ -337,6 +337,9 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     torch.manual_seed(cfg.seed)
     data = ShardData(train_paths, cfg.max_len, cfg.train_tokens)
     heldout = ShardData(heldout_paths, cfg.max_len) if rank == 0 and heldout_paths else None
+    if rank == 0 and heldout is None:
+        log("no held-out shards in the data (extract found no prompt for the held-out split): the run is not "
+            "evaluated and writes no log.jsonl; give extract more prompts or a larger --held-out")
     ckpt_path = out_dir / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu") if ckpt_path.exists() else None
     source = load_init_source(cfg, target) if ckpt is None and cfg.init_from else None
@@ -489,8 +492,10 @@ def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: fl
 
 def main_train(argv=None) -> int:
     """`parallelspec train`: train a drafter on shards made by `parallelspec extract`; the
-    drafter goes to <out>/drafter, the curve to <out>/summary.json. Returns the exit code."""
-    ap = argparse.ArgumentParser(prog="parallelspec train", description=main_train.__doc__)
+    drafter goes to <out>/drafter, the curve to <out>/summary.json."""
+    from ..common import HelpFormatter
+    ap = argparse.ArgumentParser(prog="parallelspec train", description=main_train.__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--data", required=True, help="directory of *-ext-*.pt shards (parallelspec extract)")
     ap.add_argument("--out", required=True)
