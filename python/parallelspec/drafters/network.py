@@ -8,7 +8,7 @@
 
 That is the default layout, ``layout="fused"`` (mask slot j fed its own learned vector m_j in
 the fused-input space). ``layout="eagle3"`` is the one vLLM serves (its EAGLE-3 decoder layer
-without auxiliary hidden states, with its parallel drafting; ``parallelspec.export``):
+without auxiliary hidden states, with its parallel drafting; ``parallelspec.tools.export``):
 
     layer 0 q/k/v = W_{q,k,v} [input_norm(e(x_{t+1})); hidden_norm(f_t)]   (2d wide, no fc)
             residual = f_t, then o_proj, post norm, SwiGLU MLP as in a Llama layer

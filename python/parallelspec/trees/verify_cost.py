@@ -44,7 +44,7 @@ def measure_verify_cost(model, sizes: Sequence[int] = SIZES, prefix: int = 256, 
     target = TargetModel(model)
     dev = target.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.linear),
+    # the linear kernel changes the curve (torch's GEMM vs the few-row kernel: parallelspec.hf.linear),
     # and so do the CPU levels our kernels (PS_KERNELS_CPU_CAPABILITY, forced levels) and torch's
     # (ATEN_CPU_CAPABILITY) run at
     cpu_level = ps_kernels.cpu_capability().active if dev.type == "cpu" else None

@@ -1,7 +1,7 @@
 """Figures for the training card: the prompt-lookup baseline on the same held-out text, and
 the drafters' step latency on this machine.
 
-    python -m parallelspec.training.report --data SHARDS --drafter DIR [--drafter DIR...] [--curve summary.json]
+    python -m parallelspec.tools.training.report --data SHARDS --drafter DIR [--drafter DIR...] [--curve summary.json]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Warm start: a new drafter network initialised from a trained one (`parallelspec train --init-from`).
 
 Same layout: every tensor is copied. fused -> eagle3 (vLLM's layer): RMSNorm sits after the fc in
-one and before the q/k/v in the other, so no exact conversion exists (drafters/layer.py); the
+one and before the q/k/v in the other, so no exact conversion exists (drafters/network.py); the
 closest linear one is fitted on the training data instead:
 
     fused   n = input_norm(W_fc [e; f])          q/k/v = W_{q,k,v} n        residual = W_fc [e; f]
