@@ -110,3 +110,96 @@ def check_native_refuses(op: str, args, match: str) -> None:
     with pytest.raises(RuntimeError, match=match):
         getattr(ps_kernels, op)(*args, validate=False, backend="cpu")
     assert all(torch.equal(a, b) for a, b in zip(args[3:5], before))
+
+
+# ---------------------------------------------------------------- the features' contract, spelled out
+# An independent formulation of the window / soft-cap / sink contract (docs in the references):
+# every query's and key's absolute position is computed from the parents (tree) or the row
+# layout (draft), never from the mask's popcount, and each (query, key) pair is decided on its
+# own. Loops over rows: for small fp64 cases only.
+
+def _attend_row(q_row, keys, vals, visible, scale, softcap, sink_logits):
+    """q_row [Hq, D], keys/vals [Hq, K, D], visible list of key indices -> (out [Hq, D], lse [Hq])."""
+    Hq, D = q_row.shape
+    if not visible:
+        return torch.zeros(Hq, D, dtype=q_row.dtype), torch.full((Hq,), float("-inf"), dtype=q_row.dtype)
+    idx = torch.tensor(visible)
+    s = torch.einsum("hd,hkd->hk", q_row, keys[:, idx]) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    terms = s.exp()
+    denom = terms.sum(-1)
+    if sink_logits is not None:
+        denom = denom + sink_logits.to(s.dtype).exp()
+    p = terms / denom[:, None]
+    return torch.einsum("hk,hkd->hd", p, vals[:, idx]), denom.log()
+
+
+def spelled_out_tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, parents, scale, window=None,
+                               softcap=None, sinks=None):
+    """q [B, Hq, N, D] fp64, parents [B, N] (None: the causal chain) -> (out, lse): node i at
+    position P + depth(i) (depth by walking up the parents) sees prefix row r (position r) and
+    its ancestors-or-self j (position P + depth(j)) within the window. Reads the prefix from the
+    caches' first P rows and the nodes' keys from k_new / v_new; writes nothing."""
+    kc, vc = k_cache, v_cache
+    B, Hq, N, D = q.shape
+    group = Hq // k_new.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.empty(B, Hq, N, dtype=q.dtype)
+    for b in range(B):
+        P = int(cache_lens[b])
+        par = list(range(-1, N - 1)) if parents is None else [int(x) for x in parents[b]]
+        ancestors = []
+        for i in range(N):  # ancestors-or-self by walking up the parents
+            chain, j = [], i
+            while j >= 0:
+                chain.append(j)
+                j = par[j]
+            ancestors.append(set(chain))
+        depth = [len(a) - 1 for a in ancestors]
+        keys = torch.cat([kc[b, :, :P], k_new[b]], 1).repeat_interleave(group, 0)   # [Hq, P + N, D]
+        vals = torch.cat([vc[b, :, :P], v_new[b]], 1).repeat_interleave(group, 0)
+        pos_k = list(range(P)) + [P + depth[j] for j in range(N)]
+        for i in range(N):
+            pos_q = P + depth[i]
+            visible = [c for c in range(P + N)
+                       if (c < P or (c - P) in ancestors[i]) and (window is None or pos_q - pos_k[c] < window)]
+            out[b, :, i], lse[b, :, i] = _attend_row(q[b, :, i], keys, vals, visible, scale, softcap, sinks)
+    return out, lse
+
+
+def spelled_out_draft_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale,
+                                window=None, softcap=None, sinks=None):
+    """q [B, Hq, T, D] fp64 -> (out, lse): real row t at position P + t sees cache rows and real
+    rows 0..t; mask slot j at P + r + j sees cache rows, all r real rows and slots 0..j; padding
+    rows see nothing (out 0, lse -inf)."""
+    B, Hq, T, D = q.shape
+    group = Hq // k_new.shape[1]
+    M, R = num_masks, T - num_masks
+    out = torch.zeros_like(q)
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=q.dtype)
+    for b in range(B):
+        P, r = int(cache_lens[b]), int(new_lens[b])
+        # keys: (row of k_cache / k_new, its position, kind)
+        key_list = [("cache", c, c) for c in range(P)] + [("real", t, P + t) for t in range(r)] + \
+                   [("slot", R + j, P + r + j) for j in range(M)]
+        empty = torch.zeros(k_new.shape[1], 0, D, dtype=q.dtype)
+        keys = torch.stack([(k_cache if kind == "cache" else k_new)[b, :, i] for kind, i, _ in key_list], 1) \
+            if key_list else empty
+        vals = torch.stack([(v_cache if kind == "cache" else v_new)[b, :, i] for kind, i, _ in key_list], 1) \
+            if key_list else empty
+        keys, vals = keys.repeat_interleave(group, 0), vals.repeat_interleave(group, 0)
+        queries = [("real", t, P + t) for t in range(r)] + [("slot", R + j, P + r + j) for j in range(M)]
+        for kind_q, row, pos_q in queries:
+            visible = []
+            for c, (kind_k, i, pos_k) in enumerate(key_list):
+                if kind_k == "cache":
+                    ok = True
+                elif kind_k == "real":
+                    ok = kind_q == "slot" or i <= row
+                else:
+                    ok = kind_q == "slot" and i <= row
+                if ok and (window is None or pos_q - pos_k < window):
+                    visible.append(c)
+            out[b, :, row], lse[b, :, row] = _attend_row(q[b, :, row], keys, vals, visible, scale, softcap, sinks)
+    return out, lse
