@@ -87,17 +87,18 @@ class DraftConfig:
             num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
-            rope_theta=_rope_theta(c), rms_norm_eps=c.rms_norm_eps, target=target_signature(model))
+            rope_theta=_rope_theta(c), target=target_signature(model),
+            rms_norm_eps=getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_eps", None) or 1e-5)
         fields.update(overrides)
         return cls(**fields)
 
 
 def _rope_theta(config) -> float:
+    """The target's RoPE base: the drafter's own RoPE is the default one at this base whatever the
+    target's scaling (llama3, YaRN, longrope: the drafter is trained with its own positions)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise ValueError(f"target rope_type: only the default RoPE is supported, got {kind!r}")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    params = params.get("full_attention", params)   # per layer type (Gemma 3): the global layers'
+    return float(params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
 
 
 def target_signature(model) -> dict:

@@ -126,7 +126,8 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     """Speculative decoding with `drafter` (None = plain decoding through the same loop).
 
     Args:
-        model: a transformers causal LM (Llama, Qwen2, Qwen3, Mistral families).
+        model: a transformers causal LM of a model type in ``parallelspec.hf.ARCHITECTURES`` (Llama, Qwen,
+            Mistral, Gemma, Phi, Granite, OLMo, SmolLM3, gpt-oss, Cohere families; docs/MODELS.md).
         input_ids: [B, T] prompts, left-padded when B > 1 (``inputs=`` / ``input_ids=`` as keywords too).
         drafter: a parallelspec Drafter built for this model, a list of them (composed into one
             ``HybridDrafter``: every source's candidates in one tree), or None.

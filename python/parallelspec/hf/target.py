@@ -13,7 +13,13 @@ model's forward; transformers forwards such keywords to every attention call.
 
 The base model (``model.model``) runs with ``use_cache=False``, so transformers keeps no cache of
 its own; its output is the last hidden state after the final norm (the drafter's features), and
-the LM head is applied only to the rows whose logits are needed.
+the LM head is applied only to the rows whose logits are needed, followed by what the model's
+``*ForCausalLM.forward`` applies to its output (soft-capping, scaling: ``architectures``).
+
+What each architecture needs in the attention call (per-layer sliding windows, logit soft-cap,
+sinks) comes from its entry in ``architectures.ARCHITECTURES``; the query scale is the module's
+own ``scaling``. With a sliding window the KV cache still keeps every row (the kernel skips the
+rows outside the window): memory grows with the sequence as for full attention.
 """
 from __future__ import annotations
 
@@ -24,13 +30,14 @@ import ps_kernels
 import torch
 
 from ..cache import KVCache
+from .architectures import ARCHITECTURES, check_target
 from .linear import skinny_linears
 
 ATTENTION_NAME = "parallelspec"
 CONTEXT_KWARG = "parallelspec_context"
-#: model_type values whose decoder layers we have checked: RoPE applied before the attention
-#: call, no attention sinks/softcapping/ALiBi, K and V heads of one size, layer_idx on every layer
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+#: model_type values whose decoder layers we have checked (architectures.ARCHITECTURES): RoPE or
+#: NoPE applied before the attention call, K and V heads of one size, layer_idx on every layer
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 @dataclass
@@ -38,6 +45,9 @@ class ForwardContext:
     """What our attention function needs besides q/k/v, for one forward pass."""
     cache: KVCache
     tree_mask: torch.Tensor | None  # [N, W] / [B, N, W] packed bits; None = causal
+    windows: list                   # per layer: its sliding window, or None
+    softcap: float | None = None    # attention logit soft-cap (every layer)
+    sinks: bool = False             # the attention modules hold per-head sink logits (module.sinks)
 
 
 def parallelspec_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -51,8 +61,12 @@ def parallelspec_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            "forward passes (it needs the KV cache); set the model's attn_implementation back "
                            "to 'sdpa' or 'eager' to call it directly")
     k_cache, v_cache = context.cache.layer(module.layer_idx)
+    sinks = module.sinks if context.sinks else None
+    if sinks is not None and sinks.dtype != torch.float32:
+        sinks = sinks.float()
     out = ps_kernels.tree_attention(query, key, value, k_cache, v_cache, context.cache.lens, context.tree_mask,
-                                    scale=scaling, validate=False)
+                                    scale=scaling, window=context.windows[module.layer_idx], softcap=context.softcap,
+                                    sinks=sinks, validate=False)
     return out.transpose(1, 2), None
 
 
@@ -70,11 +84,7 @@ class TargetModel:
 
     def __init__(self, model: torch.nn.Module):
         config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model: expected a causal LM of type {'/'.join(SUPPORTED_MODEL_TYPES)}, got "
-                             f"{type(model).__name__} (model_type={model_type!r}); other architectures are not "
-                             "supported by parallelspec")
+        self.architecture = check_target(model)
         if not hasattr(model, "model") or model.get_output_embeddings() is None:
             raise ValueError(f"model: expected a *ForCausalLM with a base model at .model and an LM head, "
                              f"got {type(model).__name__}")
@@ -88,9 +98,13 @@ class TargetModel:
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
         self.max_positions = getattr(config, "max_position_embeddings", None)
-        layer_types = getattr(config, "layer_types", None) or ()
-        uses_window = "sliding_attention" in layer_types or model_type == "mistral"
-        self.sliding_window = getattr(config, "sliding_window", None) if uses_window else None
+        arch = self.architecture
+        self.layer_windows = arch.layer_windows(config)
+        self.attn_softcap = getattr(config, arch.attn_softcap, None) if arch.attn_softcap else None
+        # what *ForCausalLM.forward applies to the LM head's output, in the model's dtype
+        self.final_softcap = getattr(config, arch.final_softcap, None) if arch.final_softcap else None
+        self.logits_divide = getattr(config, arch.logits_divide, None) if arch.logits_divide else None
+        self.logits_multiply = getattr(config, arch.logits_multiply, None) if arch.logits_multiply else None
 
     @property
     def device(self) -> torch.device:
@@ -108,10 +122,6 @@ class TargetModel:
         if self.max_positions is not None and total > self.max_positions:
             raise ValueError(f"max_new_tokens: prompt + new tokens = {total} exceed the model's "
                              f"max_position_embeddings = {self.max_positions}")
-        if self.sliding_window is not None and total > self.sliding_window:
-            raise ValueError(f"max_new_tokens: prompt + new tokens = {total} exceed the model's sliding_window = "
-                             f"{self.sliding_window}; sliding-window attention is not supported, only sequences "
-                             "that fit in the window")
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.num_layers, batch_size, self.num_kv_heads, self.head_dim, capacity,
@@ -134,10 +144,18 @@ class TargetModel:
         """Run N tokens per sequence at the given positions; node i attends the committed rows and
         the nodes tree_mask allows (None = causal); their K/V land in rows lens..lens+N-1.
         Returns the last hidden states [B, N, d] (after the final norm). Call inside attention()."""
-        out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                        **{CONTEXT_KWARG: ForwardContext(cache, tree_mask)})
+        context = ForwardContext(cache, tree_mask, self.layer_windows, self.attn_softcap, self.architecture.sinks)
+        out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **{CONTEXT_KWARG: context})
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head in the model's dtype, then fp32 (as transformers' generate does)."""
-        return self.lm_head(hidden).float()
+        """LM head and what the model's *ForCausalLM.forward applies after it (final soft-cap,
+        logits scaling) in the model's dtype, in its order, then fp32 (as transformers' generate does)."""
+        logits = self.lm_head(hidden)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        if self.logits_divide is not None:
+            logits = logits / self.logits_divide
+        if self.logits_multiply is not None:
+            logits = logits * self.logits_multiply
+        return logits.float()

@@ -12,10 +12,33 @@ def load_target(path: str | None, dtype: str = "fp32", device="cpu"):
     import torch
 
     from .. import models
-    if path is not None and not Path(path).is_dir():
-        raise FileNotFoundError(f"--model: expected a local model directory (config.json + weights), got {path!r}")
+    check_target_dir(path, "--model")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return models.load_target(path, torch_dtype, device)
+
+
+def check_target_dir(path: str | None, flag: str = "--target") -> None:
+    """Refuse, before any work, a target parallelspec does not run: `path`'s config.json alone is
+    read (no weights) and checked by parallelspec.hf.check_target. None is the embedded default
+    (a llama). Errors (FileNotFoundError, ValueError) name `flag`. Every command calls it first."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{flag}: expected a local model directory (config.json + weights), got {path!r}")
+    from transformers import AutoConfig
+
+    from ..hf import check_target
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{flag}: expected a transformers model directory with a readable config.json, got "
+                         f"{path!r} ({exc})") from None
+    try:
+        check_target(config)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {path}: {exc}") from None
 
 
 def encode_prompt(tokenizer, text: str, chat: bool):

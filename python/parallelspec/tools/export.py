@@ -238,7 +238,7 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
 def main_export(argv=None) -> int:
     """`parallelspec export --format vllm RUN OUT`: write a drafter trained in the eagle3 layout
     as model.safetensors + config.json for vLLM's EAGLE-3 parallel drafting."""
-    from .common import HelpFormatter
+    from .common import HelpFormatter, check_target_dir
     ap = argparse.ArgumentParser(prog="parallelspec export", description=main_export.__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--format", required=True, choices=("vllm",), help="the serving engine's format")
@@ -250,6 +250,7 @@ def main_export(argv=None) -> int:
     ap.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     args = ap.parse_args(argv)
     try:
+        check_target_dir(args.target)       # before anything is loaded or written
         path = drafter_dir(args.run)
         meta = json.loads((path / "config.json").read_text())
         target = None

@@ -308,7 +308,7 @@ def main_extract(argv=None) -> int:
     """`parallelspec extract`: the target's own continuations of prompts (self-distillation) and
     its features / top-K probabilities along them, in resumable shards for `parallelspec train`.
     Prompts: ShareGPT's first user turns (default), or your own with --data."""
-    from ..common import HelpFormatter, device_arg
+    from ..common import HelpFormatter, check_target_dir, device_arg
     ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--target", default=None, help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -335,9 +335,10 @@ def main_extract(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.target is not None and not Path(args.target).is_dir():
-        print(f"parallelspec extract: error: --target: expected a local model directory (config.json + weights), "
-              f"got {args.target!r}", file=sys.stderr)
+    try:
+        check_target_dir(args.target)       # before anything is loaded or written
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"parallelspec extract: error: {exc}", file=sys.stderr)
         return 2
     print(f"loading the target ({args.target or 'embedded SmolLM2-135M-Instruct'})...", flush=True)
     model, tokenizer = load_target(args.target, device=args.device)

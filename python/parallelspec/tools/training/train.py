@@ -493,7 +493,7 @@ def save_checkpoint(path: Path, net, opt, step: int, history: list, coverage: fl
 def main_train(argv=None) -> int:
     """`parallelspec train`: train a drafter on shards made by `parallelspec extract`; the
     drafter goes to <out>/drafter, the curve to <out>/summary.json."""
-    from ..common import HelpFormatter
+    from ..common import HelpFormatter, check_target_dir
     ap = argparse.ArgumentParser(prog="parallelspec train", description=main_train.__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--target", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -542,6 +542,7 @@ def main_train(argv=None) -> int:
         torch.set_num_threads(args.threads)
     data = Path(args.data)
     try:
+        check_target_dir(args.target)       # before anything is loaded or written
         check_data_dir(data)
     except (FileNotFoundError, ValueError) as exc:
         print(f"parallelspec train: error: {exc}", file=sys.stderr)
