@@ -7,14 +7,16 @@ of the module runs the native kernel when its input has as many rows as
 ``ps_kernels.SKINNY_ROWS[level][dtype]`` allows for the active CPU capability level (where it
 measured faster than torch at that level), no gradient is being
 recorded, and the native CPU backend serves the device; otherwise (prefill, training, CUDA)
-it runs ``F.linear`` as before. The modules are patched for the duration of
-the block only (an instance attribute ``forward``, removed afterwards): no modeling code is
-forked and the model is unchanged outside the block.
+it runs ``F.linear`` as before. The modules are patched while a block is active (an instance
+attribute ``forward``, removed when the last block ends): no modeling code is forked, the model
+is unchanged outside the blocks, and only the threads inside a block are routed (another
+thread running the same model at the same time gets ``F.linear``).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -48,20 +50,53 @@ def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ro
     return F.linear(x, weight, bias)
 
 
+# Routing is decided per thread: the patch is installed once while any block on a module is
+# active (a count per nn.Linear, under a lock) and removed when the last one ends, and the patched
+# forward routes only the calls of a thread that is inside a block (its routing answer in
+# _local.rows); any other thread, e.g. one running the plain model at the same time, gets F.linear.
+_lock = threading.Lock()
+_installed: dict[int, list] = {}      # id(module) -> [module, number of active blocks over it]
+_local = threading.local()            # .rows: this thread's routing answer inside a block, else absent
+
+
+def _dispatch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A patched nn.Linear's forward: routed in a thread inside a block, F.linear in any other."""
+    rows = getattr(_local, "rows", None)
+    return _routed(x, weight, bias, rows) if rows else F.linear(x, weight, bias)
+
+
 @contextlib.contextmanager
 def skinny_linears(module: nn.Module):
-    """Route the module's nn.Linear layers through `linear` inside the block (nothing is patched
-    where the native kernel does not serve)."""
-    patched = []
+    """Route the module's nn.Linear layers through `linear` inside the block, for the calling
+    thread only (nothing is routed where the native kernel does not serve). Blocks may run at the
+    same time in several threads and nest; the modules are restored when the last block ends,
+    also on an exception."""
     rows = ps_kernels.skinny_linear_rows("cpu")
-    if rows:
+    if not rows:
+        yield
+        return
+    mine = []
+    with _lock:
         for m in module.modules():
-            if type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu":
-                # the module's own forward, routed (an instance attribute, removed afterwards)
-                m.forward = functools.partial(_routed, weight=m.weight, bias=m.bias, rows=rows)
-                patched.append(m)
+            entry = _installed.get(id(m))
+            if entry is not None:
+                entry[1] += 1
+                mine.append(m)
+            elif type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu":
+                # the module's own forward, dispatched (an instance attribute, removed afterwards)
+                m.forward = functools.partial(_dispatch, weight=m.weight, bias=m.bias)
+                _installed[id(m)] = [m, 1]
+                mine.append(m)
+    outer = getattr(_local, "rows", None)
+    _local.rows = rows
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward
+        _local.rows = outer
+        with _lock:
+            for m in mine:
+                entry = _installed[id(m)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _installed[id(m)]
+                    del m.forward

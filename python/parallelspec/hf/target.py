@@ -2,8 +2,9 @@
 
 transformers dispatches every attention call through ``ALL_ATTENTION_FUNCTIONS[
 config._attn_implementation]``. We register one more entry, ``"parallelspec"``, whose function
-calls ``ps_kernels.tree_attention`` on the layer's slice of our cache, and switch the model's
-config to it while we run (``TargetModel.attention()``; the previous value is restored after).
+calls ``ps_kernels.tree_attention`` on the layer's slice of our cache, and the model's config
+answers it to the threads running our forward passes only (``TargetModel.attention()``: other
+threads see the config's own value, and the model is as it was once the last call ends).
 
 No mask is built for it: ``create_causal_mask`` returns the given 2-D mask (we pass None) as it
 is for any implementation missing from ``AttentionMaskInterface`` ("custom attention without
@@ -24,6 +25,7 @@ rows outside the window): memory grows with the sequence as for full attention.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import ps_kernels
@@ -129,15 +131,12 @@ class TargetModel:
 
     @contextlib.contextmanager
     def attention(self):
-        """Switch the model to our attention function, and its linear layers to the few-row
-        kernel (parallelspec.linear), for the duration of the block."""
-        previous = self.config._attn_implementation
-        self.config._attn_implementation = ATTENTION_NAME
-        try:
-            with skinny_linears(self.model):
-                yield
-        finally:
-            self.config._attn_implementation = previous
+        """Run the model with our attention function, and its linear layers with the few-row
+        kernel (parallelspec.linear), in the calling thread for the duration of the block. Other
+        threads running the same model meanwhile get transformers' own attention, masks and
+        linears; the model is as it was when the last block ends (_attention_in_this_thread)."""
+        with _attention_in_this_thread(_configs_read_by(self.model)), skinny_linears(self.model):
+            yield
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
                 tree_mask: torch.Tensor | None) -> torch.Tensor:
@@ -159,3 +158,73 @@ class TargetModel:
         if self.logits_multiply is not None:
             logits = logits * self.logits_multiply
         return logits.float()
+
+
+# The attention implementation, per thread. transformers reads `config._attn_implementation` (a
+# property of PreTrainedConfig) in every attention layer and in create_causal_mask. While any
+# parallelspec block runs on a model, its configs get a subclass whose property answers
+# ATTENTION_NAME to the threads inside a block and the config's own value to every other thread
+# (which then runs the model exactly as transformers does: its attention function, its masks).
+# The class is swapped once, when the first block on the config starts, under a lock, and
+# swapped back when the last one ends, also on an exception; the config's attributes are never
+# written.
+_view_lock = threading.Lock()
+_view_local = threading.local()      # .configs: {id(config): active blocks} of the calling thread
+_views: dict[int, list] = {}         # id(config) -> [config, its own class, active blocks (all threads)]
+_view_classes: dict[type, type] = {}
+
+
+def _view_class(cls: type) -> type:
+    """cls with `_attn_implementation` answered per thread (see above); one subclass per class."""
+    view = _view_classes.get(cls)
+    if view is None:
+        own = getattr(cls, "_attn_implementation")
+
+        def get(config):
+            active = getattr(_view_local, "configs", None)
+            return ATTENTION_NAME if active and id(config) in active else own.fget(config)
+        view = type(cls.__name__, (cls,), {"_attn_implementation": property(get, own.fset),
+                                           "__qualname__": cls.__qualname__, "__module__": cls.__module__})
+        _view_classes[cls] = view
+    return view
+
+
+def _configs_read_by(model: torch.nn.Module) -> list:
+    """The config objects the model's modules read the attention implementation from."""
+    found = {}
+    for c in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]:
+        if isinstance(getattr(type(c), "_attn_implementation", None), property):
+            found[id(c)] = c
+    if not found:
+        raise ValueError(f"model: expected a transformers model whose config has an _attn_implementation "
+                         f"property, got {type(model).__name__}")
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _attention_in_this_thread(configs: list):
+    """Inside the block, the calling thread sees ATTENTION_NAME in these configs; others do not."""
+    with _view_lock:
+        for c in configs:
+            entry = _views.get(id(c))
+            if entry is None:
+                entry = _views[id(c)] = [c, type(c), 0]
+                object.__setattr__(c, "__class__", _view_class(type(c)))
+            entry[2] += 1
+    active = _view_local.__dict__.setdefault("configs", {})
+    for c in configs:
+        active[id(c)] = active.get(id(c), 0) + 1
+    try:
+        yield
+    finally:
+        for c in configs:
+            active[id(c)] -= 1
+            if not active[id(c)]:
+                del active[id(c)]
+        with _view_lock:
+            for c in configs:
+                entry = _views[id(c)]
+                entry[2] -= 1
+                if not entry[2]:
+                    del _views[id(c)]
+                    object.__setattr__(c, "__class__", entry[1])
