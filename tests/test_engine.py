@@ -78,16 +78,15 @@ def test_hybrid_sit_out_undone_when_the_copy_breaks(case, tree):
     assert stats.mean_accepted > 1.3, "the late network's (true) candidates should be accepted"
 
 
-@pytest.mark.parametrize("trigger", [{"defer_after": 2}, {"defer_on_match": 3}])
 @pytest.mark.parametrize("tree", ["chain", "auto"])
-def test_hybrid_deferral_feeds_the_whole_stream(case, tree, trigger):
-    """HybridDrafter(defer_after=2): the feature-needing source sits out steps after a long
-    acceptance and then gets the held-back (token, feature) pairs with the new ones; the oracle
+def test_hybrid_deferral_feeds_the_whole_stream(case, tree):
+    """HybridDrafter(defer_on_match=3): the feature-needing source sits out steps while prompt
+    lookup matches and then gets the held-back (token, feature) pairs with the new ones; the oracle
     checks every pair it is given against the reference, and the output stays HF's."""
     model, ids, mask, reference = case
     oracle = _drafter("oracle+features", model, ids, mask, reference)
     oracle.p_true = 0.97   # mostly whole acceptances across the batch: deferral happens
-    hybrid = ps.HybridDrafter([_AlwaysMatching(num_tokens=3), oracle], **trigger)
+    hybrid = ps.HybridDrafter([_AlwaysMatching(num_tokens=3), oracle], defer_on_match=3)
     out = ps.generate(model, ids, hybrid, attention_mask=mask, max_new_tokens=NEW, tree=_small_tree(tree))
     torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
     assert hybrid.deferred_steps > 0, "the deferral path was not exercised"
@@ -186,7 +185,7 @@ def _network_drafter(kind, model):
     drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
     if kind.startswith("hybrid"):
         drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter],
-                                   defer_after=2 if kind == "hybrid_defer" else None)
+                                   defer_on_match=1 if kind == "hybrid_defer" else None)
     return drafter
 
 
