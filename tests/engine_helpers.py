@@ -101,3 +101,44 @@ def unpadded_rows(sequences: torch.Tensor, mask: torch.Tensor) -> list[list[int]
     """Per sequence: prompt tokens (without left padding) + the generated tokens."""
     T = mask.shape[1]
     return [sequences[b, T - int(mask[b].sum()):].tolist() for b in range(sequences.shape[0])]
+
+
+def oracle_network(model, parallel: bool, depth: int = 4, slot1: str = "mask"):
+    """A drafter network that copies a Llama target: as many layers as the target, each the
+    target's layer (norms, projections, MLP), the target's final norm and head, and the fused
+    input keeping the token's embedding only. A real row then computes the target's own hidden
+    state over the tokens the drafter has seen, so its top candidate is (nearly: the drafter never
+    sees the first prompt token) the target's next token; the EAGLE-style drafter, fed its own
+    drafts, continues the target's greedy chain, and the parallel one's mask slots guess.
+    Acceptance is high but not certain, so drafts are accepted and rejected in one run."""
+    from parallelspec.drafters import build_network
+
+    c = model.config
+    if c.model_type != "llama":
+        raise ValueError(f"model: the oracle network copies a Llama target's layers, got {c.model_type}")
+    net = build_network(model, parallel=parallel, depth=depth, num_layers=c.num_hidden_layers, slot1=slot1)
+    d = c.hidden_size
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.weight[:, :d] = torch.eye(d)
+        for mine, theirs in zip(net.layers, model.model.layers):
+            mine.input_norm.weight.copy_(theirs.input_layernorm.weight)
+            mine.post_norm.weight.copy_(theirs.post_attention_layernorm.weight)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(mine, name).weight.copy_(getattr(theirs.self_attn, name).weight)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(mine, name).weight.copy_(getattr(theirs.mlp, name).weight)
+        net.norm.weight.copy_(model.model.norm.weight)
+    return net
+
+
+def record_step_lens(drafter):
+    """Wrap drafter.step to record each step's `lens` (tokens committed per sequence since the
+    last step: the previous step's accepted count, 0 once finished); returns the list."""
+    steps, step = [], drafter.step
+
+    def recording(tokens, features, lens, *args, **kwargs):
+        steps.append(lens.tolist())
+        return step(tokens, features, lens, *args, **kwargs)
+    drafter.step = recording
+    return steps

@@ -272,3 +272,96 @@ def test_greedy_on_cuda_backends_that_ran(kind, forced, dtype, monkeypatch):
     else:
         new_ours, new_hf = out[:, ids.shape[1]:], reference[:, ids.shape[1]:]
         assert (new_ours == new_hf).float().mean() >= 0.75, (new_ours, new_hf)
+
+
+# ------------------------------------------------------------ drafters that are accepted
+# The random networks above are never accepted (a step commits one token), so the commit and
+# rollback of several accepted tokens through a network drafter (its cache, features, the tree
+# walk) runs here: drafter networks that copy the target (engine_helpers.oracle_network), and
+# prompt lookup on the target's own looping continuations.
+
+ACCEPT_NEW = 24
+
+def _flat_auto_tree():
+    """An AutoTree whose verify costs the same at any size (10 nodes at most): it grows the
+    tree as deep as acceptance pays (on _small_tree's table the parallel drafter stays at depth 1)."""
+    from parallelspec.trees import AutoTree
+    return AutoTree({1: 1.0, 64: 1.0}, max_nodes=10)
+
+
+ACCEPT_TREES = {"chain": "chain", "static": "static", "dynamic": "dynamic", "auto": None}
+
+
+@pytest.fixture(scope="module")
+def accepting():
+    """A tiny Llama, 4 left-padded prompts (longer than above: the oracle networks never see the
+    first prompt token, which matters less in a longer context), transformers' greedy output."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama", VOCAB)
+    ids, mask = left_padded([12, 20, 6, 16], VOCAB, seed=11)
+    return model, ids, mask, hf_greedy(model, ids, mask, ACCEPT_NEW)
+
+
+def _accepting_drafter(kind, model):
+    from engine_helpers import oracle_network
+
+    if kind == "ngram":
+        return ps.NgramDrafter(num_tokens=4)
+    net = oracle_network(model, parallel=kind != "eagle", slot1="mask" if kind == "eagle" else "draft")
+    drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
+    return ps.HybridDrafter([ps.NgramDrafter(num_tokens=3), drafter]) if kind == "hybrid" else drafter
+
+
+@pytest.mark.parametrize("tree", list(ACCEPT_TREES))
+@pytest.mark.parametrize("kind", ["parallel", "eagle", "hybrid", "ngram"])
+def test_accepted_drafts_commit_several_tokens(accepting, kind, tree):
+    """Every drafter kind and tree kind, batch 4: the output is transformers' greedy output,
+    steps commit several tokens (mean acceptance above a floor, some step 3 or more), and in
+    some step the sequences accept different counts (per-sequence commit and rollback)."""
+    from engine_helpers import record_step_lens
+
+    model, ids, mask, reference = accepting
+    if kind == "ngram":    # prompt lookup copies: prompts that hold the target's own loops
+        mask = torch.cat([mask, torch.ones_like(reference[:, ids.shape[1]:])], dim=1)
+        ids = reference
+        reference = hf_greedy(model, ids, mask, ACCEPT_NEW)
+    drafter = _accepting_drafter(kind, model)
+    steps = record_step_lens(drafter)
+    out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=ACCEPT_NEW,
+                             tree=ACCEPT_TREES[tree] or _flat_auto_tree(), return_stats=True)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    floor = 1.3 if kind == "ngram" else 1.5    # measured: ngram 1.44, networks 1.6-2.2
+    assert stats.mean_accepted > floor, (stats.mean_accepted, stats.accept_histogram)
+    assert max(a for a, c in enumerate(stats.accept_histogram) if c) >= 3, stats.accept_histogram
+    assert any(len({n for n in s if n}) > 1 for s in steps[1:]), steps   # after prefill: accepted counts
+
+
+@pytest.mark.parametrize("kind", ["eagle", "hybrid"])
+def test_eos_inside_an_accepted_run(accepting, kind):
+    """EOS arriving in the middle of a step's accepted drafts: the tokens accepted after it are
+    dropped and the sequence ends there, as in transformers' output with that EOS. The EOS is a
+    token that a first run committed as an accepted draft followed by more tokens of the same step
+    (decoding up to it is the same with and without the EOS) and that does not occur earlier."""
+    from engine_helpers import record_step_lens
+
+    model, ids, mask, reference = accepting
+    row = slice(1, 2)                                  # the longest prompt, alone
+    prompt = ids[row, -20:]
+    drafter = _accepting_drafter(kind, model)
+    steps = record_step_lens(drafter)
+    free = ps.generate(model, prompt, drafter, max_new_tokens=ACCEPT_NEW)
+    new = free[0, prompt.shape[1]:].tolist()
+    eos_at, start = None, 1                            # new token 0 comes from the prefill
+    for (n,) in steps[1:]:
+        for p in range(start, start + n - 1):      # a draft, not the run's last token
+            if eos_at is None and new[p] not in new[:p]:
+                eos_at = p
+        start += n
+    assert eos_at is not None, f"no accepted draft with a fresh token: {steps}"
+    eos = new[eos_at]
+    want = hf_greedy(model, prompt, None, ACCEPT_NEW, eos_token_id=eos, pad_token_id=0)
+    out = ps.generate(model, prompt, _accepting_drafter(kind, model), max_new_tokens=ACCEPT_NEW, eos_token_id=eos,
+                      pad_token_id=0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert out.shape[1] == prompt.shape[1] + eos_at + 1
+
