@@ -15,7 +15,7 @@ DRAFTER_CHOICES = ("default", "parallel", "eagle", "parallel-eagle3", "ngram", "
 
 
 def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_options: dict | None = None,
-                 head_dtype="default"):
+                 head_dtype="default", format: str | None = None, **published_options):
     """A drafter from a name or a path.
 
     spec: "none" (plain decoding), "ngram" (prompt lookup), "parallel" / "eagle" /
@@ -26,6 +26,11 @@ def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_op
     ``HYBRID_OPTIONS``. head_dtype: a network drafter's head copy on a CPU
     (``NetworkDrafter``); "default" = ``HEAD_DTYPE``. ngram_tokens: prompt lookup's longest
     continuation (None = ``NGRAM_TOKENS``).
+
+    Drafters other people publish (EAGLE-3, P-EAGLE, PARD; docs/DRAFTERS.md) load from their
+    directory or Hugging Face repo id, their format detected from the files; format= ("eagle3",
+    "peagle", "pard") overrides it, and published_options (depth, top_m, aux_layers) go to
+    ``parallelspec.drafters.published.load``.
     """
     import torch
     from .drafters import EagleDrafter, HybridDrafter, NgramDrafter, ParallelDrafter
@@ -42,6 +47,9 @@ def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_op
         return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter(inner, model, head_dtype=head_dtype)],
                              **{**HYBRID_OPTIONS, **(hybrid_options or {})})
     path = SHIPPED.get(spec, Path(spec))
+    if format is not None or published_options or (spec not in SHIPPED and _published(spec, path)):
+        from .drafters.published import load as load_published
+        return load_published(spec, model, format=format, **published_options)
     if not path.exists():
         where = f"the shipped '{spec}' drafter at {path}" if spec in SHIPPED else f"{path}"
         raise FileNotFoundError(f"drafter: {where} does not exist; expected one of {DRAFTER_CHOICES} "
@@ -68,6 +76,19 @@ def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_op
                          f"not this model ({exc}). Use prompt lookup (--drafter ngram / load_drafter('ngram', "
                          "model)), no drafter ('none'), or train one for your model: parallelspec extract, then "
                          "parallelspec train (docs/TRAINING.md), and pass its run directory") from None
+
+
+def _published(spec: str, path: Path) -> bool:
+    """A directory whose config.json parallelspec did not write, or a Hugging Face repo id."""
+    import json
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            return "kind" not in json.loads(config.read_text())
+        except ValueError:
+            return True     # the published loader says what is wrong with it
+    parts = spec.split("/")
+    return not path.exists() and len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
 #: the fastest method of the end-to-end benchmark on the embedded target (benchmarks/results/README.md)

@@ -199,6 +199,23 @@ def drafter_depth(drafter: Drafter | None) -> int | None:
     return getattr(drafter, "depth", None) or getattr(drafter, "num_tokens", None)
 
 
+def drafter_sources(drafter: Drafter | None) -> list[Drafter]:
+    """A hybrid's sources, or the drafter itself (none without one)."""
+    if drafter is None:
+        return []
+    return list(getattr(drafter, "drafters", None) or [drafter])
+
+
+def aux_layers(drafter: Drafter | None) -> tuple[int, ...]:
+    """The target layers whose input hidden states the drafter reads besides the last hidden state
+    (``aux_layers`` of an EAGLE-3 drafter: TargetModel.aux_hidden_states); () for the others."""
+    wanted = {tuple(getattr(d, "aux_layers", ()) or ()) for d in drafter_sources(drafter)} - {()}
+    if len(wanted) > 1:
+        raise ValueError(f"drafter: its sources read different target layers {sorted(wanted)}; one set of "
+                         "auxiliary hidden states a run")
+    return wanted.pop() if wanted else ()
+
+
 def verify_step(target: TargetModel, cache, tree: Tree, sampling: SamplingParams, out: "_Output"):
     """The step's device work after the tree is built, one function of fixed shapes per tree size
     N (no host sync, no data-dependent shape; a streamer or stopping criteria add their own host
@@ -297,6 +314,9 @@ def start(target: TargetModel, cache, rows: torch.Tensor, lens: torch.Tensor, dr
     pending = None
     if drafter is not None:
         drafter.reset(rows.shape[0], max_len, target.device, target.dtype)
+        for source in drafter_sources(drafter):   # drafters that read the whole sequence (PARD) need token 0
+            if hasattr(source, "begin"):
+                source.begin(rows[:, 0])
         pending = DraftInput(shift_in(rows, lens, root), hidden, lens)
     builder.reset()
     return root, pending
@@ -349,7 +369,7 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
         verify_tree = capture.GraphedVerify(verify_tree, cache, out, largest_tree, capture_kind)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
-    with torch.inference_mode(), target.attention():
+    with torch.inference_mode(), target.attention(), target.aux_hidden_states(aux_layers(drafter)):
         root, pending = start(target, cache, rows, lens, drafter, builder, out, settings, committed + 1)
         recorder.lap("prefill")
         # a step commits at least one token of every live sequence: max_new_tokens - 1 steps at

@@ -25,6 +25,7 @@ rows outside the window): memory grows with the sequence as for full attention.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -138,6 +139,43 @@ class TargetModel:
         with _attention_in_this_thread(_configs_read_by(self.model)), skinny_linears(self.model):
             yield
 
+    @contextlib.contextmanager
+    def aux_hidden_states(self, layers=()):
+        """While open, forward() returns [last hidden state; the hidden states entering decoder
+        layers `layers`, in that order] concatenated on the last axis ([B, N, (1 + len(layers)) d]):
+        the features EAGLE-3 drafters read, gathered in the same pass by forward pre-hooks (no
+        second pass, no host sync). Layer i's input is the output of layer i - 1 (0: the
+        embeddings), vLLM's numbering of ``eagle_aux_hidden_state_layer_ids``. logits() reads the
+        first d columns. No layers: forward() is unchanged."""
+        layers = tuple(int(i) for i in layers or ())
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"aux layers: expected decoder layer indices in [0, {self.num_layers}) of this "
+                             f"{self.num_layers}-layer model, got {list(layers)}")
+        if not layers:
+            yield
+            return
+        store = {}
+
+        def keep(index, module, args, kwargs):
+            store[index] = args[0] if args else kwargs["hidden_states"]
+        handles = [self.base.layers[i].register_forward_pre_hook(functools.partial(keep, i), with_kwargs=True)
+                   for i in sorted(set(layers))]
+        self._aux = (layers, store)
+        try:
+            yield
+        finally:
+            self._aux = None
+            for h in handles:
+                h.remove()
+
+    def _with_aux(self, hidden: torch.Tensor) -> torch.Tensor:
+        aux = getattr(self, "_aux", None)
+        if aux is None:
+            return hidden
+        layers, store = aux
+        return torch.cat([hidden] + [store[i] for i in layers], dim=-1)
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
                 tree_mask: torch.Tensor | None) -> torch.Tensor:
         """Run N tokens per sequence at the given positions; node i attends the committed rows and
@@ -145,11 +183,13 @@ class TargetModel:
         Returns the last hidden states [B, N, d] (after the final norm). Call inside attention()."""
         context = ForwardContext(cache, tree_mask, self.layer_windows, self.attn_softcap, self.architecture.sinks)
         out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **{CONTEXT_KWARG: context})
-        return out.last_hidden_state
+        return self._with_aux(out.last_hidden_state)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head and what the model's *ForCausalLM.forward applies after it (final soft-cap,
         logits scaling) in the model's dtype, in its order, then fp32 (as transformers' generate does)."""
+        if hidden.shape[-1] != self.hidden_size:   # [last hidden; aux hidden states] (aux_hidden_states)
+            hidden = hidden[..., :self.hidden_size]
         logits = self.lm_head(hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
