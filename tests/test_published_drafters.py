@@ -68,7 +68,8 @@ def _layer(w, prefix, first):
           f"{prefix}.self_attn.o_proj.weight": w(D_MODEL, HEADS * HEAD_DIM),
           f"{prefix}.mlp.gate_proj.weight": w(INTER, D_MODEL), f"{prefix}.mlp.up_proj.weight": w(INTER, D_MODEL),
           f"{prefix}.mlp.down_proj.weight": w(D_MODEL, INTER),
-          f"{prefix}.input_layernorm.weight": 1 + w(D_MODEL), f"{prefix}.post_attention_layernorm.weight": 1 + w(D_MODEL)}
+          f"{prefix}.input_layernorm.weight": 1 + w(D_MODEL),
+          f"{prefix}.post_attention_layernorm.weight": 1 + w(D_MODEL)}
     if first:
         sd[f"{prefix}.hidden_norm.weight"] = 1 + w(D_MODEL)
     return sd
@@ -114,7 +115,8 @@ def write_specforge(path, seed=12, aux_ids=None):
              "lm_head.weight": w(DRAFT_VOCAB, D_MODEL), **_vocab_buffers(seed)}
     path.mkdir(parents=True, exist_ok=True)
     _save_safetensors(path, state, torch.bfloat16)
-    extra = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": aux_ids, "use_aux_hidden_state": True}} if aux_ids else {}
+    pinned = {"eagle_aux_hidden_state_layer_ids": aux_ids, "use_aux_hidden_state": True}
+    extra = {"eagle_config": pinned} if aux_ids else {}
     config = _head_config("LlamaForCausalLMEagle3", rope_theta=10000.0, torch_dtype="bfloat16", pad_token_id=None,
                           **extra)
     (path / "config.json").write_text(json.dumps(config))
@@ -208,7 +210,8 @@ class RefLayer:
         out = (scores.softmax(-1) @ v).transpose(0, 1).reshape(T, HEADS * HEAD_DIM) @ s["self_attn.o_proj.weight"].T
         h = residual + out
         m = _rms(h, s["post_attention_layernorm.weight"])
-        return h + (F.silu(m @ s["mlp.gate_proj.weight"].T) * (m @ s["mlp.up_proj.weight"].T)) @ s["mlp.down_proj.weight"].T
+        act = F.silu(m @ s["mlp.gate_proj.weight"].T) * (m @ s["mlp.up_proj.weight"].T)
+        return h + act @ s["mlp.down_proj.weight"].T
 
 
 def _causal(T, past=0):
@@ -560,3 +563,52 @@ def test_a_repo_id_resolves_from_the_local_cache(target, tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("0" * 40)
     drafter = ps.load_drafter("someone/EAGLE3-tiny", target)
     assert drafter.format == "eagle3"
+
+
+def test_sampling_follows_the_target_distribution(tmp_path):
+    """Speculative sampling with a PARD drafter (the target itself plus a pard token: many
+    acceptances, some rejections): the first new tokens follow the target's exact distribution."""
+    from test_engine_sampling import SAMPLES, SETTINGS, VOCAB as SMALL, _chi_square_pvalue, _exact_joint
+    from parallelspec.sampling import SamplingParams
+    model = tiny_model("llama", SMALL, seed=3)
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(str(tmp_path / "pard"))
+    config = json.loads((tmp_path / "pard" / "config.json").read_text())
+    (tmp_path / "pard" / "config.json").write_text(json.dumps({**config, "pard_token": SMALL - 1}))
+    drafter = ps.load_drafter(str(tmp_path / "pard"), model, depth=3, top_m=1)   # some steps reject all
+    prompt, n = [1, 4, 2, 4, 1], 3
+    exact = _exact_joint(model, prompt, n, SamplingParams(True, **SETTINGS))
+    torch.manual_seed(1234)
+    out, stats = ps.generate(model, torch.tensor([prompt] * SAMPLES), drafter, max_new_tokens=n, do_sample=True,
+                             tree="dynamic", return_stats=True, **SETTINGS)
+    assert stats.accept_histogram[1] > 0 and sum(stats.accept_histogram[2:]) > 0
+    new = out[:, len(prompt):]
+    counts = torch.zeros([SMALL] * n, dtype=torch.float64)
+    counts.index_put_(tuple(new.T), torch.ones(SAMPLES, dtype=torch.float64), accumulate=True)
+    assert _chi_square_pvalue(counts, exact) > 1e-3
+    for j in range(n):
+        dims = tuple(i for i in range(n) if i != j)
+        assert _chi_square_pvalue(counts.sum(dim=dims), exact.sum(dim=dims)) > 1e-3, f"position {j}"
+
+
+def test_our_vllm_export_loads_as_a_peagle_head_and_drafts_the_same(target, tmp_path, monkeypatch):
+    """`parallelspec export --format vllm` writes vLLM's P-EAGLE files (no aux hidden states); read
+    back by the P-EAGLE loader they draft exactly what the parallel drafter they came from drafts."""
+    from parallelspec.drafters import ParallelDrafter, build_network
+    from parallelspec.drafters import parallel as native_module
+    from parallelspec.drafters.published import eagle3
+    from parallelspec.tools.export import export_vllm
+    net = build_network(target, parallel=True, depth=DEPTH, layout="eagle3", head="trained", seed=5)
+    with torch.no_grad():
+        net.mask_hidden.normal_(std=1.0)
+    native = ParallelDrafter(net, top_m=4)
+    native.save_pretrained(tmp_path / "native", dtype=torch.float32)
+    export_vllm(tmp_path / "native", tmp_path / "vllm", target=target)
+    published = ps.load_drafter(str(tmp_path / "vllm"), target)
+    assert published.format == "peagle" and published.depth == DEPTH and published.aux_layers == ()
+    ours, *_ = run_ours(monkeypatch, target, published, eagle3)
+    theirs, *_ = run_ours(monkeypatch, target, native, native_module)
+    assert len(ours) == len(theirs) >= 8
+    for (b1, s1, d1), (b2, s2, d2) in zip(ours, theirs):
+        assert (b1, s1) == (b2, s2)
+        assert torch.allclose(d1.exp(), d2.exp(), atol=1e-5)

@@ -44,7 +44,8 @@ def load_drafter(spec: str, model, *, ngram_tokens: int | None = None, hybrid_op
         spec = DEFAULT_DRAFTER
     if spec == "hybrid" or spec.startswith("hybrid:"):
         inner = spec[len("hybrid:"):] or "parallel"
-        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), load_drafter(inner, model, head_dtype=head_dtype)],
+        source = load_drafter(inner, model, head_dtype=head_dtype, format=format, **published_options)
+        return HybridDrafter([NgramDrafter(num_tokens=ngram_tokens), source],
                              **{**HYBRID_OPTIONS, **(hybrid_options or {})})
     path = SHIPPED.get(spec, Path(spec))
     if format is not None or published_options or (spec not in SHIPPED and _published(spec, path)):

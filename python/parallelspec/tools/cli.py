@@ -19,7 +19,11 @@ DEMO_PROMPTS = [
 def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     from ..defaults import DRAFTER_CHOICES
     p.add_argument("--drafter", default="default",
-                   help=f"one of {', '.join(DRAFTER_CHOICES)}, or a saved drafter directory (default: %(default)s)")
+                   help=f"one of {', '.join(DRAFTER_CHOICES)}, a saved drafter directory, or a published EAGLE-3 / "
+                        "P-EAGLE / PARD drafter's directory or Hugging Face repo id (docs/DRAFTERS.md; "
+                        "hybrid:PATH adds prompt lookup) (default: %(default)s)")
+    p.add_argument("--drafter-format", default=None, choices=["eagle3", "peagle", "pard"],
+                   help="the published drafter's format (default: detected from its config.json and tensor names)")
     p.add_argument("--tree", default="auto", choices=["auto", "chain", "static", "dynamic"],
                    help="draft tree: auto picks the node budget from the measured verify cost (default)")
     p.add_argument("--tree-nodes", type=_positive("--tree-nodes"), default=None,
@@ -57,7 +61,7 @@ def cmd_generate(args) -> int:
               "they are ignored (as transformers' generate does); add --do-sample to sample", file=sys.stderr)
     model, tok = load_target(args.model, args.dtype, args.device)
     options = _generation_options(args, model)
-    drafter = load_drafter(args.drafter, model)
+    drafter = load_drafter(args.drafter, model, format=args.drafter_format)
     ids = encode_prompt(tok, text, args.chat).to(args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -124,7 +128,7 @@ def cmd_demo(args) -> int:
               "native CPU kernels not built: the PyTorch reference ops run (ps_kernels.backends() says why)")
     model, tok = load_target(None, args.dtype, args.device)
     name = DEFAULT_DRAFTER if args.drafter == "default" else args.drafter
-    drafter = load_drafter(args.drafter, model)
+    drafter = load_drafter(args.drafter, model, format=args.drafter_format)
     tree = _tree_kwargs(args, model)
     prompts = DEMO_PROMPTS[: args.prompts]
     # warm-up: thread pools, kernel dispatch, caches

@@ -146,7 +146,8 @@ def _rope(config: dict, head_dim: int, num_heads: int, num_kv_heads: int, hidden
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    keys = {k: config[k] for k in ("rope_theta", "rope_scaling", "max_position_embeddings") if config.get(k) is not None}
+    keys = {k: config[k] for k in ("rope_theta", "rope_scaling", "max_position_embeddings")
+            if config.get(k) is not None}
     conf = LlamaConfig(hidden_size=hidden, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                        head_dim=head_dim, **keys)
     return LlamaRotaryEmbedding(conf)
@@ -429,7 +430,9 @@ def load_head(config: dict, state: dict, model, *, parallel: bool, source: str, 
                             ": a head narrower than its target must ship its own embed_tokens.weight"))
     head.embed_weight = emb.float() if "embed_tokens.weight" in state else emb   # the target's: no copy
     if parallel:
-        cls, default_depth = PEagleDrafter, 4
+        # k as trained, where the file says it (parallelspec's vLLM export; speculators' configs)
+        spec = (config.get("parallelspec") or {}).get("speculative_config") or config.get("speculators_config") or {}
+        cls, default_depth = PEagleDrafter, int(spec.get("num_speculative_tokens") or 4)
         token = mask_token_id(config, arg)
         if not 0 <= token < vocab:
             raise ValueError(f"{arg}: {source}mask token id {token} is outside the vocabulary [0, {vocab})")

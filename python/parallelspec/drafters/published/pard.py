@@ -106,7 +106,8 @@ def load_pard(path, config: dict, state: dict, model, *, depth: int | None = Non
     try:
         lm_config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:
-        raise ValueError(f"{arg}: {path}/config.json is not a transformers config ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{arg}: {path}/config.json is not a transformers config "
+                         f"({type(exc).__name__}: {exc})") from None
     gen_state = torch.random.get_rng_state()
     lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
     torch.random.set_rng_state(gen_state)
@@ -126,5 +127,6 @@ def load_pard(path, config: dict, state: dict, model, *, depth: int | None = Non
         lm.tie_weights()
     token = int(config["pard_token"])
     if not 0 <= token < lm_config.vocab_size:
-        raise ValueError(f"{arg}: {path}: pard_token {token} is outside the model's vocabulary [0, {lm_config.vocab_size})")
+        raise ValueError(f"{arg}: {path}: pard_token {token} is outside the model's vocabulary "
+                         f"[0, {lm_config.vocab_size})")
     return PardDrafter(lm.eval(), token, depth=depth or 4, top_m=top_m, source=str(path))
