@@ -37,7 +37,7 @@ from ..checkpoint import DraftConfig
 from ..network import DecoderLayer, RMSNorm, top_candidates
 
 #: architectures the publishers write into config.json
-ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "PEagleDraftModel", "Eagle3Speculator")
+ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "PEagleDraftModel")
 #: config keys holding the P-EAGLE mask token id, in vLLM's order of preference
 MASK_TOKEN_KEYS = ("dflash_config.mask_token_id", "mask_token_id", "dspark_noise_token_id", "pard_token",
                    "ptd_token_id")
