@@ -416,6 +416,28 @@ def test_the_comparison_catches_injected_mistakes(mistake, target, tmp_path, mon
     assert compare(records, _eagle3_reference(path, target, (2, 4, 5))) > 1e-2
 
 
+def test_the_peagle_and_pard_comparisons_catch_injected_mistakes(target, tmp_path, monkeypatch):
+    """P-EAGLE's mask slots fed another token than the config's mask token, and a PARD drafter
+    that never saw the prompt's first token: both comparisons fail."""
+    import transformers as tf
+    from parallelspec.drafters.published import eagle3, pard
+    path = write_peagle(tmp_path / "peagle")
+    with monkeypatch.context() as patch:
+        patch.setattr(eagle3, "mask_token_id", lambda config, arg="drafter": 0)
+        drafter = ps.load_drafter(str(path), target, depth=DEPTH)
+    records, *_ = run_ours(monkeypatch, target, drafter, eagle3, max_new_tokens=4)
+    state = _load_state(path)
+    embed = target.get_input_embeddings().weight.detach().float()
+    assert compare(records, lambda seq: ref_peagle(state, embed, target, seq, (2, 4, 5), DEPTH)) > 1e-2
+
+    path = write_pard(tmp_path / "pard")
+    drafter = ps.load_drafter(str(path), target, depth=DEPTH)
+    monkeypatch.setattr(pard.PardDrafter, "begin", lambda self, first: None)
+    records, *_ = run_ours(monkeypatch, target, drafter, pard, max_new_tokens=4)
+    lm = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    assert compare(records, lambda seq: ref_pard(lm, seq, DEPTH)) > 1e-2
+
+
 # --------------------------------------------------------------------------- lossless, trees, hybrid
 
 def _all_formats(target, root):
