@@ -1,8 +1,9 @@
 // Shared part of the tree_attention / draft_attention torch bindings: tensor checks, the
 // AttentionParams they describe, and FlashInfer-style plan() / run():
-//   plan  the split plan (AttentionSplitPlan) for a step's shapes on a device, with the SM
-//         count looked up once per device; the ps_kernels_C::attention_split_plan op returns it
-//         to Python (ps_kernels/ops/attention_plan.py), which keeps one fp32 workspace per step
+//   plan  the split plan (AttentionSplitPlan, attention_plan.h) for a step's shapes on a device,
+//         with the SM count looked up once per device; the ps_kernels_C::attention_split_plan op
+//         (registered in every build, csrc/cpu/attention_plan.cpp) returns it to Python
+//         (ps_kernels/ops/attention_plan.py), which keeps one fp32 workspace per step
 //   run   the launch with a plan and a workspace: the *_planned ops, called once per layer
 // The ops without a plan argument plan inside the call and allocate their scratch there.
 // Only c10/cuda headers (no ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers), so

@@ -17,34 +17,43 @@ import torch
 from .. import _backend, _checks
 from .. import reference as _ref
 from . import _attention
+from . import attention_plan as _plan
 
 OP = "draft_attention"
 
 
 def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
          cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int, scale: float, window: int,
-         softcap: float, sinks: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+         softcap: float, sinks: Optional[torch.Tensor], backend: str, num_splits: int = 0, split_rows: int = 0,
+         workspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_splits, split_rows, workspace: an AttentionPlan's (num_splits 0: none), as in tree_attention."""
     if backend == "reference":
         return _ref.draft_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale,
                                     return_lse=True, window=window or None, softcap=softcap or None, sinks=sinks)
     out, lse = _attention.empty_outputs(q)
-    if backend in ("cpu", "cuda"):
+    if backend == "cuda" and num_splits > 0:
+        torch.ops.ps_kernels_C.draft_attention_planned(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens,
+                                                       num_masks, scale, window, softcap, sinks, out, lse, num_splits,
+                                                       split_rows, workspace)
+    elif backend in ("cpu", "cuda"):
         torch.ops.ps_kernels_C.draft_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks,
                                                scale, window, softcap, sinks, out, lse)
     elif backend == "triton":
         from ..triton_kernels.draft_attention import draft_attention as _triton
         _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks,
-                out, lse)
+                out, lse, *((num_splits, split_rows, workspace) if num_splits > 0 else ()))
     else:  # resolved by _backend.select; anything else is a bug
         raise AssertionError(backend)
     return out, lse
 
 
-_draft_attention_op = torch.library.custom_op("ps_kernels::draft_attention", _run, mutates_args=("k_cache", "v_cache"))
+_draft_attention_op = torch.library.custom_op("ps_kernels::draft_attention", _run,
+                                              mutates_args=("k_cache", "v_cache", "workspace"))
 
 
 @_draft_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks, backend):
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks, backend,
+      num_splits=0, split_rows=0, workspace=None):
     return _attention.empty_outputs(q)
 
 
@@ -76,7 +85,7 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
                     v_cache: torch.Tensor, cache_lens: torch.Tensor, new_lens: torch.Tensor, num_masks: int, *,
                     scale: float | None = None, window: int | None = None, softcap: float | None = None,
                     sinks: torch.Tensor | None = None, return_lse: bool = False, backend: str | None = None,
-                    validate: bool = True):
+                    validate: bool = True, plan: _plan.AttentionPlan | None = None):
     """The drafter's attention: new real tokens (causal) and mask slots over the drafter cache.
 
     Args:
@@ -98,6 +107,8 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
         validate: check values (lengths, cache room; one host sync); pass False in hot loops
             (the native backends then also skip the Python shape checks, as in tree_attention).
+        plan: ``ps_kernels.attention_plan("draft_attention", ...)`` made once per step (rows =
+            T), as in tree_attention.
 
     Returns:
         ``out [B, Hq, T, D]`` in q's dtype (0 on padding rows), and with ``return_lse`` also
@@ -114,15 +125,19 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     """
     if validate:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, True)
-    name = _backend.select(OP, q.device, backend)
+    name = _backend.select(OP, q.device, backend) if plan is None else getattr(plan, "backend", None)
     if not validate and name not in _attention.NATIVE:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, False)
     scale = _attention.check_scale(scale, q.shape[-1])
     window, softcap, sinks = _attention.check_features(window, softcap, sinks, q,
                                                        check_sinks=validate or name not in _attention.NATIVE)
+    launch = ()
+    if plan is not None:
+        name = _plan.plan_for(OP, plan, q, k_new.shape[1], window, backend)
+        launch = plan.launch_args() if name in ("cuda", "triton") else ()
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     new_lens = new_lens.to(torch.int64).contiguous()
     run = _draft_attention_op if torch.compiler.is_compiling() else _run  # as in tree_attention
     out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks,
-                   name)
+                   name, *launch)
     return (out, lse) if return_lse else out

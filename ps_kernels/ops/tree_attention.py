@@ -22,33 +22,44 @@ import torch
 from .. import _backend, _checks
 from .. import reference as _ref
 from . import _attention
+from . import attention_plan as _plan
 
 OP = "tree_attention"
 
 
 def _run(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
          cache_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float, window: int, softcap: float,
-         sinks: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+         sinks: Optional[torch.Tensor], backend: str, num_splits: int = 0, split_rows: int = 0,
+         workspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_splits, split_rows, workspace: an AttentionPlan's (num_splits 0: none; the GPU
+    backends then plan inside the call)."""
     if backend == "reference":
         return _ref.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, return_lse=True,
                                    window=window or None, softcap=softcap or None, sinks=sinks)
     out, lse = _attention.empty_outputs(q)
-    if backend in ("cpu", "cuda"):
+    if backend == "cuda" and num_splits > 0:
+        torch.ops.ps_kernels_C.tree_attention_planned(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale,
+                                                      window, softcap, sinks, out, lse, num_splits, split_rows,
+                                                      workspace)
+    elif backend in ("cpu", "cuda"):
         torch.ops.ps_kernels_C.tree_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window,
                                               softcap, sinks, out, lse)
     elif backend == "triton":
         from ..triton_kernels.tree_attention import tree_attention as _triton
-        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window, softcap, sinks, out, lse)
+        _triton(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window, softcap, sinks, out, lse,
+                *((num_splits, split_rows, workspace) if num_splits > 0 else ()))
     else:  # resolved by _backend.select; anything else is a bug
         raise AssertionError(backend)
     return out, lse
 
 
-_tree_attention_op = torch.library.custom_op("ps_kernels::tree_attention", _run, mutates_args=("k_cache", "v_cache"))
+_tree_attention_op = torch.library.custom_op("ps_kernels::tree_attention", _run,
+                                             mutates_args=("k_cache", "v_cache", "workspace"))
 
 
 @_tree_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window, softcap, sinks, backend):
+def _(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, window, softcap, sinks, backend, num_splits=0,
+      split_rows=0, workspace=None):
     return _attention.empty_outputs(q)
 
 
@@ -102,18 +113,22 @@ def _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, check_va
 _TRITON_FIRST_ROWS = 32
 
 
-def _auto_order(q: torch.Tensor, kv_heads: int):
-    if q.device.type != "cuda":
+def auto_order(device: torch.device, rows: int, q_heads: int, kv_heads: int):
+    """The automatic backend order for these shapes (None: the default order)."""
+    if device.type != "cuda":
         return None
-    rows = q.shape[2] * (q.shape[1] // kv_heads)
-    return ("triton", "cuda", "reference") if rows >= _TRITON_FIRST_ROWS else None
+    return ("triton", "cuda", "reference") if rows * (q_heads // kv_heads) >= _TRITON_FIRST_ROWS else None
+
+
+def _auto_order(q: torch.Tensor, kv_heads: int):
+    return auto_order(q.device, q.shape[2], q.shape[1], kv_heads)
 
 
 def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, cache_lens: torch.Tensor, tree_mask: torch.Tensor | None = None, *,
                    scale: float | None = None, window: int | None = None, softcap: float | None = None,
                    sinks: torch.Tensor | None = None, return_lse: bool = False, backend: str | None = None,
-                   validate: bool = True):
+                   validate: bool = True, plan: _plan.AttentionPlan | None = None):
     """Attention of N tree nodes over each sequence's cache prefix and their tree ancestors.
 
     Args:
@@ -139,6 +154,10 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
         validate: check values (cache room, mask is a tree; one host sync); pass False in hot
             loops whose masks come from ``tree_mask_from_parents``. With False the native
             backends also skip the Python shape checks (their bindings check the contract).
+        plan: ``ps_kernels.attention_plan("tree_attention", ...)`` made once per step for these
+            shapes and window: the GPU backends then split as planned into the plan's workspace
+            instead of planning and allocating in every layer's call; the call runs the plan's
+            backend. On the CPU it changes nothing. A plan made for another call is refused.
 
     Returns:
         ``out [B, Hq, N, D]`` in q's dtype, and with ``return_lse`` also ``lse [B, Hq, N]`` fp32.
@@ -156,12 +175,17 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
     """
     if validate:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, True)
-    name = _backend.select(OP, q.device, backend, _auto_order(q, k_new.shape[1]))
+    name = _backend.select(OP, q.device, backend, _auto_order(q, k_new.shape[1])) if plan is None else \
+        getattr(plan, "backend", None)
     if not validate and name not in _attention.NATIVE:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, False)
     scale = _attention.check_scale(scale, q.shape[-1])
     window, softcap, sinks = _attention.check_features(window, softcap, sinks, q,
                                                        check_sinks=validate or name not in _attention.NATIVE)
+    launch = ()
+    if plan is not None:
+        name = _plan.plan_for(OP, plan, q, k_new.shape[1], window, backend)
+        launch = plan.launch_args() if name in ("cuda", "triton") else ()
     if tree_mask is not None and tree_mask.dim() == 2:
         tree_mask = tree_mask.expand(q.shape[0], -1, -1)
     mask = None if tree_mask is None else tree_mask.contiguous()
@@ -169,7 +193,7 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
     # eager calls skip the custom-op dispatcher (~50 us of Python, more than a decode step's
     # kernel); torch.compile traces the registered op
     run = _tree_attention_op if torch.compiler.is_compiling() else _run
-    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, window, softcap, sinks, name)
+    out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, window, softcap, sinks, name, *launch)
     return (out, lse) if return_lse else out
 
 
