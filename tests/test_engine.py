@@ -365,3 +365,19 @@ def test_eos_inside_an_accepted_run(accepting, kind):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert out.shape[1] == prompt.shape[1] + eos_at + 1
 
+
+
+def test_auto_tree_sequences_without_candidates_greedy_match_hf():
+    """AutoTree pads a sequence that has no candidates (prompt lookup found no match) with leaves
+    of token 0 under the root; the walk takes one where the target's argmax is 0, so it must be
+    a true node (depth 1), whose logits give the next token. A vocabulary of 6 makes token 0 the
+    argmax often; with the pad leaves at depth 0 two rows here differed from transformers'."""
+    from parallelspec.trees import AutoTree
+
+    for seed in range(3):
+        model = tiny_model("llama", 6, seed=seed)
+        ids, mask = left_padded([5, 3, 6, 4] * 8, 6, seed=seed)
+        reference = hf_greedy(model, ids, mask, 12, pad_token_id=0)
+        out = ps.generate(model, ids, ps.NgramDrafter(num_tokens=4, ngram_sizes=(2, 1)), attention_mask=mask,
+                          max_new_tokens=12, tree=AutoTree({1: 1.0, 64: 1.0}, max_nodes=10), pad_token_id=0)
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)

@@ -341,9 +341,12 @@ class AutoTree(TreeBuilder):
                 parents[b][i] = index[path[:-1]]
                 depths[b][i] = len(path)
             # a sequence with fewer candidates than n pads with leaves under the root that the
-            # walk can never take ahead of a real child (same token as the root's first child)
+            # walk can never take ahead of a real child (same token as the root's first child);
+            # at depth 1, so that a pad leaf the walk does take (no candidates: token 0) is a
+            # true node whose logits are the target's after it (at depth 0 they were not)
             for i in range(len(ordered) + 1, N):
                 tokens[b][i] = tokens[b][1] if len(ordered) else 0
+                depths[b][i] = 1
         gather = None
         if blind_tokens is not None:   # blind nodes (negative placeholders): their tokens on the device
             gather = [[-1 - t if t < 0 else -1 for t in row] for row in tokens]
