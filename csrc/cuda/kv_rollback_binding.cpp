@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kv_rollback kernel (built only with a CUDA toolkit and CUDA torch).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs the cuBLAS/cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -21,7 +21,7 @@ void kv_rollback_cuda(at::Tensor kv_cache, at::Tensor cache_lens, const at::Tens
   TORCH_CHECK(idx.size(1) <= kv_cache.size(4), "kv_rollback: accept_index: expected at most S = ", kv_cache.size(4),
               " columns (the cache capacity), got ", idx.size(1));
   const cudaError_t err = ps_kernels::cuda::launch_kv_rollback(p, cache_lens.data_ptr<int64_t>(),
-                                                               at::cuda::getCurrentCUDAStream());
+                                                               c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "kv_rollback CUDA launch failed: ", cudaGetErrorString(err));
 }
 

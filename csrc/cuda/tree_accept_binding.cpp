@@ -1,6 +1,6 @@
 // Torch binding of the CUDA tree_accept kernel (built only with a CUDA toolkit and CUDA torch).
 // The schema is defined in csrc/cpu/tree_accept.cpp; Python validates inputs and allocates outputs.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs the cuBLAS/cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 #include <limits>
 #include <torch/library.h>
@@ -75,7 +75,7 @@ void tree_accept_cuda(const at::Tensor& tokens, const at::Tensor& parents, const
                                        accept_index.data_ptr<int64_t>(),
                                        accept_lens.data_ptr<int64_t>(),
                                        next_token.data_ptr<int64_t>()};
-  const cudaError_t err = ps_kernels::cuda::launch_tree_accept(p, dtype, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = ps_kernels::cuda::launch_tree_accept(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "tree_accept CUDA launch failed: ", cudaGetErrorString(err));
 }
 
