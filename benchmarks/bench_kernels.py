@@ -3,6 +3,10 @@ baseline in the same run.
 
   tree_attention  vs SDPA with a dense boolean mask (prefix + tree), GQA via enable_gqa, and
                   at N = 1 vs SDPA's plain decode (no mask)
+  tree_attention_window
+                  tree_attention with a sliding window (window=; windows shorter and longer than
+                  the prefix) vs SDPA with the dense boolean mask of the same window (prefix rows
+                  and ancestors within `window` positions); not in the default --ops
   draft_attention vs SDPA with the dense ParallelSpec mask (real causal + mask slots)
   tree_accept     vs the Python walk (the reference)
   skinny_linear   vs torch's F.linear, few rows (1..32) on SmolLM2 / Llama-8B layer shapes
@@ -12,7 +16,7 @@ baseline in the same run.
   kv_rollback     see bench_kv_rollback.py
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--quick]
-                                       [--cpu-capability all|avx2,avx512|...]
+                                       [--cpu-capability all|avx2,avx512|...] [--ops ...] [--name ...]
 
 --cpu-capability runs the native CPU kernels compiled per capability level (skinny_linear and the
 attention core) once per level named, side by side in the same run (columns cpu-<level>; each
@@ -23,12 +27,22 @@ Each attention row also reports GFLOP/s and `gemm_bound_speedup`: the machine's 
 (measured in the same run, same dtype) over the baseline's rate, i.e. the most any kernel that
 does the same FLOPs at GEMM speed could gain over it.
 
-Writes benchmarks/results/kernels_<device>[_<dtype>].{json,csv,png} (no suffix for float32)."""
+Writes benchmarks/results/<name>[_<dtype>].{json,csv,png} (no suffix for float32; --name, default
+kernels_<device>: a run of some ops only should name its own file). The windowed benchmark at
+every level, fp32 and bf16:
+
+    python benchmarks/bench_kernels.py --ops tree_attention_window --name kernels_window_cpu --cpu-capability all \
+        --quick --clock thread [--dtype bfloat16]
+
+--clock thread times each call by the calling thread's CPU time on one thread (on a CPU shared
+with other work, wall times also count the time the process waited for a core)."""
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,7 +57,8 @@ from ps_kernels import reference as ref  # noqa: E402
 
 _BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop", "torch_linear", "memory_read")
 # ops whose native CPU kernel is compiled per capability level (csrc/cpu/level_kernels.cpp)
-LEVEL_OPS = ("tree_attention", "draft_attention", "skinny_linear")
+LEVEL_OPS = ("tree_attention", "tree_attention_window", "draft_attention", "skinny_linear")
+ATTENTION_OPS = ("tree_attention", "tree_attention_window", "draft_attention")
 HEAD_SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
 
@@ -113,6 +128,32 @@ def bench_tree_attention(device, dtype, shape_name, prefix, n, batch=1):
     return fns
 
 
+def bench_tree_attention_window(device, dtype, shape_name, prefix, n, window, batch=1):
+    """A bushy tree of n nodes after a prefix; node i at position prefix + depth(i) sees the prefix
+    rows and ancestors less than `window` positions behind it (the op's contract)."""
+    g = torch.Generator().manual_seed(prefix * 1000 + n + window)
+    q, kn, vn, kc, vc, lens = attention_inputs(g, device, dtype, shape_name, batch, n, prefix)
+    packed = ps_kernels.tree_mask_from_parents(random_parents(n, g)).to(device)
+    tree_bool = ref.unpack_tree_mask(packed, n, 1, device)[0]
+    depth = tree_bool.sum(-1) - 1
+    pos_q = prefix + depth
+    pos_k = torch.cat([torch.arange(prefix, device=device), prefix + depth])
+    dense = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), tree_bool], 1)
+    dense &= (pos_q[:, None] - pos_k[None, :]) < window
+
+    def sdpa_dense():
+        kc[:, :, prefix:prefix + n] = kn
+        vc[:, :, prefix:prefix + n] = vn
+        return F.scaled_dot_product_attention(q, kc[:, :, :prefix + n], vc[:, :, :prefix + n],
+                                              attn_mask=dense, enable_gqa=True)
+
+    fns = {"sdpa_dense_mask": sdpa_dense}
+    for b in backends_for("tree_attention", device):
+        fns[b] = (lambda b=b: ps_kernels.tree_attention(q, kn, vn, kc, vc, lens, packed, window=window, backend=b,
+                                                        validate=False))
+    return fns
+
+
 def bench_draft_attention(device, dtype, shape_name, prefix, r, m, batch=1):
     T = r + m
     g = torch.Generator().manual_seed(prefix + 7 * r)
@@ -160,7 +201,7 @@ def attention_flops(op: str, params: dict) -> float:
     kernel computes: the work SDPA does and the work our kernels do (they skip only masked
     tree nodes, a few percent)."""
     Hq, _, D = HEAD_SHAPES[params["shape_name"]]
-    rows = params["n"] if op == "tree_attention" else params["r"] + params["m"]
+    rows = params["n"] if op.startswith("tree_attention") else params["r"] + params["m"]
     return 4.0 * Hq * rows * (params["prefix"] + rows) * D
 
 
@@ -216,6 +257,24 @@ def per_level(fns: dict, levels: list) -> dict:
     return out
 
 
+def measure_thread_time(fns: dict, *, warmup: int = 3, reps: int = 15, min_seconds: float = 0.3) -> dict:
+    """measure_interleaved's rounds, each call timed by the calling thread's CPU time (--clock
+    thread): on a shared machine the time the thread was descheduled does not count. Meant for
+    one thread (torch.set_num_threads(1)): work on other threads would not be counted."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < reps or (time.perf_counter() - start < min_seconds and rounds < 2000):
+        for name, fn in fns.items():
+            t0 = time.thread_time()
+            fn()
+            times[name].append(time.thread_time() - t0)
+        rounds += 1
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "reps": len(ts)} for name, ts in times.items()}
+
+
 def cases(quick: bool):
     prefixes = [128, 1024, 4096] if quick else [128, 512, 1024, 2048, 4096]
     nodes = [1, 16, 64] if quick else [1, 4, 16, 64, 128]
@@ -223,6 +282,11 @@ def cases(quick: bool):
         for p in prefixes:
             for n in nodes:
                 yield "tree_attention", dict(shape_name=shape, prefix=p, n=n)
+    for shape in HEAD_SHAPES:
+        for p in ([512, 2048] if quick else [512, 2048, 4096]):
+            for window in (128, 4096):
+                for n in (16, 64):
+                    yield "tree_attention_window", dict(shape_name=shape, prefix=p, n=n, window=window)
     for shape in HEAD_SHAPES:
         for p in ([128, 1024] if quick else [128, 1024, 4096]):
             for r in (1, 4):
@@ -241,15 +305,23 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ops", default="tree_attention,draft_attention,tree_accept,skinny_linear")
+    ap.add_argument("--name", default=None, help="results file stem (default kernels_<device>)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                    help="wall: wall time (default); thread: the calling thread's CPU time with torch on one "
+                         "thread (a shared CPU: descheduled time is not counted)")
     ap.add_argument("--cpu-capability", default=None,
                     help="native CPU kernels at these levels side by side: 'all' or e.g. 'avx2,avx512'")
     args = ap.parse_args(argv)
     levels = harness.cpu_capabilities(args.cpu_capability) if args.device == "cpu" else [None]
+    if args.clock == "thread":
+        if args.device != "cpu":
+            ap.error("--clock thread: CPU only (a GPU's work is not the calling thread's)")
+        torch.set_num_threads(1)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     wanted = set(args.ops.split(","))
     todo = [c for c in cases(args.quick or harness.quick()) if c[0] in wanted]
     rows = []
-    name = f"kernels_{device.type}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    name = (args.name or f"kernels_{device.type}") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     if device.type == "cuda":   # --device cuda:N: the current device too (raw launches use it)
         torch.cuda.set_device(device)
     gemm = gemm_gflops(device, dtype)
@@ -258,6 +330,8 @@ def main(argv=None):
         harness.progress(i, len(todo), f"{op} {params}")
         if op == "tree_attention":
             fns = bench_tree_attention(device, dtype, **params)
+        elif op == "tree_attention_window":
+            fns = bench_tree_attention_window(device, dtype, **params)
         elif op == "draft_attention":
             fns = bench_draft_attention(device, dtype, **params)
         elif op == "skinny_linear":
@@ -266,7 +340,8 @@ def main(argv=None):
             fns = bench_tree_accept(device, **params)
         if op in LEVEL_OPS:
             fns = per_level(fns, levels)
-        times = {name: m["median_s"] for name, m in harness.measure_interleaved(fns, device).items()}
+        measured = measure_thread_time(fns) if args.clock == "thread" else harness.measure_interleaved(fns, device)
+        times = {name: m["median_s"] for name, m in measured.items()}
         base = {"tree_accept": "python_loop", "skinny_linear": "torch_linear"}.get(op, "sdpa_dense_mask")
         row = {"op": op, **params, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
         for k, v in times.items():
@@ -275,8 +350,8 @@ def main(argv=None):
             row[f"{k}_speedup"] = times[base] / v
             if "sdpa_decode" in times:  # N = 1: against the plain decode too
                 row[f"{k}_vs_decode"] = times["sdpa_decode"] / v
-        if op in ("tree_attention", "draft_attention"):
-            flops = attention_flops(op, params)
+        if op in ATTENTION_OPS:
+            flops = attention_flops(op, params)  # the dense count (what SDPA computes), windowed or not
             for k, v in times.items():
                 if k != "sdpa_decode":
                     row[f"{k}_gflops"] = flops / v / 1e9
@@ -290,7 +365,7 @@ def main(argv=None):
         print("  " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()), file=sys.stderr)
         meta = harness.machine_info(device) | {"dtype": args.dtype, "head_shapes": HEAD_SHAPES, "gemm_gflops": gemm,
                                                "skipped_backends": SKIPPED, "complete": i == len(todo),
-                                               "cpu_capabilities_run": levels}
+                                               "cpu_capabilities_run": levels, "clock": args.clock}
         jpath, _ = harness.write_results(name, rows, meta)   # after every case: a killed run keeps what it measured
     if levels != [None]:
         torch.ops.ps_kernels_C._set_cpu_capability("")  # back to the automatic choice
