@@ -142,3 +142,32 @@ def record_step_lens(drafter):
         return step(tokens, features, lens, *args, **kwargs)
     drafter.step = recording
     return steps
+
+
+def assert_equal_or_near_tie(model, mask, ours, reference, ulps: int = 4) -> list:
+    """Greedy outputs in a low-precision dtype: each row of `ours` equals `reference` (transformers'
+    generate, same model and dtype), or the first token where they differ is a near-tie of the
+    target's own logits there: the two tokens' logits (the model's forward over the common prefix,
+    in its dtype) within `ulps` units in the last place of the dtype at their magnitude. Rows are
+    compared up to the shorter length. Returns [(row, column, logit gap, tolerance)] of the
+    divergences (empty when every row is equal)."""
+    eps = torch.finfo(model.dtype).eps
+    T = min(ours.shape[1], reference.shape[1])
+    found = []
+    for b in range(ours.shape[0]):
+        differ = (ours[b, :T] != reference[b, :T]).nonzero()
+        if not len(differ):
+            continue
+        t = int(differ[0])
+        assert t >= mask.shape[1], f"row {b}: the prompt itself differs at column {t}"
+        prefix_mask = torch.cat([mask[b], mask.new_ones(t - mask.shape[1])])[None]
+        with torch.no_grad():
+            logits = model(reference[b:b + 1, :t], attention_mask=prefix_mask).logits[0, -1].float()
+        a, c = int(reference[b, t]), int(ours[b, t])
+        gap = abs(float(logits[a] - logits[c]))
+        tolerance = ulps * eps * max(abs(float(logits[a])), abs(float(logits[c])), 1.0)
+        assert gap <= tolerance, (f"row {b}, column {t}: ours {c} vs transformers' {a}, logits "
+                                  f"{float(logits[c]):.4f} vs {float(logits[a]):.4f} (gap {gap:.4f} > {tolerance:.4f}): "
+                                  "not a near-tie")
+        found.append((b, t, gap, tolerance))
+    return found

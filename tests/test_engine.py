@@ -239,7 +239,8 @@ def test_greedy_on_cuda_backends_that_ran(kind, forced, dtype, monkeypatch):
     """The loop on the GPU with the automatic backends (native CUDA for small trees, Triton
     attention from 32 query rows per KV head) and again forced to Triton
     (PS_KERNELS_BACKEND=triton), asserting which backend each op ran on; fp32 is token-for-token
-    transformers', bf16 within a few argmax flips of transformers' bf16 (summation order)."""
+    transformers', bf16 too or, where the summation order differs, first differs from it only at a
+    near-tie of the target's own bf16 logits."""
     from ps_kernels import _backend
 
     if forced:
@@ -269,9 +270,9 @@ def test_greedy_on_cuda_backends_that_ran(kind, forced, dtype, monkeypatch):
             assert ran[op] <= {"cuda", "triton"}, (op, ran[op])
     if dtype == torch.float32:
         torch.testing.assert_close(out, reference, rtol=0, atol=0)
-    else:
-        new_ours, new_hf = out[:, ids.shape[1]:], reference[:, ids.shape[1]:]
-        assert (new_ours == new_hf).float().mean() >= 0.75, (new_ours, new_hf)
+    else:   # equal, or the first difference at a near-tie of the target's own bf16 logits
+        from engine_helpers import assert_equal_or_near_tie
+        assert_equal_or_near_tie(model, mask, out, reference)
 
 
 # ------------------------------------------------------------ drafters that are accepted
@@ -381,3 +382,75 @@ def test_auto_tree_sequences_without_candidates_greedy_match_hf():
         out = ps.generate(model, ids, ps.NgramDrafter(num_tokens=4, ngram_sizes=(2, 1)), attention_mask=mask,
                           max_new_tokens=12, tree=AutoTree({1: 1.0, 64: 1.0}, max_nodes=10), pad_token_id=0)
         torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ bf16 and fp16 on the CPU
+# Token for token transformers' greedy output in the same dtype where the arithmetic allows; where
+# our kernels round differently (fp32 accumulation in another order), the first difference may
+# only be at a near-tie of the target's own logits (engine_helpers.assert_equal_or_near_tie).
+# Measured here: every case exact but Qwen3 in bf16 (one row of four: a 2-ulp tie, 1.7109 vs 1.7031).
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_greedy_matches_hf_or_a_near_tie(arch, dtype):
+    from engine_helpers import assert_equal_or_near_tie, oracle_network
+
+    model = tiny_model(arch, VOCAB).to(dtype)
+    ids, mask = left_padded([5, 9, 1, 7], VOCAB)
+    reference = hf_greedy(model, ids, mask, NEW + 6)
+    drafters = {"none": (None, "chain"), "ngram": (ps.NgramDrafter(num_tokens=4), "dynamic"),
+                # the true continuation (its step contract checked on the prompt only: past a near-tie
+                # our sequence is not the reference)
+                "oracle": (OracleDrafter(unpadded_rows(reference, mask), VOCAB,
+                                         check_lens=[int(n) for n in mask.sum(dim=1)]), "static")}
+    if arch == "llama":   # a network drafter that is accepted, in the dtype (its cache, features)
+        drafters["network"] = (ps.EagleDrafter(oracle_network(model, parallel=False), top_m=4), "dynamic")
+    exact = 0
+    for name, (drafter, tree) in drafters.items():
+        out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=tree,
+                                 return_stats=True, **TREES[tree])
+        assert out.dtype == torch.int64 and out.shape[1] <= ids.shape[1] + NEW
+        divergences = assert_equal_or_near_tie(model, mask, out, reference[:, :ids.shape[1] + NEW])
+        exact += not divergences
+        if name in ("oracle", "network"):
+            assert stats.mean_accepted > 1.5, (name, stats.mean_accepted)
+    assert exact >= len(drafters) - 1 or arch == "qwen3", f"{exact} of {len(drafters)} runs exact"
+
+
+def test_near_tie_check_refuses_a_clear_difference():
+    """Positive control of assert_equal_or_near_tie: a token changed where the target's logits are
+    far apart is refused; the unchanged output passes."""
+    from engine_helpers import assert_equal_or_near_tie
+
+    model = tiny_model("llama", VOCAB).to(torch.bfloat16)
+    ids, mask = left_padded([5, 9], VOCAB)
+    reference = hf_greedy(model, ids, mask, 6)
+    assert assert_equal_or_near_tie(model, mask, reference.clone(), reference) == []
+    with torch.no_grad():
+        logits = model(reference[:1, :ids.shape[1] + 2], attention_mask=torch.ones(1, ids.shape[1] + 2)).logits[0, -1]
+    wrong = reference.clone()
+    wrong[0, ids.shape[1] + 2] = int(logits.float().argmin())
+    with pytest.raises(AssertionError, match="not a near-tie"):
+        assert_equal_or_near_tie(model, mask, wrong, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_smollm2_low_precision_greedy_matches_hf(dtype, one_thread):
+    """The embedded SmolLM2-135M in bf16 and fp16: two chat prompts, left-padded, n-gram drafter on
+    a dynamic tree; transformers' greedy output in the same dtype, or a first difference at a
+    near-tie (measured: both dtypes token-for-token equal)."""
+    from engine_helpers import assert_equal_or_near_tie
+    from parallelspec.models import load_default_target
+
+    model, tokenizer = load_default_target(dtype=dtype, verbose=False)
+    tokenizer.padding_side = "left"
+    prompts = ["What is the capital of France? Answer in one sentence.",
+               "Write a Python function that returns the square of a number."]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    reference = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    out = ps.generate(model, batch["input_ids"], ps.NgramDrafter(), attention_mask=batch["attention_mask"],
+                      max_new_tokens=20, tree="dynamic", tree_nodes=8)
+    assert_equal_or_near_tie(model, batch["attention_mask"], out, reference)
