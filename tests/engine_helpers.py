@@ -6,6 +6,7 @@ import torch
 from parallelspec.drafters.base import DraftCandidates, Drafter
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+MISTRAL_WINDOW = 8   # the tiny Mistral's sliding window
 
 
 def tiny_model(arch: str = "llama", vocab: int = 256, layers: int = 2, seed: int = 0):
@@ -22,11 +23,13 @@ def tiny_model(arch: str = "llama", vocab: int = 256, layers: int = 2, seed: int
         "llama": lambda: tf.LlamaConfig(**common),
         "qwen2": lambda: tf.Qwen2Config(**common),
         "qwen3": lambda: tf.Qwen3Config(head_dim=24, **common),
-        "mistral": lambda: tf.MistralConfig(sliding_window=None, **common),
+        # a real sliding window, shorter than most test sequences (prompt + new tokens), and
+        # its own weights (seed + 1): not the Llama model under another name
+        "mistral": lambda: tf.MistralConfig(sliding_window=MISTRAL_WINDOW, **common),
     }[arch]()
     model_cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
                  "mistral": tf.MistralForCausalLM}[arch]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + (arch == "mistral"))
     return model_cls(config).eval()
 
 
