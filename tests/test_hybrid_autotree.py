@@ -348,3 +348,17 @@ def test_a_disturbed_measurement_gets_more_rounds(tmp_path, monkeypatch):
     monkeypatch.setattr(verify_cost, "_monotone", lambda costs: checks.append(dict(costs)) or True)
     verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=2, cache=False)
     assert len(checks) == 1   # plausible after the first block: done
+
+
+def test_a_disturbed_measurement_stops_at_its_time_budget(tmp_path, monkeypatch):
+    """On a machine too busy for any block to give an increasing curve, no block starts past the
+    time budget: one block, then the curve (read through its envelope) is kept."""
+    from parallelspec.trees import verify_cost
+
+    monkeypatch.setenv("PARALLELSPEC_CACHE", str(tmp_path))
+    model = tiny_model("llama", VOCAB)
+    checks = []
+    monkeypatch.setattr(verify_cost, "_monotone", lambda costs: checks.append(dict(costs)) or False)
+    monkeypatch.setattr(verify_cost, "_DISTURBED_BUDGET_S", 0.0)
+    costs = verify_cost.measure_verify_cost(model, sizes=(1, 2), prefix=8, repeats=2, cache=False)
+    assert len(checks) == 1 and set(costs) == {1, 2}

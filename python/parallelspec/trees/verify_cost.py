@@ -14,6 +14,9 @@ SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 #: measurement blocks (of `repeats` rounds) before a curve that does not increase is given up on
 _MAX_DISTURBED_BLOCKS = 3
+#: seconds after which no further block is started for a disturbed curve (an oversubscribed machine
+#: can make every block slow: the first block's curve, read through its envelope, is kept)
+_DISTURBED_BUDGET_S = 60.0
 #: a larger N may measure this much faster than a smaller one (timer noise) and still count as increasing
 _MONOTONE_SLACK = 0.03
 
@@ -79,7 +82,9 @@ def measure_verify_cost(model, sizes: Sequence[int] = SIZES, prefix: int = 256, 
         # 12 nodes where a quiet curve takes 8). AutoTree also reads every curve through its
         # increasing envelope.
         for round_ in range(1 + _MAX_DISTURBED_BLOCKS * repeats):
-            if round_ > repeats and (round_ - 1) % repeats == 0 and _monotone({n: min(t[1:]) for n, t in times.items()}):
+            if round_ > repeats and (round_ - 1) % repeats == 0 and (
+                    _monotone({n: min(t[1:]) for n, t in times.items()})
+                    or time.perf_counter() - started > _DISTURBED_BUDGET_S):
                 break
             for n in sizes:
                 x = ids[:, prefix:prefix + n]
