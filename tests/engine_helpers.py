@@ -9,14 +9,14 @@ ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 MISTRAL_WINDOW = 8   # the tiny Mistral's sliding window
 
 
-def tiny_model(arch: str = "llama", vocab: int = 256, layers: int = 2, seed: int = 0):
+def tiny_model(arch: str = "llama", vocab: int = 256, layers: int = 2, seed: int = 0, max_positions: int = 256):
     """A few-layer random model of the family; initializer_range is raised so the logits are
     peaked enough that argmax ties (which any change of summation order may flip) are absent.
     No special tokens: EOS only where a test asks for it."""
     import transformers as tf
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                   initializer_range=0.1, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
                   pad_token_id=None)
     config = {

@@ -454,3 +454,19 @@ def test_smollm2_low_precision_greedy_matches_hf(dtype, one_thread):
     out = ps.generate(model, batch["input_ids"], ps.NgramDrafter(), attention_mask=batch["attention_mask"],
                       max_new_tokens=20, tree="dynamic", tree_nodes=8)
     assert_equal_or_near_tie(model, batch["attention_mask"], out, reference)
+
+
+@pytest.mark.parametrize("arch, kind", [("llama", "hybrid"), ("mistral", "ngram")])
+def test_prompts_over_a_thousand_tokens_match_hf(arch, kind, one_thread):
+    """Two left-padded prompts of 1,100 and 1,030 tokens (Mistral: 137 times its sliding window),
+    with drafts accepted (a hybrid of prompt lookup and a network copying the target; prompt
+    lookup), on the auto tree: transformers' greedy output."""
+    model = tiny_model(arch, VOCAB, max_positions=2048)
+    ids, mask = left_padded([1100, 1030], VOCAB, seed=5)
+    reference = hf_greedy(model, ids, mask, NEW)
+    drafter = _accepting_drafter(kind, model) if arch == "llama" else ps.NgramDrafter(num_tokens=4)
+    out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=_flat_auto_tree(),
+                             return_stats=True)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    if arch == "llama":
+        assert stats.mean_accepted > 1.3, stats.accept_histogram
