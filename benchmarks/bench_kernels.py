@@ -7,6 +7,11 @@ baseline in the same run.
                   tree_attention with a sliding window (window=; windows shorter and longer than
                   the prefix) vs SDPA with the dense boolean mask of the same window (prefix rows
                   and ancestors within `window` positions); not in the default --ops
+  tree_attention_features
+                  tree_attention with a logit soft-cap and/or attention sinks vs the eager PyTorch
+                  attention transformers runs for them (matmul, tanh, mask, softmax with the sink
+                  column, matmul), and our kernel without them (the features' cost); not in the
+                  default --ops
   draft_attention vs SDPA with the dense ParallelSpec mask (real causal + mask slots)
   tree_accept     vs the Python walk (the reference)
   skinny_linear   vs torch's F.linear, few rows (1..32) on SmolLM2 / Llama-8B layer shapes
@@ -55,10 +60,10 @@ import ps_kernels  # noqa: E402
 from ps_kernels import _backend  # noqa: E402
 from ps_kernels import reference as ref  # noqa: E402
 
-_BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop", "torch_linear", "memory_read")
+_BASELINES = ("sdpa_dense_mask", "sdpa_decode", "python_loop", "torch_linear", "memory_read", "torch_eager")
 # ops whose native CPU kernel is compiled per capability level (csrc/cpu/level_kernels.cpp)
-LEVEL_OPS = ("tree_attention", "tree_attention_window", "draft_attention", "skinny_linear")
-ATTENTION_OPS = ("tree_attention", "tree_attention_window", "draft_attention")
+LEVEL_OPS = ("tree_attention", "tree_attention_window", "tree_attention_features", "draft_attention", "skinny_linear")
+ATTENTION_OPS = ("tree_attention", "tree_attention_window", "tree_attention_features", "draft_attention")
 HEAD_SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
 
@@ -154,6 +159,45 @@ def bench_tree_attention_window(device, dtype, shape_name, prefix, n, window, ba
     return fns
 
 
+def bench_tree_attention_features(device, dtype, shape_name, prefix, n, softcap, sinks, batch=1):
+    """Soft-cap (Gemma 2) and/or sinks (gpt-oss) on a bushy tree after a prefix. torch_eager is
+    transformers' eager attention for these models: scores in the dtype, soft-cap, additive mask,
+    softmax in fp32 (with the sink column), P.V in the dtype."""
+    g = torch.Generator().manual_seed(prefix * 1000 + n + 7)
+    q, kn, vn, kc, vc, lens = attention_inputs(g, device, dtype, shape_name, batch, n, prefix)
+    Hq, Hkv, D = HEAD_SHAPES[shape_name]
+    packed = ps_kernels.tree_mask_from_parents(random_parents(n, g)).to(device)
+    tree_bool = ref.unpack_tree_mask(packed, n, 1, device)[0]
+    allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), tree_bool], 1)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    sink_logits = (torch.randn(Hq, generator=g) * 2).to(device) if sinks else None
+    scale = 1.0 / math.sqrt(D)
+
+    def torch_eager():
+        kc[:, :, prefix:prefix + n] = kn
+        vc[:, :, prefix:prefix + n] = vn
+        keys = kc[:, :, :prefix + n].repeat_interleave(Hq // Hkv, 1)
+        vals = vc[:, :, :prefix + n].repeat_interleave(Hq // Hkv, 1)
+        s = (q @ keys.transpose(-1, -2)) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        s = s + additive
+        if sink_logits is not None:
+            col = sink_logits.view(1, Hq, 1, 1).expand(batch, Hq, n, 1).to(s.dtype)
+            p = torch.softmax(torch.cat([s, col], -1).float(), -1)[..., :-1]
+        else:
+            p = torch.softmax(s.float(), -1)
+        return p.to(dtype) @ vals
+
+    fns = {"torch_eager": torch_eager}
+    for b in backends_for("tree_attention", device):
+        fns[b] = (lambda b=b: ps_kernels.tree_attention(q, kn, vn, kc, vc, lens, packed, softcap=softcap or None,
+                                                        sinks=sink_logits, backend=b, validate=False))
+        fns[f"{b}_plain"] = (lambda b=b: ps_kernels.tree_attention(q, kn, vn, kc, vc, lens, packed, backend=b,
+                                                                   validate=False))
+    return fns
+
+
 def bench_draft_attention(device, dtype, shape_name, prefix, r, m, batch=1):
     T = r + m
     g = torch.Generator().manual_seed(prefix + 7 * r)
@@ -245,15 +289,17 @@ def bench_skinny_linear(device, dtype, shape_name, rows):
 def per_level(fns: dict, levels: list) -> dict:
     """fns with the native CPU backend's entry replaced by one per capability level (cpu-<level>),
     each call forcing its level; unchanged for the automatic level ([None])."""
-    if levels == [None] or "cpu" not in fns:
+    native = [k for k in fns if k == "cpu" or k.startswith("cpu_")]   # cpu, and variants such as cpu_plain
+    if levels == [None] or not native:
         return fns
     set_level = torch.ops.ps_kernels_C._set_cpu_capability
-    out = {k: v for k, v in fns.items() if k != "cpu"}
+    out = {k: v for k, v in fns.items() if k not in native}
     for level in levels:
-        def at_level(fn=fns["cpu"], level=level):
-            set_level(level)
-            return fn()
-        out[f"cpu-{level}"] = at_level
+        for key in native:
+            def at_level(fn=fns[key], level=level):
+                set_level(level)
+                return fn()
+            out[f"{key}-{level}"] = at_level
     return out
 
 
@@ -287,6 +333,11 @@ def cases(quick: bool):
             for window in (128, 4096):
                 for n in (16, 64):
                     yield "tree_attention_window", dict(shape_name=shape, prefix=p, n=n, window=window)
+    for shape in (["llama8b"] if quick else HEAD_SHAPES):
+        for p in ([2048] if quick else [512, 2048]):
+            for n in (16, 64):
+                for softcap, sinks in ((50.0, False), (None, True), (30.0, True)):
+                    yield "tree_attention_features", dict(shape_name=shape, prefix=p, n=n, softcap=softcap, sinks=sinks)
     for shape in HEAD_SHAPES:
         for p in ([128, 1024] if quick else [128, 1024, 4096]):
             for r in (1, 4):
@@ -332,6 +383,8 @@ def main(argv=None):
             fns = bench_tree_attention(device, dtype, **params)
         elif op == "tree_attention_window":
             fns = bench_tree_attention_window(device, dtype, **params)
+        elif op == "tree_attention_features":
+            fns = bench_tree_attention_features(device, dtype, **params)
         elif op == "draft_attention":
             fns = bench_draft_attention(device, dtype, **params)
         elif op == "skinny_linear":
@@ -342,7 +395,8 @@ def main(argv=None):
             fns = per_level(fns, levels)
         measured = measure_thread_time(fns) if args.clock == "thread" else harness.measure_interleaved(fns, device)
         times = {name: m["median_s"] for name, m in measured.items()}
-        base = {"tree_accept": "python_loop", "skinny_linear": "torch_linear"}.get(op, "sdpa_dense_mask")
+        base = {"tree_accept": "python_loop", "skinny_linear": "torch_linear",
+                "tree_attention_features": "torch_eager"}.get(op, "sdpa_dense_mask")
         row = {"op": op, **params, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
         for k, v in times.items():
             if k in _BASELINES:

@@ -5,7 +5,9 @@
 #
 # Stages, each with its own timeout (seconds), its full log teed to $OUT, and skipped (said so)
 # when the time left in the 470 s budget is under its timeout; a failing stage never stops the
-# rest. $OUT holds at most 8 files:
+# rest. The timeouts add up to 530 s: the last stages (replay, verify curve) run when the earlier
+# ones finish inside their margins, and are skipped first when they do not. $OUT holds at most
+# 8 files:
 #   summary.txt  one line a stage + the tails that matter     summary.json  the same, parsed
 #   build.log    the CMake/pip build (and the fallback's)     tests.log     op tests + loop tests (pytest -ra)
 #   bench.log    kernel benchmarks                             replay.log    trace replay + 8B verify curve
@@ -15,13 +17,18 @@
 #  stage            timeout  what
 #  build                140  pip install -e . (CMake, CUDA for $PS_KERNELS_CUDA_ARCHS), fallback cpp_extension
 #  op_tests              80  kv_rollback / tree_attention / draft_attention / tree_accept / cuda paths, hypothesis profile "gpu"
+#  feature_tests         45  the attention features (window, soft-cap, sinks) in CUDA and Triton against a dense fp64
+#                            formulation, split and unsplit; the step's attention plan (attention_plan, the CUDA
+#                            *_planned ops and Triton with the plan's workspace)
 #  loop_tests            95  the decoding loop on the GPU (test_engine.py -k on_cuda; llama + qwen3 archs): every drafter
 #                            and tree kind against transformers, and the backends that ran asserted (automatic: CUDA,
 #                            Triton attention from 32 query rows per KV head; and forced to Triton), fp32 + bf16;
 #                            and generate(cuda_graph=True) (test_cuda_graph.py: the verify step captured per tree-size
 #                            bucket and replayed) against transformers and the plain loop
 #  loop_tests_triton     50  the whole loop forced to Triton (PS_KERNELS_BACKEND=triton) against transformers (llama)
-#  bench_kernels         45  bench_kv_rollback (quick) + bench_kernels --quick bf16 against SDPA
+#  bench_kernels         60  bench_kv_rollback (quick) + bench_kernels --quick bf16 against SDPA, with the feature
+#                            cases: windowed tree attention against SDPA with the window's dense mask, soft-cap /
+#                            sinks against transformers' eager attention and against our kernel without them
 #  replay                35  benchmarks/replay_traces.py: the recorded SmolLM2 traces on a random SmolLM2-shaped target
 #  verify_curve_8b       25  Llama-3-8B-shaped random target (bf16): verify cost N = 1..64 x prefix 512..4096
 set -u
@@ -116,16 +123,18 @@ $PY -c "import ps_kernels; print(ps_kernels.backends())" 2>&1 | tee -a "$OUT/sum
 PYTEST="$PY -m pytest -ra -q -p no:cacheprovider $PYTEST_TIMEOUT"
 [ "$DRY" = 1 ] && PYTEST="$PYTEST --collect-only"
 stage op_tests 80 tests.log bash -c "cd tests && $PYTEST test_kv_rollback.py test_tree_attention.py test_draft_attention.py test_tree_accept.py test_cuda_paths.py"
+stage feature_tests 45 tests.log bash -c "cd tests && $PYTEST test_triton_attention_features.py test_attention_plan.py"
 stage loop_tests 95 tests.log bash -c "cd tests && $PYTEST test_engine.py test_cuda_graph.py -k 'on_cuda and not qwen2 and not mistral'"
 stage loop_tests_triton 50 tests.log bash -c "cd tests && PS_KERNELS_BACKEND=triton $PYTEST test_engine.py -k 'on_cuda_matches_hf and llama'"
 
 if [ "$DRY" = 1 ]; then
-  stage bench_kernels 45 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --help >/dev/null && $PY benchmarks/bench_kernels.py --help"
+  stage bench_kernels 60 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --help >/dev/null && $PY benchmarks/bench_kernels.py --help"
   stage replay 35 replay.log $PY benchmarks/replay_traces.py --help
   stage verify_curve_8b 25 replay.log $PY benchmarks/replay_traces.py --help
 else
-  stage bench_kernels 45 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --device cuda --dtype bfloat16 --quick; \
-    $PY benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --quick; \
+  stage bench_kernels 60 bench.log bash -c "$PY benchmarks/bench_kv_rollback.py --device cuda --dtype bfloat16 --quick; \
+    $PY benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --quick \
+      --ops tree_attention,tree_attention_window,tree_attention_features,draft_attention,tree_accept,skinny_linear; \
     cp benchmarks/results/kernels_cuda_bfloat16.json '$OUT/' 2>/dev/null; true"
   stage replay 35 replay.log $PY benchmarks/replay_traces.py --device cuda --target smollm2 --runs 1 --warmup 1 \
     --split --out "$OUT/replay_cuda.json" --traces benchmarks/traces/smollm2_hybrid_auto.json \

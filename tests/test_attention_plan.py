@@ -144,18 +144,24 @@ def test_plan_for_another_backend_or_not_a_plan_is_refused():
         ps_kernels.tree_attention(*args, plan=(1, 0, None))
 
 
-def _triton_reason():
-    return _backend.why_unavailable("tree_attention", "triton", DEVICE)
+def _gpu_reason(backend):
+    reason = _backend.why_unavailable("tree_attention", backend, DEVICE)
+    if reason is None and backend == "cuda" and not hasattr(torch.ops.ps_kernels_C, "tree_attention_planned"):
+        reason = "the native library has no tree_attention_planned (built without the CUDA bindings)"
+    return reason
 
 
-@pytest.mark.skipif(_triton_reason() is not None, reason=str(_triton_reason()))
-def test_triton_plan_splits_into_its_workspace():
-    """A plan with several splits (num_sms forced up on a CPU): the kernel writes its partials
-    into the plan's workspace, and the result equals the reference, layer after layer."""
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.skipif(_gpu_reason(b) is not None, reason=str(_gpu_reason(b))))
+    for b in ("triton", "cuda")])
+def test_gpu_plan_splits_into_its_workspace(backend):
+    """A plan with several splits (num_sms forced up; Triton runs in the interpreter on a CPU):
+    the kernel writes its partials into the plan's workspace, and the result equals the
+    reference, layer after layer."""
     gen = torch.Generator().manual_seed(4)
     args = _tree(gen, B=1, Hq=2, Hkv=1, N=3, D=16, prefix=(600,))
-    plan = _plan_of("tree_attention", args, backend="triton", num_sms=64)
-    assert plan.backend == "triton" and plan.num_splits == 2 and plan.workspace.numel() > 0
+    plan = _plan_of("tree_attention", args, backend=backend, num_sms=64)
+    assert plan.backend == backend and plan.num_splits == 2 and plan.workspace.numel() > 0
     plan.workspace.fill_(float("nan"))
     for _ in range(2):
         out, lse = ps_kernels.tree_attention(*_clone(args), plan=plan, return_lse=True)
@@ -164,7 +170,9 @@ def test_triton_plan_splits_into_its_workspace():
         torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=1e-5)
     assert not torch.isnan(plan.workspace).all()   # the partials went there
     d_args = _draft(gen, B=1, Hq=2, Hkv=1, R=2, M=1, D=16, prefix=(600,), new_lens=(1,))
-    d_plan = _plan_of("draft_attention", d_args, backend="triton", num_sms=64)
+    d_plan = _plan_of("draft_attention", d_args, backend=backend, num_sms=64, window=100)
+    assert d_plan.num_splits == 1     # the window bounds the rows to split: 99 < 256
+    d_plan = _plan_of("draft_attention", d_args, backend=backend, num_sms=64)
     assert d_plan.num_splits == 2
     out = ps_kernels.draft_attention(*_clone(d_args), plan=d_plan)
     torch.testing.assert_close(out, ref.draft_attention(*_clone(d_args)), atol=2e-5, rtol=1e-5)
