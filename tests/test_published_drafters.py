@@ -445,6 +445,32 @@ def _all_formats(target, root):
             "pard": write_pard(root / "pard")}
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_the_target_gathers_the_aux_hidden_states_in_its_own_pass(arch):
+    """TargetModel.aux_hidden_states: the verify pass returns [last hidden; inputs of the layers],
+    equal to transformers' output_hidden_states[i], for every family; without layers, unchanged."""
+    from parallelspec.hf.target import TargetModel
+    model = tiny_model(arch, V, layers=LAYERS)
+    ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    target = TargetModel(model)
+    layers = (5, 2, 4)
+    for aux in ((), layers):
+        cache = target.new_cache(2, 16)
+        with torch.inference_mode(), target.attention(), target.aux_hidden_states(aux):
+            out = target.forward(ids, torch.arange(7).expand(2, -1), cache, None)
+            logits = target.logits(out)
+        assert out.shape[-1] == D_MODEL * (1 + len(aux))
+        for n, i in enumerate(aux):
+            assert torch.allclose(out[..., D_MODEL * (n + 1):D_MODEL * (n + 2)], hs[i], atol=1e-5), (arch, i)
+        assert torch.allclose(logits, model(ids).logits.float(), atol=1e-4)
+    assert not any(layer._forward_pre_hooks for layer in model.model.layers)   # removed after the run
+    with pytest.raises(ValueError, match=r"aux layers: expected decoder layer indices in \[0, 8\)"):
+        with target.aux_hidden_states((2, 8)):
+            pass
+
+
 @pytest.mark.parametrize("tree", ["auto", "dynamic"])
 def test_greedy_output_equals_transformers(target, tmp_path, tree):
     ids, mask = left_padded([5, 9], V, seed=7)

@@ -37,9 +37,12 @@ def load(source, model, *, format: str | None = None, depth: int | None = None, 
     path = resolve(source, arg)
     config = read_config(path, arg)
     files = weight_files(path, arg)
-    names = tensor_names(files, arg)
+    # safetensors: the names first, cheaply (a directory in no known format is refused before any
+    # tensor is read); .bin files are read once, names and tensors together
+    state = None if all(f.suffix == ".safetensors" for f in files) else read_tensors(files, arg)
+    names = tensor_names(files, arg) if state is None else list(state)
     kind = format or detect(config, names, str(path), arg)
-    state = read_tensors(files, arg)
+    state = read_tensors(files, arg) if state is None else state
     if kind == "pard":
         from .pard import load_pard
         drafter = load_pard(path, config, state, model, depth=depth, top_m=top_m, arg=arg)
