@@ -222,6 +222,18 @@ def test_unknown_model_type_refused_first():
     assert not calls
 
 
+def test_layer_windows_follow_the_config():
+    """Windows per layer as the masks choose them; one at least as long as max_position_embeddings
+    (Phi-4-mini's 262144 over 131072 positions) can never bite and is dropped."""
+    phi3 = ARCHITECTURES["phi3"]
+    assert phi3.layer_windows(tf.Phi3Config(num_hidden_layers=2, sliding_window=8)) == [8, 8]
+    assert phi3.layer_windows(tf.Phi3Config(num_hidden_layers=2, sliding_window=262144,
+                                            max_position_embeddings=131072)) == [None, None]
+    gemma3 = tf.Gemma3TextConfig(num_hidden_layers=7, sliding_window=512)   # 5 local layers, then a global one
+    assert ARCHITECTURES["gemma3_text"].layer_windows(gemma3) == [512] * 5 + [None, 512]
+    assert ARCHITECTURES["llama"].layer_windows(tf.LlamaConfig(num_hidden_layers=2)) == [None, None]
+
+
 def test_refused_variant_of_a_known_type():
     config = CONFIGS["gemma3_text"]()
     config.use_bidirectional_attention = True

@@ -41,8 +41,9 @@ class Architecture:
         """The sliding window of every layer (None = full attention), as the model's masks have it."""
         n = config.num_hidden_layers
         size = getattr(config, "sliding_window", None) or None
-        if self.window is None or size is None:
-            return [None] * n
+        longest = getattr(config, "max_position_embeddings", None)
+        if self.window is None or size is None or (longest is not None and size >= longest):
+            return [None] * n       # (a window as long as every sequence the model takes never bites: Phi-4-mini's)
         if self.window == "all":
             return [int(size)] * n
         types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
