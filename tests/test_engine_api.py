@@ -107,25 +107,33 @@ def test_streamer_gets_prompt_then_every_new_token(model):
 
 
 class _StopAfterToken(StoppingCriteria):
-    def __init__(self, token):
-        self.token = token
+    def __init__(self, *tokens):
+        self.tokens = torch.tensor(tokens)
 
     def __call__(self, input_ids, scores, **kwargs):
-        return input_ids[:, -1] == self.token
+        return torch.isin(input_ids[:, -1], self.tokens.to(input_ids.device))
 
 
-def test_stopping_criteria_token_by_token(model, prompts):
+@pytest.mark.parametrize("with_eos", [False, True], ids=["no_eos", "eos"])
+def test_stopping_criteria_token_by_token(model, prompts, with_eos):
+    """A criterion firing for each sequence at a different step, checked on every sequence: without
+    an EOS transformers goes on generating a stopped sequence until the last one stops (the batch
+    ends there); with an EOS it pads the stopped ones. Both are its output token for token."""
     ids, mask = prompts
     free = hf_greedy(model, ids, mask, 10)
-    stop = _StopAfterToken(int(free[0, ids.shape[1] + 2]))
-    reference = hf_greedy(model, ids, mask, 10, stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=0)
+    T = ids.shape[1]
+    first = int(free[0, T + 2])      # sequence 0 stops at its 3rd new token, sequence 1 later:
+    later = next(p for p in range(T + 4, T + 10) if int(free[1, p]) not in free[1, T:p].tolist() + [first]
+                 and int(free[1, p]) not in free[0, T:T + 3].tolist() and first not in free[1, T:p].tolist())
+    stop = _StopAfterToken(first, int(free[1, later]))
+    unused = int(torch.isin(torch.arange(VOCAB), free).logical_not().nonzero()[0])   # an EOS never generated
+    eos = {"eos_token_id": unused} if with_eos else {}
+    reference = hf_greedy(model, ids, mask, 10, stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=0, **eos)
+    assert reference.shape[1] == later + 1      # the batch ended at sequence 1's stop
     sequences = [free[b, ids.shape[1] - int(mask[b].sum()):].tolist() for b in range(2)]
     out = ps.generate(model, ids, OracleDrafter(sequences, VOCAB, p_true=1.0), attention_mask=mask,
-                      max_new_tokens=10, stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=0)
-    # transformers stops the whole batch when every sequence's criterion fired; sequences that
-    # stopped earlier are padded in both
-    assert out[0, ids.shape[1] + 2] == stop.token
-    torch.testing.assert_close(out[0, :ids.shape[1] + 3], reference[0, :ids.shape[1] + 3])
+                      max_new_tokens=10, stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=0, **eos)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
 # -- refusals -------------------------------------------------------------------------------

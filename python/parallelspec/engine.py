@@ -252,6 +252,9 @@ class _Output:
         self.lens = torch.zeros(B, dtype=torch.int64, device=dev)
         self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.int64, device=dev)
+        # without an EOS, transformers keeps generating a sequence whose stopping criterion fired
+        # until every sequence's has: where each first fired (host side, _host_side)
+        self.stopped_at: list = [None] * B
 
     def ensure_slack(self, width: int) -> None:
         if self.tokens.shape[1] < self.limit + width:
@@ -287,13 +290,22 @@ class _Output:
         it) and the streamer. One host sync."""
         before_h, keep_h = before.tolist(), keep.tolist()
         for b, (start, n) in enumerate(zip(before_h, keep_h)):
-            for j in range(n if self.settings.stopping_criteria else 0):
+            for j in range(n if self.settings.stopping_criteria and self.stopped_at[b] is None else 0):
                 ids = torch.cat([self.input_ids[b], self.tokens[b, :start + j + 1]])[None]
                 if any(bool(c(ids, None).all()) for c in self.settings.stopping_criteria):
-                    keep_h[b] = j + 1
-                    self.lens[b] = start + j + 1
-                    self.finished[b] = True
+                    if len(self.eos):     # transformers pads a finished sequence when it has an EOS
+                        keep_h[b] = j + 1
+                        self.lens[b] = start + j + 1
+                        self.finished[b] = True
+                    self.stopped_at[b] = start + j + 1
                     break
+        if not len(self.eos) and all(at is not None for at in self.stopped_at):
+            # every criterion fired: the batch ends at the last one's length, each sequence
+            # generated up to it (transformers' lockstep batch); those ahead are cut there
+            self.limit = min(self.limit, max(self.stopped_at))
+            keep_h = [max(0, min(n, self.limit - start)) for start, n in zip(before_h, keep_h)]
+            self.lens.clamp_(max=self.limit)
+            self.finished |= self.lens >= self.limit
         if self.settings.streamer is not None:
             self.settings.streamer.put(self.tokens[0, before_h[0]:before_h[0] + keep_h[0]].cpu())
 
