@@ -660,3 +660,15 @@ def test_our_vllm_export_loads_as_a_peagle_head_and_drafts_the_same(target, tmp_
     for (b1, s1, d1), (b2, s2, d2) in zip(ours, theirs):
         assert (b1, s1) == (b2, s2)
         assert torch.allclose(d1.exp(), d2.exp(), atol=1e-5)
+
+
+def test_heads_in_one_hybrid_share_one_set_of_aux_layers(target, tmp_path):
+    ids, mask = left_padded([5, 9], V, seed=7)
+    a = ps.load_drafter(str(write_specforge(tmp_path / "a")), target)
+    b = ps.load_drafter(str(write_peagle(tmp_path / "b")), target)
+    ref = target.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ps.generate(target, ids, [ps.NgramDrafter(num_tokens=4), a, b], attention_mask=mask,
+                                   max_new_tokens=8, tree="dynamic"), ref)
+    pinned = ps.load_drafter(str(write_specforge(tmp_path / "c", aux_ids=[1, 3, 6])), target)
+    with pytest.raises(ValueError, match=r"its sources read different target layers \[\(1, 3, 6\), \(2, 4, 5\)\]"):
+        ps.generate(target, ids, [a, pinned], attention_mask=mask, max_new_tokens=8)
