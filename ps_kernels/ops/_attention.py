@@ -52,6 +52,8 @@ def check_scale(scale, head_dim: int) -> float:
     """None -> 1/sqrt(D); otherwise a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.SymFloat):  # torch.compile with dynamic shapes traces it symbolic: no value to check
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale: expected None or a finite float, got {scale!r}")
     return float(scale)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import ps_kernels
 import torch
 
-from . import capture
+from . import capture, compiled
 from .drafters.base import Drafter, HostTokens
 from .hf.target import TargetModel
 from .sampling import SamplingParams, probabilities, sample
@@ -216,7 +216,7 @@ def aux_layers(drafter: Drafter | None) -> tuple[int, ...]:
     return wanted.pop() if wanted else ()
 
 
-def verify_step(target: TargetModel, cache, tree: Tree, sampling: SamplingParams, out: "_Output"):
+def verify_step(target: TargetModel, cache, tree: Tree, sampling: SamplingParams, out: "_Output", target_pass=None):
     """The step's device work after the tree is built, one function of fixed shapes per tree size
     N (no host sync, no data-dependent shape; a streamer or stopping criteria add their own host
     work in out.record): the target's pass over the N nodes, tree_accept, the emitted tokens
@@ -224,8 +224,9 @@ def verify_step(target: TargetModel, cache, tree: Tree, sampling: SamplingParams
     their committed rows stay below longest + max_new - 1, so their later trees fit the cache).
     Returns (hidden [B, N, d], accept_index [B, N], accept_lens [B], next_token [B], emitted
     [B, N], live [B]). ``torch.compile(verify_step, fullgraph=True)`` traces it whole
-    (tests/test_engine_syncs.py), the property a CUDA-graph capture per tree size needs."""
-    hidden, logits = verify(target, cache, tree)
+    (tests/test_engine_syncs.py), the property a CUDA-graph capture per tree size needs.
+    target_pass: ``verify``'s replacement, the compiled pass of compiled.py (None = verify)."""
+    hidden, logits = (target_pass or verify)(target, cache, tree)
     accept_index, accept_lens, next_token = accept(tree, logits, sampling)
     emitted = shift_in(tree.tokens.gather(1, accept_index.clamp(min=0)), accept_lens, next_token)
     live = out.record(emitted, accept_lens)
@@ -361,24 +362,29 @@ def draft_and_build(drafter: Drafter | None, builder: TreeBuilder, root: torch.T
 
 def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Drafter | None,
            builder: TreeBuilder, settings: DecodeSettings, stats: GenerationStats | None = None,
-           pad_token_id: int = 0, cuda_graph: bool = False) -> torch.Tensor:
+           pad_token_id: int = 0, cuda_graph: bool = False, compile: bool | None = None) -> torch.Tensor:
     """Generate up to settings.max_new_tokens for each left-padded prompt; returns the new
     tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id).
-    cuda_graph: capture the verify step per tree-size bucket and replay it (capture.py)."""
+    cuda_graph: capture the verify step per tree-size bucket and replay it (capture.py).
+    compile: run the target's pass compiled per tree-size bucket on the CPU (compiled.py)."""
     capture_kind = capture.check_options(cuda_graph, target.device, settings)
+    compile_step = compiled.check_options(compile, target.device, cuda_graph)
     builder = builder if drafter is not None else RootOnly()
     recorder = StatsRecorder(stats, target.device)
     rows, lens, longest = pack_prompts(input_ids, attention_mask)
     # a live sequence has committed fewer than longest + max_new_tokens - 1 rows; a tree goes after them
     committed = longest + settings.max_new_tokens - 1
     largest_tree = builder.max_size(drafter_depth(drafter)) or 1
-    cache = target.new_cache(rows.shape[0], committed + largest_tree)
+    capacity = committed + largest_tree   # compiled: rounded up, so that other lengths reuse the graphs
+    cache = target.new_cache(rows.shape[0], compiled.cache_rows(capacity) if compile_step else capacity)
     out = _Output(input_ids, settings, slack=largest_tree)
 
-    def verify_tree(tree: Tree):
-        return verify_step(target, cache, tree, settings.sampling, out)
+    def verify_tree(tree: Tree, *target_pass):   # compiled.CompiledVerify passes its compiled pass
+        return verify_step(target, cache, tree, settings.sampling, out, *target_pass)
     if capture_kind is not None:
         verify_tree = capture.GraphedVerify(verify_tree, cache, out, largest_tree, capture_kind)
+    elif compile_step:
+        verify_tree = compiled.CompiledVerify(verify_tree, verify, out, largest_tree)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
     with torch.inference_mode(), target.attention(), target.aux_hidden_states(aux_layers(drafter)):

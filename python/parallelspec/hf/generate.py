@@ -29,6 +29,7 @@ from ..drafters.base import Drafter
 from ..drafters.hybrid import HybridDrafter
 from ..engine import DecodeSettings, GenerationStats, decode
 from ..capture import check_options as check_cuda_graph
+from ..compiled import check_options as check_compile
 from .target import TargetModel
 from ..sampling import SamplingParams
 from ..trees import TreeBuilder, make_tree_builder
@@ -122,7 +123,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
              attention_mask: torch.Tensor | None = None, generation_config=None, *,
              tree: str | TreeBuilder = "auto", tree_depth: int | None = None, tree_nodes: int | None = None,
              tree_choices=None, return_stats: bool = False, stopping_criteria=None, streamer=None,
-             logits_processor=None, cuda_graph: bool = False, **kwargs):
+             logits_processor=None, cuda_graph: bool = False, compile: bool | None = None, **kwargs):
     """Speculative decoding with `drafter` (None = plain decoding through the same loop).
 
     Args:
@@ -149,6 +150,10 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
             commit) in a CUDA graph per tree-size bucket and replay it each step (parallelspec.capture);
             a model on a CUDA device and greedy decoding only, no streamer or stopping criteria
             (a ValueError names what is missing). Off by default until measured faster on a GPU.
+        compile: on the CPU, run the target's pass over the tree compiled with torch.compile, once
+            per tree-size bucket (parallelspec.compiled; the artifacts are cached per machine, so a
+            later process loads them). None (default): ``compiled.DEFAULT_COMPILE``; False: eager. A
+            compile failure falls back to eager with one warning; the output is the same either way.
 
     Returns: [B, T + G] prompt + new tokens (or GenerateDecoderOnlyOutput), and the stats when
     return_stats.
@@ -170,6 +175,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     settings, pad = _settings(config, input_ids, stopping_criteria, streamer, default_length, target.max_positions)
     target.check_length(int(attention_mask.sum(dim=1).max()), input_ids.shape[1] + settings.max_new_tokens)
     check_cuda_graph(cuda_graph, target.device, settings)   # before tree="auto" measures anything
+    check_compile(compile, target.device, cuda_graph)
     drafter = as_drafter(drafter, model)
     # without a drafter the tree is the root alone whatever was asked: nothing to measure
     builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
@@ -180,7 +186,7 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     # the output keeps them, as transformers' does (streamers and stopping criteria see the prompt
     # with them moved to its left)
     run_ids, run_mask = _without_holes(input_ids, attention_mask, pad)
-    new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad, cuda_graph)
+    new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad, cuda_graph, compile)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
     result = sequences
     if config.return_dict_in_generate:

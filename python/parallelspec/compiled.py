@@ -1,0 +1,240 @@
+"""The verify step's target pass compiled on the CPU (``generate(..., compile=True)``).
+
+On a CPU about half of a small model's step is spent outside the kernels: some 3,000 dispatcher
+calls a step issued from Python through the HF modules (views, dtype casts, the RMSNorm and RoPE
+arithmetic, the residual adds). ``torch.compile`` (inductor) traces the target's pass over the
+tree (``engine.verify``: the model's forward with our attention and few-row linears, then the LM
+head) into one graph and fuses those small ops into a few C++ loops around the ps_kernels calls,
+which stay opaque custom ops in the graph.
+
+What is compiled, and how often:
+
+- only the target's pass: tree_accept, the recording and the commit stay eager (a few ops; they
+  read per-call Python values such as max_new_tokens and the EOS ids, which would recompile);
+- once per tree-size bucket: ``CompiledVerify`` pads each tree to ``capture.bucket`` sizes with
+  ``capture.TreeBuffers`` (pad nodes are never accepted; see capture.py), so a generation compiles
+  at most one graph per power of two up to its largest tree (plus the batch size and tree layout);
+- the cache's rows are rounded up to a power of two (``cache_rows``), so that other prompt
+  lengths and max_new_tokens reuse the graphs (the graphs are static: with the rows as a dynamic
+  dimension, torch 2.13's inductor dropped the symbolic offset of the V view, ``kv[l, 1]``, and
+  handed the attention op K's rows as V's); the layers' K/V are taken as views of the one cache
+  tensor inside the graph, so the attention op's in-place cache writes stay in place (separate
+  view inputs made inductor copy a layer's cache in and out every call);
+- the compiled artifacts (inductor's FX graph cache and AOTAutograd cache) are kept under
+  ``<parallelspec cache>/inductor/<torch version>-<CPU levels>-<ps_kernels build>``, unless
+  ``TORCHINDUCTOR_CACHE_DIR`` names another place: a later process on the same machine re-traces
+  (seconds) and loads the compiled code instead of compiling it.
+
+A compile failure falls back to the eager pass with one ``CompileFallbackWarning`` for the
+process (the failed attempt writes only scratch cache rows, so the eager rerun is exact); no
+result depends on whether the pass ran compiled. The step keeps its one host sync: the compiled
+graph is traced whole (``fullgraph=True``), so no host read can hide in it.
+
+``compile=None`` (the default) chooses by ``DEFAULT_COMPILE``; docs/BACKENDS.md ("Compiled step on
+the CPU") gives the measurements behind it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .capture import TreeBuffers, bucket, layout
+from .trees import Tree
+
+#: what ``compile=None`` does: False (eager unless compile=True is passed); see the module docstring
+DEFAULT_COMPILE = False
+#: inductor by default; the tests set "aot_eager" (same tracing, no C++ compile) for speed
+BACKEND = "inductor"
+#: graphs one process may keep for the pass (buckets x batch sizes x layouts x models); dynamo's own
+#: default of 8 would send a hybrid's ninth shape back to eager
+RECOMPILE_LIMIT = 64
+
+
+class CompileFallbackWarning(UserWarning):
+    """The compiled verify step failed; the loop runs the eager one (same results, slower)."""
+
+
+class _State:
+    """Per process: the compiled callable, a failure that turned compiling off, and the seconds the
+    first call of each shape took (compiling it, or loading it from inductor's cache)."""
+
+    def __init__(self):
+        self.compiled: Callable | None = None
+        self.failure: str | None = None
+        self.first_call_seconds: dict[tuple, float] = {}
+
+
+_state = _State()
+
+
+def check_options(compile, device: torch.device, cuda_graph=False) -> bool:
+    """generate()'s ``compile`` (True, False or None = ``DEFAULT_COMPILE``) against the device and
+    the other options; returns whether the verify step runs compiled."""
+    if compile is not None and not isinstance(compile, bool):
+        raise ValueError(f"compile: expected True, False or None (the default), got {compile!r}")
+    wanted = DEFAULT_COMPILE if compile is None else compile
+    if not wanted:
+        return False
+    if device.type != "cpu":
+        if compile is None:
+            return False
+        raise ValueError(f"compile: expected a model on the CPU, got {device.type} (the compiled step is the CPU's "
+                         "counterpart of cuda_graph=True; pass compile=False, and cuda_graph=True on a GPU)")
+    if cuda_graph:
+        raise ValueError("compile: expected cuda_graph=False with compile=True (a CUDA graph captures the GPU "
+                         "step; the compiled step is for the CPU)")
+    return True
+
+
+def cache_dir() -> Path:
+    """Where this machine's compiled artifacts go: per torch version, CPU level and ps_kernels build."""
+    import ps_kernels
+
+    from .models import cache_dir as package_cache
+
+    key = f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-" \
+          f"{ps_kernels.cpu_capability().active}-{ps_kernels.native_build_id()}"
+    return package_cache() / "inductor" / re.sub(r"[^A-Za-z0-9._+-]", "_", key)
+
+
+def _use_cache_dir() -> str:
+    """Point inductor's caches at cache_dir() unless the user chose a place (inductor reads
+    ``TORCHINDUCTOR_CACHE_DIR`` at each use; importing torch's compiler fills it with its default,
+    a folder under /tmp, which is replaced)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        path = cache_dir()
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def cache_rows(rows: int) -> int:
+    """The cache rows a compiled generation allocates for `rows` needed: the next power of two,
+    at least 1024 (a few sizes, hence few graphs: each size compiles every bucket again; at most
+    twice the memory past 1024 rows, e.g. 47 MB for SmolLM2-135M in fp32 at 1024)."""
+    return max(1024, 1 << (rows - 1).bit_length())
+
+
+class _LayerViews:
+    """The cache as the compiled pass sees it: each layer's (K, V) a view of the one kv tensor
+    taken inside the graph, and the lengths."""
+
+    def __init__(self, cache):
+        self.kv, self.lens = cache.kv, cache.lens
+
+    def layer(self, index: int):
+        return self.kv[index, 0], self.kv[index, 1]
+
+
+def _target_pass(verify, target, cache, tree):
+    return verify(target, _LayerViews(cache), tree)
+
+
+def _compiled() -> Callable:
+    if _state.compiled is None:
+        _state.compiled = torch.compile(_target_pass, fullgraph=True, dynamic=False, backend=BACKEND)
+    return _state.compiled
+
+
+#: module -> the forward object last pinned on it (see _pin_forwards)
+_PINNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pin_forwards(model: torch.nn.Module) -> None:
+    """The compiled graph is guarded on the identity of the modules' ``forward`` objects; the
+    few-row linears' routing (hf/linear.py) installs a new functools.partial per block, which
+    would recompile every generate call. Each such partial is swapped for an equal one kept per
+    module (same function, arguments and keywords), so later calls find the same object."""
+    for m in model.modules():
+        current = m.__dict__.get("forward")
+        if not isinstance(current, functools.partial):
+            continue
+        kept = _PINNED.get(m)
+        same = (kept is not None and kept.func is current.func and len(kept.args) == len(current.args)
+                and all(a is b for a, b in zip(kept.args, current.args))
+                and kept.keywords.keys() == current.keywords.keys()
+                and all(kept.keywords[k] is v for k, v in current.keywords.items()))
+        if kept is current:
+            continue
+        if not same:
+            kept = _PINNED[m] = functools.partial(current.func, *current.args, **current.keywords)
+        m.forward = kept
+
+
+def _fallback(exc: BaseException) -> None:
+    root = exc
+    while True:    # torch wraps a backend's error (BackendCompilerFailed.inner_exception)
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    lines = str(root).strip().splitlines()
+    _state.failure = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    warnings.warn(f"compile: compiling the verify step failed ({_state.failure}); running it eagerly (same "
+                  "results, slower) for the rest of this process. Pass compile=False to skip compiling.",
+                  CompileFallbackWarning, stacklevel=4)
+
+
+def compiled_pass(verify: Callable, target, cache, tree: Tree):
+    """``verify(target, cache, tree)`` through the compiled graph of its shapes (compiled on first
+    use, then from inductor's cache), or eagerly after a compile failure in this process."""
+    if _state.failure is None:
+        key = (id(target.model), target.dtype, tuple(tree.tokens.shape), layout(tree), cache.kv.shape[4])
+        first = key not in _state.first_call_seconds
+        started = time.perf_counter()
+        try:
+            _pin_forwards(target.model)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                result = _compiled()(verify, target, cache, tree)
+        except Exception as exc:  # noqa: BLE001  (any failure: the eager pass below is the answer)
+            _fallback(exc)
+        else:
+            if first:
+                took = _state.first_call_seconds[key] = time.perf_counter() - started
+                if took > 1.0:
+                    print(f"parallelspec: compiled the verify step for {tree.size}-node trees (batch "
+                          f"{tree.tokens.shape[0]}, {str(target.dtype).removeprefix('torch.')}) in {took:.0f} s; "
+                          f"cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR', '?')} (compile=False turns "
+                          "it off)", file=sys.stderr, flush=True)
+            return result
+    return verify(target, cache, tree)
+
+
+class CompiledVerify:
+    """``step(tree, target_pass)`` (the loop's verify_step over one tree) with its tree padded to
+    its bucket and its target pass compiled (``compiled_pass``). ``out`` is the output
+    bookkeeping (its slack grows to the bucket); ``largest`` the most tree nodes the cache holds."""
+
+    def __init__(self, step: Callable, verify: Callable, out, largest: int):
+        self.step, self.verify, self.out, self.largest = step, verify, out, largest
+        self.buffers: dict[tuple, TreeBuffers] = {}
+        _use_cache_dir()
+
+    def _target_pass(self, target, cache, tree: Tree):
+        return compiled_pass(self.verify, target, cache, tree)
+
+    def __call__(self, tree: Tree) -> tuple:
+        n = tree.size
+        size = bucket(n, self.largest)
+        if size == n:
+            return self.step(tree, self._target_pass)
+        self.out.ensure_slack(size)
+        key = (size, layout(tree))
+        buffers = self.buffers.get(key)
+        if buffers is None:
+            buffers = self.buffers[key] = TreeBuffers(tree, size)
+        buffers.fill(tree)
+        outputs = self.step(buffers.tree, self._target_pass)
+        return tuple(o[:, :n] if o.dim() >= 2 else o for o in outputs)

@@ -1,0 +1,183 @@
+"""generate(..., compile=True): the target's pass compiled per tree-size bucket (parallelspec.compiled).
+
+Most tests compile with the "aot_eager" backend (dynamo's trace and AOTAutograd, the same graph
+and guards inductor gets, without inductor's C++ compile, which takes 15-40 s per shape here):
+the bucket padding, the reuse of graphs across calls, the fallback and the host syncs do not
+depend on the backend. One test compiles with inductor on a tiny Llama (one shape) and compares
+with transformers' greedy output, so inductor's numerics and its handling of the in-place cache
+writes are checked too."""
+import warnings
+
+import pytest
+import torch
+
+import parallelspec as ps
+from parallelspec import compiled
+from parallelspec.trees import AutoTree
+from engine_helpers import hf_greedy, left_padded, tiny_model
+from test_engine_syncs import BUDGET, VOCAB, step_syncs
+
+NEW = 12
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    """A clean per-process state, aot_eager, inductor's caches in tmp (nothing left in ~/.cache)."""
+    monkeypatch.setattr(compiled, "_state", compiled._State())
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", VOCAB, layers=1)   # one layer: dynamo's trace time grows with the layers
+
+
+def _prompts(lengths=(6, 9)):
+    ids, mask = left_padded(list(lengths), VOCAB)
+    ids[:, -4:] = ids[:, -8:-4]   # repeated tails: prompt lookup matches, trees of several sizes
+    return ids, mask
+
+
+def _counting_backend(graphs: list):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+@pytest.mark.parametrize("arch,drafter", [("llama", "ngram"), ("qwen3", None),
+                                          pytest.param("qwen3", "ngram", marks=pytest.mark.slow)])
+def test_compiled_loop_gives_the_eager_output(arch, drafter, monkeypatch):
+    """Greedy output equal to transformers' and to the eager loop, the same acceptances, every
+    tree padded to its bucket (powers of two, capped at the largest tree)."""
+    model = tiny_model(arch, VOCAB, layers=1)
+    ids, mask = _prompts()
+    d = ps.NgramDrafter(num_tokens=4) if drafter else None
+    # AutoTree on a fixed cost table: its sizes vary step by step (up to 4 nodes: buckets 1, 2, 4)
+    eager, s_eager = ps.generate(model, ids, d, attention_mask=mask, max_new_tokens=NEW, return_stats=True,
+                                 tree=AutoTree({1: 1.0, 64: 1.05}, max_nodes=4), compile=False)
+    got, s_comp = ps.generate(model, ids, d, attention_mask=mask, max_new_tokens=NEW, return_stats=True,
+                              tree=AutoTree({1: 1.0, 64: 1.05}, max_nodes=4), compile=True)
+    assert compiled._state.failure is None
+    assert torch.equal(got, hf_greedy(model, ids, mask, NEW))
+    assert torch.equal(got, eager)
+    assert s_comp.accept_histogram == s_eager.accept_histogram
+    sizes = {key[2][1] for key in compiled._state.first_call_seconds}
+    assert sizes <= {1, 2, 4} if drafter else sizes == {1}
+    if drafter:
+        assert 4 in sizes, f"trees of sizes {sizes} only: the padding went untested"
+
+
+@pytest.mark.slow  # inductor's C++ compile: 15-40 s for one shape on 2 shared cores
+def test_inductor_gives_transformers_output(llama, monkeypatch):
+    """The real backend on one shape (plain decoding, batch 2): inductor's fused code around the
+    ps_kernels ops, with the cache written in place, gives transformers' greedy tokens."""
+    monkeypatch.setattr(compiled, "BACKEND", "inductor")
+    ids, mask = _prompts()
+    got = ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+    assert compiled._state.failure is None and compiled._state.first_call_seconds
+    assert torch.equal(got, hf_greedy(llama, ids, mask, NEW))
+
+
+def test_other_lengths_reuse_the_graphs(llama, monkeypatch):
+    """A new prompt length or max_new_tokens (another cache size within the same rounded rows)
+    compiles nothing new: the cache rows are rounded up and the linears' forwards pinned."""
+    graphs = []
+    monkeypatch.setattr(compiled, "BACKEND", _counting_backend(graphs))
+    ids, mask = _prompts()
+    ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+    made = len(graphs)
+    assert made >= 1
+    ids2, mask2 = _prompts((7, 11))
+    out = ps.generate(llama, ids2, attention_mask=mask2, max_new_tokens=NEW + 5, compile=True)
+    assert len(graphs) == made, f"{len(graphs) - made} graphs compiled again for another length"
+    assert torch.equal(out, hf_greedy(llama, ids2, mask2, NEW + 5))
+    assert compiled.cache_rows(1) == 1024 and compiled.cache_rows(1025) == 2048 and compiled.cache_rows(2048) == 2048
+
+
+def test_a_compile_failure_falls_back_with_one_warning(llama, monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("injected compiler failure")
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    ids, mask = _prompts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ps.generate(llama, ids, ps.NgramDrafter(num_tokens=4), attention_mask=mask, max_new_tokens=NEW,
+                            tree="chain", compile=True)
+        second = ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+    fallbacks = [w for w in caught if issubclass(w.category, compiled.CompileFallbackWarning)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert "injected compiler failure" in str(fallbacks[0].message) and "compile=False" in str(fallbacks[0].message)
+    expected = hf_greedy(llama, ids, mask, NEW)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_compile_false_and_the_default_do_not_compile(llama, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("compiled pass used")
+    monkeypatch.setattr(compiled, "compiled_pass", never)
+    ids, mask = _prompts()
+    expected = hf_greedy(llama, ids, mask, NEW)
+    assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=False), expected)
+    monkeypatch.setattr(compiled, "DEFAULT_COMPILE", False)
+    assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW), expected)
+    monkeypatch.setattr(compiled, "DEFAULT_COMPILE", True)   # compile=False wins over a default that is on
+    assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=False), expected)
+
+
+def test_bad_compile_options_are_refused(llama):
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="compile: expected True, False or None"):
+        ps.generate(llama, ids, attention_mask=mask, max_new_tokens=2, compile="yes")
+    with pytest.raises(ValueError, match="compile: expected cuda_graph=False"):
+        compiled.check_options(True, torch.device("cpu"), cuda_graph=True)
+    with pytest.raises(ValueError, match="compile: expected a model on the CPU"):
+        compiled.check_options(True, torch.device("cuda"))
+    assert compiled.check_options(None, torch.device("cuda")) is False
+
+
+def test_the_compiled_graph_reads_nothing_back(llama, monkeypatch):
+    """The graph the backend gets (AOTAutograd's aten graph) holds no scalar read and no op whose
+    output shape depends on the data: no host sync hides in the compiled pass."""
+    from torch._dynamo.backends.common import aot_autograd
+    from sync_counter import _DATA_DEPENDENT
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(compiled, "BACKEND", aot_autograd(fw_compiler=keep))
+    ids, mask = _prompts()
+    got = ps.generate(llama, ids, ps.NgramDrafter(num_tokens=4), attention_mask=mask, max_new_tokens=NEW,
+                      tree="chain", compile=True)
+    assert compiled._state.failure is None and graphs
+    assert torch.equal(got, hf_greedy(llama, ids, mask, NEW))
+    nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    ops = {n.target for n in nodes}
+    # the graph is the model's pass: the attention op (functionalized: it writes the cache) is in it
+    wrapped = {str(n.args[0]) for n in nodes if "auto_functionalized" in str(n.target)}
+    assert any("ps_kernels.tree_attention" in name for name in wrapped | {str(t) for t in ops}), ops
+    assert not ops & _DATA_DEPENDENT, ops & _DATA_DEPENDENT
+
+
+@pytest.mark.parametrize("kind", ["ngram", "hybrid"])
+def test_at_most_one_host_sync_a_step_compiled(llama, kind, monkeypatch):
+    """What compiling adds around the graph (bucket padding into the static buffers, the cut of
+    the outputs) keeps the loop's one host sync a step. The sync counter's dispatch mode makes
+    dynamo skip compiled frames, so the pass runs uncompiled here (the test above checks the
+    graph itself)."""
+    monkeypatch.setattr(compiled, "DEFAULT_COMPILE", True)
+    monkeypatch.setattr(compiled._state, "compiled", compiled._target_pass)
+    steps, ids = step_syncs(llama, kind, "auto")
+    assert compiled._state.failure is None and compiled._state.first_call_seconds, "the compiled path did not run"
+    assert {key[2][1] for key in compiled._state.first_call_seconds} - {1}, "no tree went through the buckets"
+    assert len(steps) >= 3
+    worst = max(steps, key=len)
+    assert len(worst) <= BUDGET, f"{kind}, compiled: {len(worst)} host syncs in a step: {worst}"
