@@ -41,6 +41,9 @@ CONTEXT_KWARG = "parallelspec_context"
 #: model_type values whose decoder layers we have checked (architectures.ARCHITECTURES): RoPE or
 #: NoPE applied before the attention call, K and V heads of one size, layer_idx on every layer
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+#: devices whose attention kernels take a plan made once per forward (ps_kernels.attention_plan):
+#: the GPU backends split the prefix and allocate scratch; on the CPU a plan changes nothing
+PLANNED_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ForwardContext:
     windows: list                   # per layer: its sliding window, or None
     softcap: float | None = None    # attention logit soft-cap (every layer)
     sinks: bool = False             # the attention modules hold per-head sink logits (module.sinks)
+    plans: dict | None = None       # window -> ps_kernels.AttentionPlan, made once for the pass's layers
 
 
 def parallelspec_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,9 +71,10 @@ def parallelspec_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     sinks = module.sinks if context.sinks else None
     if sinks is not None and sinks.dtype != torch.float32:
         sinks = sinks.float()
+    window = context.windows[module.layer_idx]
     out = ps_kernels.tree_attention(query, key, value, k_cache, v_cache, context.cache.lens, context.tree_mask,
-                                    scale=scaling, window=context.windows[module.layer_idx], softcap=context.softcap,
-                                    sinks=sinks, validate=False)
+                                    scale=scaling, window=window, softcap=context.softcap, sinks=sinks, validate=False,
+                                    plan=context.plans[window] if context.plans else None)
     return out.transpose(1, 2), None
 
 
@@ -181,9 +186,21 @@ class TargetModel:
         """Run N tokens per sequence at the given positions; node i attends the committed rows and
         the nodes tree_mask allows (None = causal); their K/V land in rows lens..lens+N-1.
         Returns the last hidden states [B, N, d] (after the final norm). Call inside attention()."""
-        context = ForwardContext(cache, tree_mask, self.layer_windows, self.attn_softcap, self.architecture.sinks)
+        context = ForwardContext(cache, tree_mask, self.layer_windows, self.attn_softcap, self.architecture.sinks,
+                                 self._plans(input_ids.shape, cache))
         out = self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **{CONTEXT_KWARG: context})
         return self._with_aux(out.last_hidden_state)
+
+    def _plans(self, shape: torch.Size, cache: KVCache) -> dict | None:
+        """The attention kernels' split plan and scratch, made once per forward for all its layers
+        (one per distinct sliding window) where the backends use one (PLANNED_DEVICES); None elsewhere."""
+        if self.device.type not in PLANNED_DEVICES:
+            return None
+        batch, rows = shape
+        return {w: ps_kernels.attention_plan("tree_attention", batch=batch, q_heads=self.config.num_attention_heads,
+                                             kv_heads=self.num_kv_heads, rows=rows, head_dim=self.head_dim,
+                                             max_prefix=cache.capacity, window=w, device=self.device)
+                for w in set(self.layer_windows)}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head and what the model's *ForCausalLM.forward applies after it (final soft-cap,
