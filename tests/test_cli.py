@@ -12,7 +12,7 @@ def test_bad_flag_values_are_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "0"])
     assert exc.value.code == 2
-    assert "--max-new-tokens: expected a positive integer, got 0" in capsys.readouterr().err
+    assert "--max-new-tokens: expected an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["generate", "--prompt", "hi", "--tree", "forest"])
     assert "invalid choice: 'forest'" in capsys.readouterr().err
@@ -70,10 +70,10 @@ def test_missing_model_directory(tmp_path, capsys):
     assert "--model: expected a local model directory" in capsys.readouterr().err
 
 
-def test_empty_prompt_is_refused(monkeypatch):
+def test_empty_prompt_is_refused(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("   "))
-    with pytest.raises(SystemExit, match="--prompt: expected a non-empty prompt"):
-        cli.main(["generate"])
+    assert cli.main(["generate"]) == 2
+    assert "--prompt: expected a non-empty prompt" in capsys.readouterr().err
 
 
 def test_load_drafter_by_name_and_bad_paths(tmp_path):
@@ -125,3 +125,54 @@ def test_bad_cpu_level_variable_is_an_error_not_a_traceback(command):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"parallelspec {command[0]}: error: PS_KERNELS_CPU_CAPABILITY=avx3: expected one of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_generate_command_sampling_flags(tmp_path, capsys, monkeypatch):
+    """--do-sample, --temperature, --top-k, --top-p, --seed and --dtype reach generate as given:
+    the model in bf16, the sampling settings, and the seed (the same seed prints the same text, which
+    is parallelspec.generate's draw after torch.manual_seed(seed), also when the auto tree measures
+    its cost table on first use); without --do-sample the settings are said to be ignored and the
+    output is greedy."""
+    import torch
+
+    import parallelspec
+    model, tok = tiny_model("llama", 64), _word_tokenizer(64)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    calls = []
+    real = parallelspec.generate
+
+    def spy(model, ids, drafter, **kwargs):
+        out = real(model, ids, drafter, **kwargs)
+        calls.append((model, ids, drafter, kwargs, out[0]))
+        return out
+    monkeypatch.setattr(parallelspec, "generate", spy)
+    from parallelspec.trees import verify_cost
+
+    def measured(model, **kwargs):    # the auto tree's first-use measurement, fast: it draws random inputs
+        torch.rand(1000)
+        return {1: 1.0, 64: 1.5}
+    monkeypatch.setattr(verify_cost, "measure_verify_cost", measured)
+    flags = ["--do-sample", "--temperature", "1.5", "--top-k", "40", "--top-p", "0.95", "--dtype", "bf16"]
+    base = ["generate", "--prompt", "t5 t9 t5 t9 t5 t1 t2", "--model", str(tmp_path), "--drafter", "ngram",
+            "--device", "cpu", "--max-new-tokens", "16"]
+    texts = []
+    for seed in ("3", "3", "4"):
+        assert cli.main(base + flags + ["--seed", seed]) == 0
+        texts.append(capsys.readouterr().out.strip())
+    loaded, ids, drafter, kwargs, out = calls[0]
+    assert loaded.dtype == torch.bfloat16
+    assert {k: kwargs[k] for k in ("do_sample", "temperature", "top_k", "top_p")} == \
+        {"do_sample": True, "temperature": 1.5, "top_k": 40, "top_p": 0.95}
+    assert texts[0] == texts[1] != texts[2]           # the seed decides the draw
+    torch.manual_seed(3)
+    again = real(loaded, ids, drafter, **{k: v for k, v in kwargs.items() if k != "streamer"})[0]
+    assert torch.equal(again, out)
+    assert texts[0] == tok.decode(out[0, ids.shape[1]:]).strip()
+
+    assert cli.main(base + ["--temperature", "1.5", "--top-k", "40"]) == 0   # no --do-sample
+    captured = capsys.readouterr()
+    assert "--temperature, --top-k set without --do-sample" in captured.err
+    assert calls[-1][3]["do_sample"] is False and "temperature" not in calls[-1][3]
+    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert captured.out.strip() == tok.decode(greedy[0, ids.shape[1]:]).strip()

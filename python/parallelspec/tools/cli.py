@@ -63,13 +63,14 @@ def cmd_generate(args) -> int:
     options = _generation_options(args, model)
     drafter = load_drafter(args.drafter, model, format=args.drafter_format)
     ids = encode_prompt(tok, text, args.chat).to(args.device)
+    tree = _tree_kwargs(args, model)   # before the seed: the auto tree's first-use measurement draws random inputs
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": args.do_sample}
     if args.do_sample:
         sampling |= {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     out, stats = generate(model, ids, drafter, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tok, skip_prompt=True),
-                          return_stats=True, **{**options, **sampling}, **_tree_kwargs(args, model))
+                          return_stats=True, **{**options, **sampling}, **tree)
     if args.stats:
         print(f"\n[{stats.new_tokens} tokens in {stats.total_time:.2f} s: {stats.tokens_per_second:.1f} tok/s, "
               f"mean accepted {stats.mean_accepted:.2f} per step over {stats.steps} steps]", file=sys.stderr)
