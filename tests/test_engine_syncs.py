@@ -161,3 +161,52 @@ def test_verify_step_traces_whole_with_torch_compile(model, shared_tree):
     for a, b in zip(eager, comp):
         torch.testing.assert_close(a, b)
     assert torch.equal(lens_e, lens_c) and torch.equal(kv_e, kv_c)
+
+
+# ------------------------------------------------------------ positive controls of the counter
+
+def test_the_counter_sees_every_kind_of_sync():
+    """Each host sync the module docstring of sync_counter names is counted once, with its line;
+    device-side work is not counted."""
+    from sync_counter import SyncCounter
+
+    x = torch.arange(6)
+    cases = {"int": lambda: int(x[0]), "float": lambda: float(x[1]), "bool": lambda: bool(x.any()),
+             "item": lambda: x[2].item(), "tolist": lambda: x.tolist(), "numpy": lambda: x.numpy(),
+             "cpu": lambda: x.cpu(), "to(cpu)": lambda: x.to("cpu"), "nonzero": lambda: x.nonzero(),
+             "bool_index": lambda: x[x > 2], "repeat_interleave": lambda: x.repeat_interleave(x),
+             "tensor(device=)": lambda: torch.tensor([1, 2], device="cpu"),
+             "as_tensor(device=)": lambda: torch.as_tensor([1, 2], device="cpu")}
+    for what, call in cases.items():
+        with SyncCounter() as counter:
+            call()
+        assert [w for w, _ in counter.events][:1] == [what], (what, counter.events)
+        assert counter.events[0][1].endswith(f"test_engine_syncs.py:{_line_of(call)}"), counter.events
+    with SyncCounter() as counter:
+        y = (x + 1) * 2
+        torch.where(y > 3, y, 0).sum()
+        x.repeat_interleave(2, output_size=12)
+    assert counter.events == []
+
+
+def _line_of(fn) -> int:
+    return fn.__code__.co_firstlineno
+
+
+def test_the_step_count_sees_an_added_sync(model, monkeypatch):
+    """A scalar read added to the decoding step (in the verify pass) shows up in every step's
+    count, so a counter gone blind to the loop cannot pass the budget tests; without it each step
+    has exactly its one read."""
+    steps, _ = step_syncs(model, "ngram", "dynamic")
+    assert all(len(s) == BUDGET for s in steps), steps
+    verify = engine.verify
+
+    def reading(target, cache, tree):
+        hidden, logits = verify(target, cache, tree)
+        int(logits.argmax())            # a host sync
+        return hidden, logits
+    monkeypatch.setattr(engine, "verify", reading)
+    steps, _ = step_syncs(model, "ngram", "dynamic")
+    # every step that verified (the last interval only reads "all done")
+    assert [len(s) for s in steps] == [BUDGET + 1] * (len(steps) - 1) + [BUDGET], steps
+    assert all(any(w == "int" and "test_engine_syncs.py" in where for w, where in s) for s in steps[:-1]), steps
