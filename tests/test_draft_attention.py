@@ -5,12 +5,37 @@ from hypothesis import given, strategies as st
 import ps_kernels
 from ps_kernels import reference as ref
 
-from attention_cases import (backends, check_against_reference, check_native_refuses, draw_layout, dtypes,
-                             interpreted, random_qkv_cache)
+from attention_cases import (backends, check_against_reference, check_native_refuses, clone_all, draw_layout,
+                             dtypes, interpreted, random_qkv_cache, spelled_out_draft_attention, upcast)
 from helpers import DEVICE
 
 OP = "draft_attention"
 BACKENDS = backends(OP)
+
+
+def check_reference_independently(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale=None):
+    """The `reference` backend is the specification: judged by an independent formulation
+    (attention_cases.spelled_out_draft_attention, every position spelled out) in fp64, not by
+    itself; its cache writes by the contract (the real rows at cache_lens[b] + t)."""
+    args = upcast(clone_all([q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks]))
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    out, lse = ref.draft_attention(*args, scale=scale, return_lse=True)     # the specification, in fp64
+    want, want_lse = spelled_out_draft_attention(*upcast(clone_all([q, k_new, v_new, k_cache, v_cache, cache_lens,
+                                                                    new_lens])), num_masks, scale)
+    torch.testing.assert_close(out, want.to(out.device), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse.double(), want_lse.to(lse.device), atol=1e-5, rtol=1e-6)
+    for cache, new, before in ((args[3], args[1], k_cache), (args[4], args[2], v_cache)):
+        expected = before.double().clone()
+        for b, (P, r) in enumerate(zip(cache_lens.tolist(), new_lens.tolist())):
+            expected[b, :, P:P + r] = new[b, :, :r]
+        assert torch.equal(cache, expected)
+    # the op's reference backend in the inputs' dtype: the same up to that dtype's rounding
+    low = clone_all([q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks])
+    got = ps_kernels.draft_attention(*low, scale=scale, backend="reference")
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[q.dtype]
+    torch.testing.assert_close(got.double(), want.to(got.device), atol=tol, rtol=tol)
+    return got, lse
 
 
 def run_case(backend, q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale=None):
@@ -20,8 +45,12 @@ def run_case(backend, q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, n
     def run_reference(a):
         return ref.draft_attention(*a, scale=scale, return_lse=True)
 
-    out, lse = check_against_reference(run_backend, run_reference,
-                                       [q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks])
+    if backend == "reference":
+        out, lse = check_reference_independently(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks,
+                                                 scale)
+    else:
+        out, lse = check_against_reference(run_backend, run_reference,
+                                           [q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks])
     R = q.shape[2] - num_masks
     for b, r in enumerate(new_lens.tolist()):  # padding rows: exactly 0 and -inf
         assert torch.all(out[b, :, r:R] == 0) and torch.all(lse[b, :, r:R] == float("-inf"))

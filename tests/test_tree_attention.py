@@ -5,9 +5,9 @@ from hypothesis import given, strategies as st
 import ps_kernels
 from ps_kernels import reference as ref
 
-from attention_cases import (backends, check_against_reference, check_native_refuses, draw_layout, dtypes,
-                             interpreted, random_parents,
-                             random_qkv_cache)
+from attention_cases import (backends, check_against_reference, check_native_refuses, clone_all, draw_layout,
+                             dtypes, interpreted, random_parents, random_qkv_cache, spelled_out_tree_attention,
+                             upcast)
 from helpers import DEVICE
 
 OP = "tree_attention"
@@ -22,7 +22,46 @@ def make_mask(rng, kind: str, B: int, N: int):
     return ps_kernels.tree_mask_from_parents(torch.stack([random_parents(rng, N) for _ in range(B)])).to(DEVICE)
 
 
+def parents_from_mask(mask, B: int, N: int):
+    """[B, N] parents read off packed ancestor-or-self bits (bit by bit): a node's parent is its
+    highest-index ancestor other than itself; None (causal) stays None."""
+    if mask is None:
+        return None
+    words = mask if mask.dim() == 3 else mask.unsqueeze(0).expand(B, -1, -1)
+    rows = words.cpu().tolist()
+    return torch.tensor([[max([j for j in range(i) if (rows[b][i][j // 64] >> (j % 64)) & 1], default=-1)
+                          for i in range(N)] for b in range(B)])
+
+
+def check_reference_independently(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale=None):
+    """The `reference` backend is the specification: judged by an independent formulation
+    (attention_cases.spelled_out_tree_attention, every position spelled out) in fp64, not by
+    itself; its cache writes by the contract (node rows at cache_lens[b] + i)."""
+    args = upcast(clone_all([q, k_new, v_new, k_cache, v_cache, cache_lens, mask]))
+    B, _, N, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    out, lse = ref.tree_attention(*args, scale=scale, return_lse=True)        # the specification, in fp64
+    want, want_lse = spelled_out_tree_attention(*upcast(clone_all([q, k_new, v_new, k_cache, v_cache, cache_lens])),
+                                                parents_from_mask(mask, B, N), scale)
+    torch.testing.assert_close(out, want.to(out.device), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse.double(), want_lse.to(lse.device), atol=1e-5, rtol=1e-6)
+    # the op's reference backend in the inputs' dtype: the same up to that dtype's rounding
+    low = clone_all([q, k_new, v_new, k_cache, v_cache, cache_lens, mask])
+    got = ps_kernels.tree_attention(*low, scale=scale, backend="reference")
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[q.dtype]
+    torch.testing.assert_close(got.double(), want.to(got.device), atol=tol, rtol=tol)
+    for cache, new, before in ((args[3], args[1], k_cache), (args[4], args[2], v_cache)):
+        expected = before.double().clone()
+        for b, P in enumerate(cache_lens.tolist()):
+            expected[b, :, P:P + N] = new[b]
+        assert torch.equal(cache, expected)
+    return out, lse
+
+
 def run_case(backend, q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale=None):
+    if backend == "reference":
+        return check_reference_independently(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale)
+
     def run_backend(a):
         return ps_kernels.tree_attention(*a, scale=scale, return_lse=True, backend=backend)
 
@@ -196,9 +235,16 @@ def test_bad_scale_and_validate_false_skips_value_checks():
     args = _good()
     with pytest.raises(TypeError, match="scale: expected None or a finite float, got nan"):
         ps_kernels.tree_attention(*args, scale=float("nan"))
-    # a non-tree mask passes without validation (the hot loop's contract), with the reference
+    # a non-tree mask passes without validation (the hot loop's contract), with the reference:
+    # refused when validated; unvalidated, computed as given (node 0's row, the same bits as the
+    # valid mask's, gives the same output)
+    valid = ps_kernels.tree_attention(*clone_all(args), backend="reference")
     args[6] = torch.tensor([[1], [7], [5]])
-    ps_kernels.tree_attention(*args, validate=False, backend="reference")
+    with pytest.raises(ValueError, match="tree_mask: expected a tree mask in topological order"):
+        ps_kernels.tree_attention(*clone_all(args), backend="reference")
+    out = ps_kernels.tree_attention(*clone_all(args), validate=False, backend="reference")
+    assert out.shape == valid.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :, 0], valid[:, :, 0], rtol=0, atol=0)
 
 
 def test_mask_helpers():
