@@ -197,25 +197,32 @@ def _small_tree(tree):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loop on the GPU backends)")
 @pytest.mark.parametrize("tree", ["chain", "dynamic", "auto"])
-@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid"])
+@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid", "accepted_eagle", "accepted_hybrid"])
 def test_greedy_batch_on_cuda_matches_hf(case, kind, tree):
     """The whole loop on a GPU (tree_attention, draft_attention, tree_accept and kv_rollback on
     their CUDA / Triton backends, the drafters' caches on the device) against transformers'
-    generate on the same GPU."""
+    generate on the same GPU; accepted_*: networks that copy the Llama target, so that several
+    drafted tokens are committed and rolled back a step on the device too."""
     import copy
 
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
     model, ids, mask, _ = case
+    if kind and kind.startswith("accepted") and model.config.model_type != "llama":
+        pytest.skip("the networks that copy the target copy a Llama")
     model = copy.deepcopy(model).to("cuda")
     ids, mask = ids.to("cuda"), mask.to("cuda")
     reference = hf_greedy(model, ids, mask, NEW)
     drafter = (None if kind is None else ps.NgramDrafter(num_tokens=4) if kind == "ngram"
+               else _accepting_drafter(kind.split("_")[1], model) if kind.startswith("accepted")
                else _network_drafter(kind, model))
-    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree=_small_tree(tree),
-                      tree_nodes=8)
+    out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW,
+                             tree=_small_tree(tree) if tree != "auto" or not kind.startswith("accepted")
+                             else _flat_auto_tree(), tree_nodes=8, return_stats=True)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    if kind and kind.startswith("accepted"):
+        assert stats.mean_accepted > 1.3, stats.accept_histogram
 
 
 def _wide_model(dtype):
