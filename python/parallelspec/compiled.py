@@ -142,9 +142,16 @@ def _target_pass(verify, target, cache, tree):
     return verify(target, _LayerViews(cache), tree)
 
 
+#: inductor's options: round low-precision intermediates as eager does (inductor otherwise keeps a
+#: fused chain of bf16 ops in fp32, a different model: SmolLM2 in bf16 then left the eager greedy
+#: output within 128 tokens on every prompt tried; with it, the outputs were equal)
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+
+
 def _compiled() -> Callable:
     if _state.compiled is None:
-        _state.compiled = torch.compile(_target_pass, fullgraph=True, dynamic=False, backend=BACKEND)
+        options = INDUCTOR_OPTIONS if BACKEND == "inductor" else None
+        _state.compiled = torch.compile(_target_pass, fullgraph=True, dynamic=False, backend=BACKEND, options=options)
     return _state.compiled
 
 
