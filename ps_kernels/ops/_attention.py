@@ -17,6 +17,7 @@ import math
 import torch
 
 from .. import _checks
+from . import attention_plan as _plan
 
 
 def check_inputs(q, k_new, v_new, k_cache, v_cache, cache_lens, rows: str) -> tuple[int, int, int, int, int, int]:
@@ -109,3 +110,18 @@ def cache_room_error(base: torch.Tensor, need: torch.Tensor, capacity: int, need
         return (f"cache_lens: expected cache_lens[b] + {need_what} <= {capacity} (the cache capacity "
                 f"S = k_cache.shape[2]), got cache_lens[{b}] + {int(need[b])} = {int(base[b] + need[b])}")
     return None
+
+
+def resolve(op: str, name: str, q: torch.Tensor, kv_heads: int, scale, window, softcap, sinks, plan, backend,
+            validate: bool):
+    """What both attention ops do after choosing the backend `name`: the scale and the optional
+    features checked (the sinks tensor's checks left to the native bindings when validate=False),
+    and a plan checked against the call, which then names the backend and the launch arguments.
+    -> (backend, scale, window, softcap, sinks, launch arguments)."""
+    scale = check_scale(scale, q.shape[-1])
+    window, softcap, sinks = check_features(window, softcap, sinks, q, check_sinks=validate or name not in NATIVE)
+    launch = ()
+    if plan is not None:
+        name = _plan.plan_for(op, plan, q, kv_heads, window, backend)
+        launch = plan.launch_args() if name in ("cuda", "triton") else ()
+    return name, scale, window, softcap, sinks, launch

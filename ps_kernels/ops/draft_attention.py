@@ -128,13 +128,8 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     name = _backend.select(OP, q.device, backend) if plan is None else getattr(plan, "backend", None)
     if not validate and name not in _attention.NATIVE:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, False)
-    scale = _attention.check_scale(scale, q.shape[-1])
-    window, softcap, sinks = _attention.check_features(window, softcap, sinks, q,
-                                                       check_sinks=validate or name not in _attention.NATIVE)
-    launch = ()
-    if plan is not None:
-        name = _plan.plan_for(OP, plan, q, k_new.shape[1], window, backend)
-        launch = plan.launch_args() if name in ("cuda", "triton") else ()
+    name, scale, window, softcap, sinks, launch = _attention.resolve(OP, name, q, k_new.shape[1], scale, window, softcap,
+                                                                    sinks, plan, backend, validate)
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     new_lens = new_lens.to(torch.int64).contiguous()
     run = _draft_attention_op if torch.compiler.is_compiling() else _run  # as in tree_attention

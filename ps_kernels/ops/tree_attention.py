@@ -179,13 +179,8 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
         getattr(plan, "backend", None)
     if not validate and name not in _attention.NATIVE:
         _validate(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, False)
-    scale = _attention.check_scale(scale, q.shape[-1])
-    window, softcap, sinks = _attention.check_features(window, softcap, sinks, q,
-                                                       check_sinks=validate or name not in _attention.NATIVE)
-    launch = ()
-    if plan is not None:
-        name = _plan.plan_for(OP, plan, q, k_new.shape[1], window, backend)
-        launch = plan.launch_args() if name in ("cuda", "triton") else ()
+    name, scale, window, softcap, sinks, launch = _attention.resolve(OP, name, q, k_new.shape[1], scale, window, softcap,
+                                                                    sinks, plan, backend, validate)
     if tree_mask is not None and tree_mask.dim() == 2:
         tree_mask = tree_mask.expand(q.shape[0], -1, -1)
     mask = None if tree_mask is None else tree_mask.contiguous()

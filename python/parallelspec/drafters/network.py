@@ -114,6 +114,22 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
+def run_layers(layers, x, cos, sin, attend, out_rows=None):
+    """The decoder layers over x: attend(layer index, q, k, v) -> [B, H, T, D] is the caller's
+    attention over its cache. out_rows [B, T'] (int64): the last layer's output projection and MLP
+    run on these rows alone (the others still attend), returning [B, T', d]."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        q, k, v = layer.qkv(x, cos, sin)
+        x = layer.residual(x)
+        attn = attend(i, q, k, v)
+        if i == last and out_rows is not None:
+            x = x.gather(1, out_rows[:, :, None].expand(-1, -1, x.shape[-1]))
+            attn = attn.gather(2, out_rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
+        x = layer.finish(x, attn)
+    return x
+
+
 class DraftNetwork(nn.Module):
     """Fused input, decoder layers, final norm and head. The target's embedding (and, with
     head="target", its LM head rows) are attached by `attach_target` and never saved."""
@@ -198,16 +214,7 @@ class DraftNetwork(nn.Module):
         what a step leaves in the cache). Returns [B, T', d] then, else [B, T, d]. A step over a
         long prompt wants 1 + k - 1 rows of hundreds: this skips most of its work."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(x, cos, sin)
-            x = layer.residual(x)
-            attn = attend(i, q, k, v)
-            if i == last and out_rows is not None:
-                x = x.gather(1, out_rows[:, :, None].expand(-1, -1, x.shape[-1]))
-                attn = attn.gather(2, out_rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
-            x = layer.finish(x, attn)
-        return x
+        return run_layers(self.layers, x, cos, sin, attend, out_rows)
 
     def features_out(self, h):
         """The drafter's estimate of the target's next feature (input of the LM head)."""

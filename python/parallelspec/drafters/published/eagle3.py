@@ -34,7 +34,7 @@ import ps_kernels
 from ...hf.linear import skinny_linears
 from ..base import DraftCandidates, Drafter
 from ..checkpoint import DraftConfig
-from ..network import DecoderLayer, RMSNorm, top_candidates
+from ..network import DecoderLayer, RMSNorm, run_layers, top_candidates
 
 #: architectures the publishers write into config.json
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "PEagleDraftModel")
@@ -207,16 +207,7 @@ class Eagle3Head(nn.Module):
         """x [B, T, 2 * hidden] at positions [B, T]; attend(layer, q, k, v) -> [B, H, T, D]. Returns
         the pre-norm output h [B, T', hidden] (only out_rows when given)."""
         cos, sin = self.rotary(x, positions)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(x, cos, sin)
-            x = layer.residual(x)
-            attn = attend(i, q, k, v)
-            if i == last and out_rows is not None:
-                x = x.gather(1, out_rows[:, :, None].expand(-1, -1, x.shape[-1]))
-                attn = attn.gather(2, out_rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
-            x = layer.finish(x, attn)
-        return x
+        return run_layers(self.layers, x, cos, sin, attend, out_rows)
 
     def logits(self, h):
         return self.lm_head(self.norm(h)).float()
