@@ -138,7 +138,11 @@ def test_training_learns_and_saves(kind, layout, tmp_path):
     losses = summary["losses"]
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
     ev = summary["history"][-1]
-    assert len(ev["heldout_top1"]) == 3 and 1.0 <= ev["chain_accept"] <= 4.0
+    top1 = ev["heldout_top1"]
+    assert len(top1) == 3
+    # a chain step takes 1 + the run of correct depths from depth 1: at most 1 + depth 1's rate per
+    # depth, and at most 1 + the sum of the per-depth rates (rounded to 4 decimals)
+    assert 1.0 <= ev["chain_accept"] <= 1 + min(3 * top1[0], sum(top1)) + 2e-4, ev
     cls = ParallelDrafter if kind == "parallel" else __import__("parallelspec").drafters.EagleDrafter
     loaded = cls.from_pretrained(tmp_path / "run" / "drafter", model)
     assert loaded.net.draft_vocab_size == 64 and loaded.net.cfg.layout == layout
