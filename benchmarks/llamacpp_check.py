@@ -221,7 +221,7 @@ def llama(args) -> None:
     build = {"llama_cpp_python": llama_cpp.__version__,
              "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
              "cmake_args": os.environ.get("CMAKE_ARGS", "")}
-    _write_round(work, "llama", args.round, {"build": build, "rows": rows})
+    _write_round(work, "llama", args.round, {"build": build, "rows": rows, "threads": args.threads})
 
 
 def _write_round(work: Path, who: str, n: int, payload: dict) -> None:
@@ -299,7 +299,7 @@ def ours(args) -> None:
         del model
     cap = ps_kernels.cpu_capability()
     _write_round(work, "ours", args.round, {"rows": rows, "cpu_level": cap.active, "torch": torch.__version__,
-                                            "native_build": ps_kernels.native_build_id(),
+                                            "native_build": ps_kernels.native_build_id(), "threads": args.threads,
                                             "compiled_warm_up_seconds": compile_seconds})
 
 
@@ -368,7 +368,9 @@ def report(args) -> None:
             "llama_cpp": any_llama.get("build"), "gguf_types": list(GGUF_TYPES),
             "gguf_converter": "convert_hf_to_gguf.py from llama-cpp-python's sdist (vendor/llama.cpp)",
             "prompts": {c: sum(p["category"] == c for p in data["prompts"]) for c in dict.fromkeys(p["category"] for p in data["prompts"])},
-            "max_new_tokens": data["meta"]["max_new_tokens"], "threads": data["meta"]["threads"],
+            "max_new_tokens": data["meta"]["max_new_tokens"],
+            "threads": {"transformers_reference": data["meta"]["threads"], "llama.cpp": any_llama.get("threads"),
+                        "ours": any_ours.get("threads")},
             "compiled_warm_up_seconds": {n: p["ours"].get("compiled_warm_up_seconds") for n, p in rounds.items()
                                          if "ours" in p},
             "transformers_generate_fp32_tokens_per_s": statistics.median(hf),
