@@ -267,3 +267,21 @@ def test_cli_refuses_an_unknown_target_before_writing(command, gpt2_dir, tmp_pat
     assert f"parallelspec {command}: error: {flag} {gpt2_dir}: model: expected a causal LM" in err
     assert "model_type='gpt2'" in err
     assert not out.exists()
+
+
+def test_extract_distills_the_models_own_probabilities():
+    """extract's top-K probabilities are the model's own output distribution, final soft-cap
+    included (Gemma 2): the drafters learn what the target's generate samples from."""
+    import transformers as tf
+
+    from parallelspec.tools.training.extract import target_pass
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
+    model = tf.Gemma2ForCausalLM(cfg).eval()
+    seqs = [[1, 5, 7, 9, 3]]
+    _, ids, probs, _ = target_pass(model, seqs, 5, autocast_dtype=None)
+    with torch.no_grad():
+        want = torch.softmax(model(torch.tensor(seqs)).logits.float(), -1).topk(5, -1)
+    torch.testing.assert_close(probs, want.values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, want.indices)

@@ -207,14 +207,18 @@ class TargetModel:
         logits scaling) in the model's dtype, in its order, then fp32 (as transformers' generate does)."""
         if hidden.shape[-1] != self.hidden_size:   # [last hidden; aux hidden states] (aux_hidden_states)
             hidden = hidden[..., :self.hidden_size]
-        logits = self.lm_head(hidden)
+        return self.finish_logits(self.lm_head(hidden)).float()
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model's *ForCausalLM.forward applies to the LM head's output (final soft-cap,
+        logits scaling), in its order, in the logits' dtype."""
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         if self.logits_divide is not None:
             logits = logits / self.logits_divide
         if self.logits_multiply is not None:
             logits = logits * self.logits_multiply
-        return logits.float()
+        return logits
 
 
 # The attention implementation, per thread. transformers reads `config._attn_implementation` (a

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ...hf.linear import linear, skinny_linears
+from ...hf.target import TargetModel
 from ...models import load_target
 from .data import (DATA_FORMATS, TARGET_FILE, autocast_for, load_prompts, load_user_prompts, prompt_token_counts, save_atomic,
                    shard_path, sharegpt_token_counts)
@@ -40,7 +41,7 @@ def target_pass(model, seqs: list[list[int]], top_k: int, autocast_dtype=torch.b
     with autocast_for(device, autocast_dtype):
         h = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     head = model.get_output_embeddings()
-    logits = torch.nn.functional.linear(h.float(), head.weight.float())
+    logits = TargetModel(model).finish_logits(torch.nn.functional.linear(h.float(), head.weight.float()))
     p, i = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
     return h, i, p, lens
 
@@ -96,9 +97,11 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
     out = {"ids": [None] * len(prompts), "start": [len(p) for p in prompts], "feat": [None] * len(prompts),
            "topk_ids": [None] * len(prompts), "topk_p": [None] * len(prompts)}
 
+    finish = TargetModel(model).finish_logits   # final soft-cap / logits scaling of the model
+
     def top(h):       # fp32 LM head: a bf16 head flips near-tied argmaxes
         with torch.autocast(device.type, enabled=False):
-            return torch.softmax(linear(h.float(), head.float()), dim=-1).topk(top_k, dim=-1)
+            return torch.softmax(finish(linear(h.float(), head.float())), dim=-1).topk(top_k, dim=-1)
 
     for s in range(0, len(order), batch_size):
         # one autocast region per batch: autocast keeps the weights' bf16 copies until the region
