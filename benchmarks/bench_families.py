@@ -43,6 +43,9 @@ import torch
 import parallelspec as ps
 import ps_kernels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_linear_bound import read_rate  # noqa: E402  the same read-rate probe as the linears' bound
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "families_cpu.json"
 
 
@@ -62,16 +65,6 @@ def machine() -> dict:
     import transformers
     return info | {"cpu_level": cap.active, "cpu_levels_supported": list(cap.supported), "torch": torch.__version__,
                    "transformers": transformers.__version__, "native_build": ps_kernels.native_build_id()}
-
-
-def read_rate(buf: torch.Tensor) -> float:
-    """Bytes per second of one ``buf.sum()`` (the best of 3: the probe is short)."""
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * buf.element_size() / best
 
 
 def _llama():
