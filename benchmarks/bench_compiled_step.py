@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,19 +38,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def machine() -> dict:
     import ps_kernels
+    from parallelspec.tools.benchutil import cpu_model, simd_flags
 
-    info = {"cpu_model": platform.processor() or "", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu_model": cpu_model(), "simd_flags": simd_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_level": ps_kernels.cpu_capability().active, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_build": ps_kernels.native_build_id()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                info["simd_flags"] = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
-                break
-    except OSError:
-        pass
     return info
 
 

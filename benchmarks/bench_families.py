@@ -51,16 +51,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "families_cpu.json"
 
 def machine() -> dict:
     """The CPU model, its SIMD flags and the native kernels' levels (figures do not carry across CPUs)."""
-    import platform
+    from parallelspec.tools.benchutil import cpu_model, simd_flags
 
-    info = {"cpu_model": platform.processor() or ""}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            info["simd_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
-            break
+    info = {"cpu_model": cpu_model(), "simd_flags": simd_flags()}
     cap = ps_kernels.cpu_capability()
     import transformers
     return info | {"cpu_level": cap.active, "cpu_levels_supported": list(cap.supported), "torch": torch.__version__,

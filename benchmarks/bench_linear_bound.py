@@ -51,18 +51,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "linear_bound"
 
 
 def machine() -> dict:
-    info = {"cpu_model": platform.processor() or "", "cores": torch.get_num_threads()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["simd_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
-                break
-    except OSError:
-        pass
+    from parallelspec.tools.benchutil import cpu_model, simd_flags
+
+    info = {"cpu_model": cpu_model(), "cores": torch.get_num_threads(), "simd_flags": simd_flags()}
     cap = ps_kernels.cpu_capability()
     info.update(cpu_level=cap.active, cpu_levels_compiled=list(cap.compiled), cpu_levels_supported=list(cap.supported),
                 torch=torch.__version__, native_build=ps_kernels.native_build_id(), python=platform.python_version())

@@ -45,6 +45,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def simd_flags() -> list[str]:
+    """The CPU's vector instruction-set flags (/proc/cpuinfo: avx*, fma, f16c, amx*), [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(flag for flag in set(line.split(":", 1)[1].split())
+                                  if flag.startswith(("avx", "fma", "f16c", "amx")))
+    except OSError:
+        pass
+    return []
+
+
 def cpu_capability_info() -> dict:
     """The native CPU kernels' instruction-set levels now: active, compiled, supported (or the
     error PS_KERNELS_CPU_CAPABILITY gives)."""
