@@ -40,3 +40,22 @@ def runnable_backends(op: str, device: torch.device = DEVICE, include_reference:
     if include_reference:
         params.insert(0, pytest.param("reference", id="reference"))
     return params
+
+
+def chi_square_terms(counts: torch.Tensor, expected_probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson chi-square statistic and degrees of freedom of observed `counts` against
+    `expected_probs` (same shape), cells with expected count < 5 pooled into one. Sums of these
+    over independent groups give one pooled test (chi_square_pvalue)."""
+    counts = counts.flatten().double()
+    expected = expected_probs.flatten().double() * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+def chi_square_pvalue(stat: float, df: int) -> float:
+    """P(chi-square with df degrees of freedom >= stat)."""
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))

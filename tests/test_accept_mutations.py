@@ -20,7 +20,7 @@ import torch
 
 import ps_kernels
 
-from helpers import DEVICE, runnable_backends
+from helpers import DEVICE, chi_square_pvalue, chi_square_terms, runnable_backends
 
 V = 6
 SAMPLES = 4000
@@ -128,18 +128,12 @@ def conditional_pvalues(sequences, table, min_count=20):
                 break
             if len(toks) < min_count:
                 continue
-            expected = p * counts.sum()
-            big = expected >= 5
-            obs = torch.cat([counts[big], counts[~big].sum()[None]])
-            exp = torch.cat([expected[big], expected[~big].sum()[None]])
-            keep = exp > 0
-            stat += float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-            df += int(keep.sum()) - 1
+            s, d = chi_square_terms(counts, p)
+            stat, df = stat + s, df + d
         if stat == float("inf"):
             pvalues.append(0.0)
         elif df:
-            pvalues.append(float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                                         torch.tensor(stat / 2, dtype=torch.float64))))
+            pvalues.append(chi_square_pvalue(stat, df))
     return pvalues
 
 

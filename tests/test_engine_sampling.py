@@ -10,6 +10,7 @@ import parallelspec as ps
 from parallelspec.drafters.base import DraftCandidates, Drafter
 from parallelspec.sampling import SamplingParams, process_logits
 from engine_helpers import tiny_model
+from helpers import chi_square_pvalue, chi_square_terms
 
 VOCAB = 6
 SAMPLES = 1200
@@ -66,16 +67,7 @@ def _exact_joint(model, prompt, n, params):
 
 def _chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
     """Pearson chi-square p-value, cells with expected count < 5 pooled into one."""
-    n = counts.sum()
-    expected = expected_probs.flatten() * n
-    counts = counts.flatten().double()
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+    return chi_square_pvalue(*chi_square_terms(counts, expected_probs))
 
 
 @pytest.mark.parametrize("drafter, tree", [(None, "chain"), ("random", "chain"), ("random", "dynamic"),
@@ -158,16 +150,9 @@ def _conditional_pvalues(model, prompt, outputs, params, eos=None):
         prefixes = [p for p, toks in groups.items() if len(toks) >= MIN_PREFIX_COUNT]
         stat, df = 0.0, 0
         for p in prefixes:
-            counts = torch.bincount(torch.tensor(groups[p]), minlength=VOCAB).double()
-            expected = exact[p] * counts.sum()
-            big = expected >= 5
-            obs = torch.cat([counts[big], counts[~big].sum()[None]])
-            exp = torch.cat([expected[big], expected[~big].sum()[None]])
-            keep = exp > 0
-            stat += float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-            df += int(keep.sum()) - 1
-        pvalue = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                               torch.tensor(stat / 2, dtype=torch.float64))) if df else 1.0
+            s, d = chi_square_terms(torch.bincount(torch.tensor(groups[p]), minlength=VOCAB), exact[p])
+            stat, df = stat + s, df + d
+        pvalue = chi_square_pvalue(stat, df) if df else 1.0
         results.append((pvalue, len(prefixes)))
     return results
 
