@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from .common import HelpFormatter, _positive, device_arg, encode_prompt, load_target
+from .common import HelpFormatter, device_arg, encode_prompt, int_at_least, load_target
 
 DEMO_PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -26,13 +26,13 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="the published drafter's format (default: detected from its config.json and tensor names)")
     p.add_argument("--tree", default="auto", choices=["auto", "chain", "static", "dynamic"],
                    help="draft tree: auto picks the node budget from the measured verify cost (default)")
-    p.add_argument("--tree-nodes", type=_positive("--tree-nodes"), default=None,
+    p.add_argument("--tree-nodes", type=int_at_least(), default=None,
                    help="node budget of the tree (default: the kind's own: auto 32, static its shape, dynamic 16)")
-    p.add_argument("--tree-depth", type=_positive("--tree-depth"), default=None,
+    p.add_argument("--tree-depth", type=int_at_least(), default=None,
                    help="deepest draft level used (default: the drafter's depth)")
-    p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=int_at_least(), default=128, help="tokens to generate")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's dtype")
-    p.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(), default=None, help="torch CPU threads")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
 
 
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     _add_decoding_flags(d)
     d.set_defaults(max_new_tokens=96)
-    d.add_argument("--prompts", type=_positive("--prompts"), default=len(DEMO_PROMPTS), help="demo prompts to run")
+    d.add_argument("--prompts", type=int_at_least(), default=len(DEMO_PROMPTS), help="demo prompts to run")
     g = sub.add_parser("generate", help="generate from a prompt", formatter_class=HelpFormatter)
     g.add_argument("--prompt", default=None, help="the prompt (default: read stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

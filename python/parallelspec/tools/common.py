@@ -65,11 +65,6 @@ def int_at_least(low: int = 1):
     return parse
 
 
-def _positive(name):
-    """argparse type of a positive integer flag (`name` kept for the call sites' readability)."""
-    return int_at_least(1)
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every flag's default and keeps the description's line breaks."""
 

@@ -311,7 +311,7 @@ def main_extract(argv=None) -> int:
     """`parallelspec extract`: the target's own continuations of prompts (self-distillation) and
     its features / top-K probabilities along them, in resumable shards for `parallelspec train`.
     Prompts: ShareGPT's first user turns (default), or your own with --data."""
-    from ..common import HelpFormatter, check_target_dir, device_arg
+    from ..common import HelpFormatter, check_target_dir, device_arg, int_at_least
     ap = argparse.ArgumentParser(prog="parallelspec extract", description=main_extract.__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--target", default=None, help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -323,17 +323,17 @@ def main_extract(argv=None) -> int:
                          "tokenized as they are; auto = chat when the tokenizer has a chat template")
     ap.add_argument("--source", choices=("self", "sharegpt"), default="self",
                     help="self: the target's own continuations (default); sharegpt: the dataset's answers")
-    ap.add_argument("--train-shards", type=_count("--train-shards"), default=None, help="default: every prompt")
-    ap.add_argument("--heldout-shards", type=_count("--heldout-shards", 0), default=1)
-    ap.add_argument("--shard-size", type=_count("--shard-size"), default=256, help="prompts per shard")
-    ap.add_argument("--max-new-tokens", type=_count("--max-new-tokens"), default=384)
-    ap.add_argument("--gen-batch", type=_count("--gen-batch"), default=32)
-    ap.add_argument("--top-k", type=_count("--top-k"), default=32)
-    ap.add_argument("--max-len", type=_count("--max-len"), default=640)
+    ap.add_argument("--train-shards", type=int_at_least(), default=None, help="default: every prompt")
+    ap.add_argument("--heldout-shards", type=int_at_least(0), default=1)
+    ap.add_argument("--shard-size", type=int_at_least(), default=256, help="prompts per shard")
+    ap.add_argument("--max-new-tokens", type=int_at_least(), default=384)
+    ap.add_argument("--gen-batch", type=int_at_least(), default=32)
+    ap.add_argument("--top-k", type=int_at_least(), default=32)
+    ap.add_argument("--max-len", type=int_at_least(), default=640)
     ap.add_argument("--held-out", type=float, default=0.02, help="fraction of prompts held out for evaluation")
-    ap.add_argument("--max-prompt-tokens", type=_count("--max-prompt-tokens"), default=256)
+    ap.add_argument("--max-prompt-tokens", type=int_at_least(), default=256)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    ap.add_argument("--threads", type=_count("--threads"), default=None)
+    ap.add_argument("--threads", type=int_at_least(), default=None)
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args(argv)
     if args.threads:
@@ -358,12 +358,6 @@ def main_extract(argv=None) -> int:
     target = f" --target {args.target}" if args.target is not None else ""
     print(f"next: parallelspec train{target} --data {args.out} --out RUN", flush=True)
     return 0
-
-
-def _count(name: str, low: int = 1):
-    """argparse type of the integer flag `name`, at least `low`."""
-    from ..common import int_at_least
-    return int_at_least(low)
 
 
 if __name__ == "__main__":
