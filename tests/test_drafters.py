@@ -13,12 +13,22 @@ V, D = 96, 48
 CPU = torch.device("cpu")
 
 
+#: the peagle layout's aux layers on the 2-layer tiny target (EAGLE-3's default needs >= 4 layers)
+AUX = [0, 1, 1]
+
+
 def make(kind, depth=4, head="target", vocab=40, layers=1, seed=1, slot1="mask", layout="fused"):
     target = tiny_target()
     d2t = None if vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:vocab]
     net = build_network(target, parallel=kind is ParallelDrafter, depth=depth, draft_to_target=d2t, head=head,
-                        num_layers=layers, slot1=slot1, layout=layout, seed=seed)
+                        num_layers=layers, slot1=slot1, layout=layout, aux_layers=AUX if layout == "peagle" else None,
+                        seed=seed)
     return target, kind(net, top_m=net.draft_vocab_size)
+
+
+def feature_width(drafter) -> int:
+    """What step() reads: the last hidden state, then the aux hidden states (peagle layout)."""
+    return D * (1 + len(drafter.aux_layers))
 
 
 def training_logprobs(drafter, tokens, features, anchors):
@@ -44,16 +54,18 @@ SHAPES = [(4, 40, "target", 1), (3, None, "trained", 2), (1, 40, "trained", 1)]
 @pytest.mark.parametrize("kind,slot1,depth,vocab,head,layers,layout",
                          [(kind, "mask", *shape, "fused") for kind in (ParallelDrafter, EagleDrafter) for shape in SHAPES]
                          + [(ParallelDrafter, "draft", *shape, "fused") for shape in SHAPES if shape[0] >= 2]
-                         + [(ParallelDrafter, "mask", *shape, "eagle3") for shape in SHAPES])
+                         + [(ParallelDrafter, "mask", *shape, layout) for shape in SHAPES
+                            for layout in ("eagle3", "peagle")])
 def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers, layout):
     """Ragged batch stepped in chunks; each step's per-depth distributions equal the training
-    forward's at that anchor (real row + its group of slots), to fp32 rounding; in either
-    layer layout (fused, or vLLM's eagle3 with one shared mask)."""
+    forward's at that anchor (real row + its group of slots), to fp32 rounding; in every layer
+    layout (fused; vLLM's eagle3 with one shared mask; peagle, that layer over aux features)."""
     _, drafter = make(kind, depth=depth, head=head, vocab=vocab, layers=layers, slot1=slot1, layout=layout)
     B, n = 3, 14
+    W = feature_width(drafter)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (B, n), generator=g)
-    features = torch.randn(B, n, D, generator=g)
+    features = torch.randn(B, n, W, generator=g)
     chunks = torch.tensor([[5, 3, 1, 2], [1, 4, 2, 3], [7, 1, 1, 1]])     # new tokens per step
     drafter.reset(B, 32, CPU, torch.float32)
     starts = torch.zeros(B, dtype=torch.long)
@@ -61,7 +73,7 @@ def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers, 
         lens = chunks[:, s]
         R = int(lens.max())
         idx = (starts[:, None] + torch.arange(R)).clamp(max=n - 1)
-        cands = drafter.step(tokens.gather(1, idx), features.gather(1, idx[..., None].expand(-1, -1, D)), lens)
+        cands = drafter.step(tokens.gather(1, idx), features.gather(1, idx[..., None].expand(-1, -1, W)), lens)
         starts += lens
         assert torch.equal(drafter.cache_lens, starts)
         # which depths later candidates were drafted under (AutoTree hangs them there only)
@@ -73,7 +85,7 @@ def test_step_matches_training_forward(kind, slot1, depth, vocab, head, layers, 
             if kind is EagleDrafter or slot1 == "draft":
                 # the training forward feeds the data's tokens: make them the step's top-1 chain
                 seq_tokens = torch.cat([tokens[b:b + 1, :anchor + 1], cands.tokens[b:b + 1, :depth - 1, 0]], 1)
-            seq_feats = torch.cat([features[b:b + 1, :anchor + 1], torch.randn(1, depth - 1, D)], 1)
+            seq_feats = torch.cat([features[b:b + 1, :anchor + 1], torch.randn(1, depth - 1, W)], 1)
             want, _ = training_logprobs(drafter, seq_tokens, seq_feats, torch.tensor([anchor]))
             torch.testing.assert_close(got[b], want[0, 0], atol=2e-5, rtol=1e-5)
 
@@ -185,12 +197,46 @@ def test_eagle3_config_checked():
     for kw in (dict(parallel=False), dict(parallel=True, slot1="draft")):
         with pytest.raises(ValueError, match="layout='eagle3' is vLLM's parallel drafting"):
             build_network(target, layout="eagle3", **kw)
-    with pytest.raises(ValueError, match="layout: expected 'fused' or 'eagle3', got 'medusa'"):
+    with pytest.raises(ValueError, match="layout: expected one of 'fused', 'eagle3', 'peagle', got 'medusa'"):
         build_network(target, parallel=True, layout="medusa")
     with pytest.raises(ValueError, match=r"mask_token_id: expected a target id in \[0, 96\), got 96"):
         build_network(target, parallel=True, layout="eagle3", mask_token_id=96)
-    with pytest.raises(ValueError, match="mask_token_id: only layout='eagle3' has one"):
+    with pytest.raises(ValueError, match="mask_token_id: only layouts 'eagle3' and 'peagle' have one"):
         build_network(target, parallel=True, mask_token_id=3)
+    with pytest.raises(ValueError, match=r"aux_layers: layout='peagle' reads .* got \[2, -1\]"):
+        build_network(target, parallel=True, layout="peagle", aux_layers=[2, -1])
+    with pytest.raises(ValueError, match=r"aux_layers: only layout='peagle' .* got \[0\] with layout='eagle3'"):
+        build_network(target, parallel=True, layout="eagle3", aux_layers=[0])
+
+
+def test_peagle_layout_reads_the_aux_columns_through_fc():
+    """peagle: fc over the aux hidden states (n d -> d), mask_hidden n d wide fed through the same fc;
+    the step reads [last; aux] and ignores the last hidden state (it is not the layout's input),
+    while every aux column moves the drafts; a feature tensor of the wrong width is refused by name."""
+    _, drafter = make(ParallelDrafter, layout="peagle")
+    net = drafter.net
+    assert net.fc.weight.shape == (D, 3 * D) and net.mask_hidden.shape == (3 * D,)
+    assert drafter.aux_layers == tuple(AUX)
+    g = torch.Generator().manual_seed(6)
+    tokens, features = torch.randint(0, V, (1, 5), generator=g), torch.randn(1, 5, 4 * D, generator=g)
+    lens = torch.tensor([5])
+
+    def drafts(f):
+        drafter.reset(1, 16, CPU, torch.float32)
+        return drafter.step(tokens, f, lens).logprobs
+
+    base = drafts(features)
+    last_changed = features.clone()
+    last_changed[..., :D] += 1.0
+    torch.testing.assert_close(drafts(last_changed), base, atol=0, rtol=0)
+    for a in range(3):
+        moved = features.clone()
+        moved[..., D * (1 + a):D * (2 + a)] += 1.0
+        assert not torch.allclose(drafts(moved), base)
+    drafter.reset(1, 16, CPU, torch.float32)
+    with pytest.raises(ValueError, match=r"features: expected \(1, 5, 192\) \(the last hidden state and the inputs of "
+                                         r"target layers \[0, 1, 1\]"):
+        drafter.step(tokens, features[..., :D], lens)
 
 
 @pytest.mark.parametrize("layers", [1, 2])
@@ -226,7 +272,7 @@ def test_group_layout():
 
 
 @pytest.mark.parametrize("kind,layout", [(ParallelDrafter, "fused"), (EagleDrafter, "fused"),
-                                         (ParallelDrafter, "eagle3")])
+                                         (ParallelDrafter, "eagle3"), (ParallelDrafter, "peagle")])
 def test_save_load_round_trip(kind, layout, tmp_path):
     target, drafter = make(kind, head="trained", layout=layout)
     drafter.save_pretrained(tmp_path, dtype=torch.float32)
@@ -234,7 +280,7 @@ def test_save_load_round_trip(kind, layout, tmp_path):
     assert not any("embed" in k and "mask" not in k for k in names), names   # the target's tensors stay out
     loaded = kind.from_pretrained(tmp_path, target)
     assert loaded.top_m == drafter.top_m and loaded.net.cfg == drafter.net.cfg
-    tokens, features, lens = torch.randint(0, V, (2, 5)), torch.randn(2, 5, D), torch.tensor([5, 3])
+    tokens, features, lens = torch.randint(0, V, (2, 5)), torch.randn(2, 5, feature_width(drafter)), torch.tensor([5, 3])
     outs = []
     for d in (drafter, loaded):
         d.reset(2, 16, CPU, torch.float32)

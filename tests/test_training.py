@@ -11,7 +11,7 @@ from drafter_helpers import target_features, tiny_target
 
 from parallelspec.drafters import ParallelDrafter
 from parallelspec.tools.training import data as D
-from parallelspec.tools.training.extract import extract_shard, generate_and_extract
+from parallelspec.tools.training.extract import check_aux_layers, extract_shard, generate_and_extract
 from parallelspec.tools.training.train import TrainConfig, build_draft_vocab, ShardData, train
 
 V = 96
@@ -105,8 +105,8 @@ def test_generate_and_extract_is_greedy_and_matches_the_target_pass():
     assert early, "no row finished early: pick another eos"
 
 
-def tiny_shards(tmp_path, n_train=12, n_held=4, seed=0):
-    """Extracted shards of random sequences through the tiny target."""
+def tiny_shards(tmp_path, n_train=12, n_held=4, seed=0, aux_layers=()):
+    """Extracted shards of random sequences through the tiny target (aux_layers: with aux features)."""
     model = tiny_target()
     g = torch.Generator().manual_seed(seed)
 
@@ -116,7 +116,7 @@ def tiny_shards(tmp_path, n_train=12, n_held=4, seed=0):
         gens = [torch.randint(1, V, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist()
                 for _ in range(n)]
         return extract_shard(model, [p + g for p, g in zip(prompts, gens)], [len(p) for p in prompts], top_k=8,
-                             autocast_dtype=None)
+                             autocast_dtype=None, aux_layers=aux_layers)
 
     torch.save(shard(n_train), tmp_path / "train-ext-00000.pt")
     torch.save(shard(n_held), tmp_path / "heldout-ext-00000.pt")
@@ -130,9 +130,10 @@ def small_cfg(**kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("kind,layout", [("parallel", "fused"), ("eagle", "fused"), ("parallel", "eagle3")])
+@pytest.mark.parametrize("kind,layout", [("parallel", "fused"), ("eagle", "fused"), ("parallel", "eagle3"),
+                                         ("parallel", "peagle")])
 def test_training_learns_and_saves(kind, layout, tmp_path):
-    model, tr, ho = tiny_shards(tmp_path)
+    model, tr, ho = tiny_shards(tmp_path, aux_layers=[0, 1, 1] if layout == "peagle" else ())
     net, summary = train(small_cfg(kind=kind, layout=layout, steps=30, eval_every=30), model, tr, ho,
                          tmp_path / "run", log=lambda m: None)
     losses = summary["losses"]
@@ -146,6 +147,46 @@ def test_training_learns_and_saves(kind, layout, tmp_path):
     cls = ParallelDrafter if kind == "parallel" else __import__("parallelspec").drafters.EagleDrafter
     loaded = cls.from_pretrained(tmp_path / "run" / "drafter", model)
     assert loaded.net.draft_vocab_size == 64 and loaded.net.cfg.layout == layout
+    assert loaded.aux_layers == ((0, 1, 1) if layout == "peagle" else ())
+
+
+def test_aux_features_are_the_hidden_states_entering_those_layers():
+    """extract --aux-layers keeps, per position, the hidden states entering the named layers
+    (repeats allowed, in the given order), equal to the layers' inputs caught by forward pre-hooks
+    (what TargetModel.aux_hidden_states gathers in the decoding loop); the batched
+    self-distillation path keeps the same; out-of-range layers are refused by flag name."""
+    model = tiny_target()
+    d = model.config.hidden_size
+    seqs = [[1, 2, 3, 6, 7, 8, 9], [4, 5, 10]]
+    layers = [1, 0, 1]
+    out = extract_shard(model, seqs, [3, 2], top_k=4, autocast_dtype=None, aux_layers=layers)
+    assert out["aux_layers"] == layers
+    for i, seq in enumerate(seqs):
+        store = {}
+        hooks = [model.model.layers[j].register_forward_pre_hook(
+            lambda m, a, k, j=j: store.__setitem__(j, a[0] if a else k["hidden_states"]), with_kwargs=True)
+            for j in (0, 1)]
+        with torch.no_grad():
+            model.model(input_ids=torch.tensor([seq]))
+        for h in hooks:
+            h.remove()
+        want = torch.cat([store[j][0] for j in layers], dim=-1)
+        assert out["aux"][i].dtype == torch.bfloat16 and out["aux"][i].shape == (len(seq), 3 * d)
+        torch.testing.assert_close(out["aux"][i].float(), want, atol=2e-2, rtol=1e-2)
+    gen = generate_and_extract(model, [[1, 5, 7], [3, 4]], 5, -1, top_k=2, autocast_dtype=None, aux_layers=layers)
+    for i, seq in enumerate(gen["ids"]):
+        ref = extract_shard(model, [seq.tolist()], [3], top_k=2, autocast_dtype=None, aux_layers=layers)
+        n = len(seq) - 1            # the last token's own features are never needed
+        torch.testing.assert_close(gen["aux"][i][:n].float(), ref["aux"][0][:n].float(), atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"--aux-layers: expected decoder layer indices in \[0, 2\) .* got \[0, 2\]"):
+        check_aux_layers([0, 2], model)
+
+
+def test_peagle_training_needs_aux_shards(tmp_path):
+    """--layout peagle on shards made without --aux-layers says which flag makes them."""
+    model, tr, ho = tiny_shards(tmp_path)
+    with pytest.raises(ValueError, match="holds no aux features.*extract --aux-layers eagle3"):
+        train(small_cfg(layout="peagle"), model, tr, ho, tmp_path / "run", log=lambda m: None)
 
 
 def test_main_train_cli(tmp_path):

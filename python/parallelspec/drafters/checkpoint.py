@@ -18,6 +18,16 @@ WEIGHTS_NAME = "model.safetensors"
 _FINGERPRINT_ROWS = 32
 
 
+def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's choice (EAGLE's modeling_*_kv.py, vLLM): the hidden states entering decoder layers
+    2, L // 2 and L - 3 (= the outputs of layers 1, L // 2 - 1 and L - 4)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+#: the network layouts (DraftConfig.layout; drafters/network.py draws them)
+LAYOUTS = ("fused", "eagle3", "peagle")
+
+
 @dataclass
 class DraftConfig:
     hidden_size: int
@@ -40,9 +50,12 @@ class DraftConfig:
     slot1: str = "mask"
     # "fused": fc([e; f]) into layer 0, one learned vector per mask slot (the default);
     # "eagle3": vLLM's EAGLE-3 layer 0 over [input_norm(e); hidden_norm(f)], residual f, one shared
-    # mask_hidden and mask token id for every slot (what `parallelspec export --format vllm` writes)
+    # mask_hidden and mask token id for every slot (what `parallelspec export --format vllm` writes);
+    # "peagle": the eagle3 layer fed EAGLE-3's features, f = fc([a_1; ...; a_n]) over the hidden
+    # states entering the target layers `aux_layers`, mask_hidden in the fc's input space (P-EAGLE)
     layout: str = "fused"
-    mask_token_id: int | None = None     # eagle3: the token id fed to every mask slot
+    mask_token_id: int | None = None     # eagle3 / peagle: the token id fed to every mask slot
+    aux_layers: list | None = None       # peagle: target layers whose input hidden states are read
     target: dict = field(default_factory=dict)   # what check_target compares (target_signature)
 
     @property
@@ -60,11 +73,19 @@ class DraftConfig:
                              f"parallel={self.parallel}, depth={self.depth}")
         if self.depth < 1:
             raise ValueError(f"depth: expected >= 1, got {self.depth}")
-        if self.layout not in ("fused", "eagle3"):
-            raise ValueError(f"layout: expected 'fused' or 'eagle3', got {self.layout!r}")
-        if self.layout == "eagle3":
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}")
+        if self.layout == "peagle":
+            if not self.aux_layers or any(not isinstance(i, int) or i < 0 for i in self.aux_layers):
+                raise ValueError(f"aux_layers: layout='peagle' reads the hidden states entering some target layers: "
+                                 f"expected a non-empty list of layer indices, got {self.aux_layers!r}")
+            self.aux_layers = [int(i) for i in self.aux_layers]
+        elif self.aux_layers:
+            raise ValueError(f"aux_layers: only layout='peagle' reads auxiliary hidden states, got "
+                             f"{self.aux_layers} with layout={self.layout!r}")
+        if self.layout in ("eagle3", "peagle"):
             if not self.parallel or self.slot1 != "mask":
-                raise ValueError(f"layout='eagle3' is vLLM's parallel drafting: expected parallel=True, "
+                raise ValueError(f"layout={self.layout!r} is vLLM's parallel drafting: expected parallel=True, "
                                  f"slot1='mask', got parallel={self.parallel}, slot1={self.slot1!r}")
             if self.mask_token_id is None:
                 self.mask_token_id = self.vocab_size - 1
@@ -72,7 +93,7 @@ class DraftConfig:
                 raise ValueError(f"mask_token_id: expected a target id in [0, {self.vocab_size}), "
                                  f"got {self.mask_token_id}")
         elif self.mask_token_id is not None:
-            raise ValueError(f"mask_token_id: only layout='eagle3' has one, got {self.mask_token_id} "
+            raise ValueError(f"mask_token_id: only layouts 'eagle3' and 'peagle' have one, got {self.mask_token_id} "
                              f"with layout={self.layout!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, "

@@ -15,7 +15,15 @@ without auxiliary hidden states, with its parallel drafting; ``parallelspec.tool
     mask    every slot is fed (e(mask_token_id), mask_hidden): one learned feature vector and one
             reserved token id for all slots; the position tells the slots apart
 
-RMSNorm is nonlinear, so neither layout converts into the other: a drafter is trained in one.
+``layout="peagle"`` is that layer fed EAGLE-3's features (vLLM's P-EAGLE with
+``use_aux_hidden_state``; exported by ``parallelspec export`` for vLLM and SpecForge):
+
+    f_t     = W_fc [a_1; ...; a_n]          (n d -> d) the hidden states entering the target layers
+                                            ``DraftConfig.aux_layers`` at t (3 of them by default)
+    layer 0 as in eagle3, over [input_norm(e(x_{t+1})); hidden_norm(f_t)], residual f_t
+    mask    every slot is fed (e(mask_token_id), W_fc mask_hidden), mask_hidden n d wide
+
+RMSNorm is nonlinear, so no layout converts into another: a drafter is trained in one.
 
 The head is either the target's own LM head restricted to the draft vocabulary (frozen, not
 stored: ``head="target"``), or a trained matrix initialised from those rows (``head="trained"``).
@@ -38,7 +46,7 @@ import ps_kernels
 
 from ..hf.linear import linear, native_serves, skinny_linears
 from .base import DraftCandidates, Drafter
-from .checkpoint import DraftConfig, check_signature, read_checkpoint, write_checkpoint
+from .checkpoint import DraftConfig, check_signature, default_aux_layers, read_checkpoint, write_checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -145,18 +153,25 @@ class DraftNetwork(nn.Module):
             raise ValueError(f"draft_to_target: expected {vd} target ids, got "
                              f"{None if draft_to_target is None else tuple(draft_to_target.shape)}")
         self.register_buffer("draft_to_target", draft_to_target.long().clone())
-        eagle3 = cfg.layout == "eagle3"
-        self.fc = None if eagle3 else nn.Linear(2 * d, d, bias=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, two_inputs=eagle3 and i == 0) for i in range(cfg.num_layers))
+        fused = cfg.layout == "fused"
+        # fused: fc([e; f]); peagle: fc over the aux features; eagle3: none (layer 0 reads [e; f])
+        fc_in = {"fused": 2 * d, "eagle3": 0, "peagle": self.aux_width}[cfg.layout]
+        self.fc = nn.Linear(fc_in, d, bias=False) if fc_in else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, two_inputs=not fused and i == 0) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.head = nn.Linear(d, vd, bias=False) if cfg.head == "trained" else None
         # fused: one learned input vector per mask-slot index (in the fused-input space);
-        # eagle3: one learned feature for every slot (paired with e(mask_token_id))
-        self.mask_embed = (nn.Parameter(torch.zeros(cfg.mask_slots, d)) if cfg.mask_slots and not eagle3 else None)
-        self.mask_hidden = nn.Parameter(torch.zeros(d)) if cfg.mask_slots and eagle3 else None
+        # eagle3 / peagle: one learned feature (fc input) for every slot, paired with e(mask_token_id)
+        self.mask_embed = (nn.Parameter(torch.zeros(cfg.mask_slots, d)) if cfg.mask_slots and fused else None)
+        self.mask_hidden = (nn.Parameter(torch.zeros(fc_in or d)) if cfg.mask_slots and not fused else None)
         # frozen target tensors, non-persistent: referenced from the target, never stored
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)
         self.register_buffer("target_head_weight", torch.empty(0), persistent=False)
+
+    @property
+    def aux_width(self) -> int:
+        """Width of the auxiliary features the peagle layout reads (0 for the others)."""
+        return len(self.cfg.aux_layers or ()) * self.cfg.hidden_size
 
     @property
     def draft_vocab_size(self) -> int:
@@ -188,22 +203,29 @@ class DraftNetwork(nn.Module):
 
     def fuse(self, tokens, features):
         """tokens [B, T] (target ids), features [B, T, d] -> the inputs of layer 0: fused [B, T, d],
-        or [e; f] [B, T, 2d] for the eagle3 layout (its layer 0 normalises the halves itself)."""
+        or [e; f] [B, T, 2d] for the eagle3 and peagle layouts (their layer 0 normalises the halves
+        itself). The peagle layout reads the last aux_width columns of features: the aux hidden
+        states alone (training data), or after the last hidden state (the decoding loop's
+        [last; aux], TargetModel.aux_hidden_states), and takes f = fc(aux)."""
         if self.embed_weight.numel() == 0:
             raise RuntimeError("drafter has no target attached: call attach_target(model) "
                                "(from_pretrained(path, target) does it)")
         e = F.embedding(tokens, self.embed_weight)
+        if self.cfg.layout == "peagle":
+            return torch.cat([e, self.fc(features[..., -self.aux_width:].to(e.dtype))], dim=-1)
         x = torch.cat([e, features.to(e.dtype)], dim=-1)
         return x if self.fc is None else self.fc(x)
 
     def mask_inputs(self, dtype=None) -> torch.Tensor:
         """The layer-0 inputs of mask slots 1..k-1 [k-1, width]: their learned vectors (fused), or
-        (e(mask_token_id), mask_hidden) for every slot (eagle3)."""
+        (e(mask_token_id), mask_hidden) for every slot (eagle3; peagle: fc(mask_hidden))."""
         if self.mask_hidden is None:
             x = self.mask_embed
         else:
             e = self.embed_weight[self.cfg.mask_token_id]
-            x = torch.cat([e, self.mask_hidden.to(e.dtype)]).expand(self.cfg.mask_slots, -1)
+            f = self.mask_hidden.to(e.dtype)
+            f = self.fc(f) if self.cfg.layout == "peagle" else f
+            x = torch.cat([e, f]).expand(self.cfg.mask_slots, -1)
         return x if dtype is None else x.to(dtype)
 
     def run(self, x, positions, attend, out_rows=None):
@@ -286,6 +308,12 @@ class NetworkDrafter(Drafter):
     def depth(self) -> int:
         return self.net.cfg.depth
 
+    @property
+    def aux_layers(self) -> tuple[int, ...]:
+        """The target layers whose input hidden states the network reads after the last hidden
+        state (the peagle layout; the decoding loop gathers them: TargetModel.aux_hidden_states)."""
+        return tuple(self.net.cfg.aux_layers or ())
+
     def reset(self, batch_size: int, max_len: int, device, dtype) -> None:
         cfg = self.net.cfg
         self.net.to(device=device, dtype=dtype).eval()
@@ -319,9 +347,11 @@ class NetworkDrafter(Drafter):
             raise ValueError(f"features: the {self.kind} drafter needs the target's features, got None")
         if tokens.dim() != 2 or tokens.shape[0] != B:
             raise ValueError(f"tokens: expected [B={B}, R], got {tuple(tokens.shape)}")
-        if features.shape != (*tokens.shape, self.net.cfg.hidden_size):
-            raise ValueError(f"features: expected {(*tokens.shape, self.net.cfg.hidden_size)}, "
-                             f"got {tuple(features.shape)}")
+        width = self.net.cfg.hidden_size + self.net.aux_width
+        if features.shape != (*tokens.shape, width):
+            what = (f" (the last hidden state and the inputs of target layers {list(self.aux_layers)}, as "
+                    "parallelspec.generate gathers them)" if self.aux_layers else "")
+            raise ValueError(f"features: expected {(*tokens.shape, width)}{what}, got {tuple(features.shape)}")
         if lens.shape != (B,):
             raise ValueError(f"lens: expected [B={B}], got {tuple(lens.shape)}")
 
@@ -351,12 +381,15 @@ class NetworkDrafter(Drafter):
 
 def build_network(target, *, parallel: bool, depth: int = 4, draft_to_target: torch.Tensor | None = None,
                   head: str = "target", num_layers: int = 1, slot1: str = "mask", layout: str = "fused",
-                  mask_token_id: int | None = None, seed: int = 0) -> DraftNetwork:
+                  mask_token_id: int | None = None, aux_layers=None, seed: int = 0) -> DraftNetwork:
     """A freshly initialised network for `target` (random init: it learned faster than a warm
     start from the target's last layer in this project's training runs), target tensors attached.
-    layout / mask_token_id: ``DraftConfig`` (eagle3: the id defaults to the target's last one)."""
+    layout / mask_token_id / aux_layers: ``DraftConfig`` (eagle3, peagle: the id defaults to the
+    target's last one; peagle: the layers default to EAGLE-3's, entering 2, L // 2 and L - 3)."""
+    if layout == "peagle" and aux_layers is None:
+        aux_layers = list(default_aux_layers(target.config.num_hidden_layers))
     cfg = DraftConfig.for_target(target, depth=depth, head=head, num_layers=num_layers, parallel=parallel,
-                                 slot1=slot1, layout=layout, mask_token_id=mask_token_id,
+                                 slot1=slot1, layout=layout, mask_token_id=mask_token_id, aux_layers=aux_layers,
                                  draft_vocab_size=None if draft_to_target is None else int(draft_to_target.numel()))
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

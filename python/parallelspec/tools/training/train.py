@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..common import device_arg
 from ...drafters import EagleDrafter, ParallelDrafter, build_network
+from ...drafters.checkpoint import LAYOUTS
 from . import dist as pdist
 from .forwards import TrainingForward, train_forward
 from .warmstart import warm_start
@@ -47,17 +48,28 @@ from .warmstart import warm_start
 class ShardData:
     """Extracted sequences held in memory (see extract.py for the shard layout)."""
 
-    def __init__(self, paths, max_len: int | None = None, limit_tokens: int | None = None):
+    def __init__(self, paths, max_len: int | None = None, limit_tokens: int | None = None, aux: bool = False):
+        """aux: also hold the shards' aux features (``extract --aux-layers``; the peagle layout's
+        input), whose layers ``aux_layers`` then gives; a shard without them is refused."""
         self.seqs = []
+        self.aux_layers = None
+        keys = ("ids", "feat", "topk_ids", "topk_p") + (("aux",) if aux else ())
         tokens = 0
         for p in paths:
             shard = torch.load(p)
+            if aux:
+                layers = shard.get("aux_layers")
+                if layers is None or (self.aux_layers is not None and layers != self.aux_layers):
+                    raise ValueError(f"--data: {p} holds {'no aux features' if layers is None else f'aux layers {layers}'}"
+                                     f"{'' if self.aux_layers is None else f', the shards before it {self.aux_layers}'}; "
+                                     "--layout peagle reads the hidden states of the same target layers in every shard: "
+                                     "make the shards with `parallelspec extract --aux-layers eagle3`")
+                self.aux_layers = layers
             for i in range(len(shard["ids"])):
                 n = len(shard["ids"][i]) if max_len is None else min(max_len, len(shard["ids"][i]))
                 if n - shard["start"][i] < 2:
                     continue        # nothing generated to learn from
-                self.seqs.append({k: shard[k][i][:n] for k in ("ids", "feat", "topk_ids", "topk_p")}
-                                 | {"start": shard["start"][i]})
+                self.seqs.append({k: shard[k][i][:n] for k in keys} | {"start": shard["start"][i]})
                 tokens += n
                 if limit_tokens is not None and tokens >= limit_tokens:
                     return
@@ -69,8 +81,9 @@ class ShardData:
         return sum(len(s["ids"]) - s["start"] for s in self.seqs)
 
     def batch(self, indices, device) -> dict:
-        """Right-padded batch. Real input t = (ids[t + 1], feat[t]); label position s holds the
-        target's distribution of ids[s + 1]; valid[s]: that token is a generated one."""
+        """Right-padded batch. Real input t = (ids[t + 1], feat[t]) (and aux[t], "aux_features",
+        when held); label position s holds the target's distribution of ids[s + 1]; valid[s]: that
+        token is a generated one."""
         seqs = [self.seqs[i] for i in indices]
         N = max(len(s["ids"]) for s in seqs)
         B, K, d = len(seqs), seqs[0]["topk_ids"].shape[1], seqs[0]["feat"].shape[1]
@@ -89,6 +102,11 @@ class ShardData:
         out = {"tokens": ids[:, 1:], "features": feat[:, :-1].float(), "next_features": feat[:, 1:].float(),
                "topk_ids": tk_ids, "topk_p": tk_p.float(), "valid": valid,
                "first_anchor": max(min(s["start"] for s in seqs) - 2, 0)}
+        if "aux" in seqs[0]:
+            aux = torch.zeros(B, N, seqs[0]["aux"].shape[1], dtype=torch.bfloat16)
+            for r, s in enumerate(seqs):
+                aux[r, :len(s["ids"])] = s["aux"]
+            out["aux_features"] = aux[:, :-1].float()
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
@@ -165,7 +183,7 @@ class TrainConfig:
     head: str = "target"
     num_layers: int = 1
     slot1: str = "mask"                  # parallel drafter: "mask" or "draft" (DraftConfig.slot1)
-    layout: str = "fused"                # "fused" or "eagle3" (vLLM's layer; DraftConfig.layout)
+    layout: str = "fused"                # "fused", "eagle3" or "peagle" (DraftConfig.layout)
     steps: int = 1000
     batch_size: int = 16                 # sequences per global step
     max_len: int = 512
@@ -192,6 +210,11 @@ class TrainConfig:
     train_tokens: int | None = None      # use only the first N tokens of training data
 
 
+def inputs_of(net, batch: dict) -> torch.Tensor:
+    """The features a network reads: the aux hidden states (peagle layout), else the last one."""
+    return batch["aux_features"] if net.cfg.layout == "peagle" else batch["features"]
+
+
 def anchor_sample(batch, n: int, depth: int, kind: str, frac: float, gen: torch.Generator, device):
     lo = batch["first_anchor"]
     hi = n - 1 - (depth - 1 if kind == "eagle" else 0)   # eagle feeds tokens up to a + depth - 1
@@ -209,7 +232,7 @@ def forward_losses(model, net, cfg: TrainConfig, batch: dict, anchors: torch.Ten
     head runs only at rows with a label (most of the step's cost is the head)."""
     n = batch["tokens"].shape[1]
     with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        real_g, slot_g = model(batch["tokens"], batch["features"], anchors)
+        real_g, slot_g = model(batch["tokens"], inputs_of(net, batch), anchors)
     teacher_slots = teacher_features(teacher, batch, anchors, cfg) if teacher is not None else None
     real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
     ce_sum, agree_sum, count = [], [], []
@@ -240,7 +263,7 @@ def teacher_features(teacher, batch: dict, anchors: torch.Tensor, cfg: TrainConf
     n = batch["tokens"].shape[1]
     reach = anchors + cfg.depth - 1 < n
     with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        _, inner = train_forward(teacher, batch["tokens"], batch["features"], anchors[reach])
+        _, inner = train_forward(teacher, batch["tokens"], inputs_of(teacher, batch), anchors[reach])
     out = inner.new_full((inner.shape[0], anchors.shape[0], *inner.shape[2:]), float("nan"))
     out[:, reach] = inner
     return out
@@ -287,7 +310,7 @@ def evaluate(net, cfg: TrainConfig, data: ShardData, t2d, device, batch_size: in
         hi = n - 1 - (cfg.depth - 1 if cfg.kind == "eagle" else 0)
         anchors = torch.arange(batch["first_anchor"], hi + 1, cfg.eval_anchor_stride, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            real_g, slot_g = train_forward(net, batch["tokens"], batch["features"], anchors)
+            real_g, slot_g = train_forward(net, batch["tokens"], inputs_of(net, batch), anchors)
             depth_logits = net.logits(torch.cat([real_g[:, anchors, None], slot_g], dim=2))   # [B, A, k, V]
         real_pos, slot_pos = label_rows(anchors, cfg.depth, n)
         pos = torch.cat([real_pos[anchors, None], slot_pos], dim=1)                      # [A, k]
@@ -335,8 +358,12 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    data = ShardData(train_paths, cfg.max_len, cfg.train_tokens)
-    heldout = ShardData(heldout_paths, cfg.max_len) if rank == 0 and heldout_paths else None
+    aux = cfg.layout == "peagle"
+    data = ShardData(train_paths, cfg.max_len, cfg.train_tokens, aux=aux)
+    heldout = ShardData(heldout_paths, cfg.max_len, aux=aux) if rank == 0 and heldout_paths else None
+    if heldout is not None and aux and heldout.aux_layers != data.aux_layers:
+        raise ValueError(f"--data: the held-out shards hold aux layers {heldout.aux_layers}, the training shards "
+                         f"{data.aux_layers}; make both with one `parallelspec extract --aux-layers` run")
     if rank == 0 and heldout is None:
         log("no held-out shards in the data (extract found no prompt for the held-out split): the run is not "
             "evaluated and writes no log.jsonl; give extract more prompts or a larger --held-out")
@@ -353,8 +380,8 @@ def train(cfg: TrainConfig, target, train_paths, heldout_paths, out_dir, device=
     else:
         d2t, coverage = None, 1.0
     net = build_network(target, parallel=cfg.kind == "parallel", depth=cfg.depth, draft_to_target=d2t,
-                        head=cfg.head, num_layers=cfg.num_layers,
-                        slot1=cfg.slot1, layout=cfg.layout, seed=cfg.seed).to(device)
+                        head=cfg.head, num_layers=cfg.num_layers, slot1=cfg.slot1, layout=cfg.layout,
+                        aux_layers=data.aux_layers, seed=cfg.seed).to(device)
     if source is not None:
         rows = [data.seqs[i] for i in range(min(len(data), 64))]
         fit = warm_start(net, source.to(device), torch.cat([r["ids"][1:] for r in rows]).to(device),
@@ -509,9 +536,11 @@ def main_train(argv=None) -> int:
     ap.add_argument("--slot1", choices=("mask", "draft"), default="mask",
                     help="parallel drafter: mask slot 1 fed its learned vector (one pass a step) or the "
                          "drafted depth-1 token and feature (two passes a step)")
-    ap.add_argument("--layout", choices=("fused", "eagle3"), default="fused",
-                    help="parallel drafter: the fused input layer (default) or vLLM's EAGLE-3 layer with one "
-                         "shared mask (servable by vLLM: parallelspec export --format vllm)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="fused",
+                    help="parallel drafter: the fused input layer (default); vLLM's EAGLE-3 layer with one shared "
+                         "mask (eagle3); or that layer over EAGLE-3's features, the hidden states of three target "
+                         "layers (peagle: needs shards from extract --aux-layers eagle3). eagle3 and peagle are "
+                         "servable by vLLM (parallelspec export --format vllm), peagle also as SpecForge's P-EAGLE")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16, help="sequences per global step")
     ap.add_argument("--max-len", type=int, default=512)

@@ -24,7 +24,7 @@ def check_compatible(net: DraftNetwork, source: DraftNetwork) -> None:
     """--init-from must be a drafter of the same shape (kind, depth, layers, head, width)."""
     a, b = net.cfg, source.cfg
     fields = ("parallel", "depth", "num_layers", "head", "hidden_size", "num_heads", "num_kv_heads",
-              "intermediate_size", "slot1")
+              "intermediate_size", "slot1", "aux_layers")
     diff = [f"{f} {getattr(b, f)!r} (this run: {getattr(a, f)!r})" for f in fields if getattr(a, f) != getattr(b, f)]
     if b.layout != a.layout and (b.layout, a.layout) != ("fused", "eagle3"):
         diff.append(f"layout {b.layout!r} (this run: {a.layout!r}; only fused -> eagle3 converts)")
