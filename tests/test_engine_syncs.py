@@ -31,7 +31,9 @@ def _drafter(kind, model):
         return None
     if kind == "ngram":
         return ps.NgramDrafter(num_tokens=4)
-    net = build_network(model, parallel=kind != "eagle", depth=3, seed=2)
+    # peagle: the layout over aux hidden states, which the verify pass gathers (tiny_model has 2 layers)
+    net = (build_network(model, parallel=True, depth=3, layout="peagle", aux_layers=[1, 0, 1], seed=2)
+           if kind == "peagle" else build_network(model, parallel=kind != "eagle", depth=3, seed=2))
     drafter = (ps.EagleDrafter if kind == "eagle" else ps.ParallelDrafter)(net, top_m=4)
     if kind == "hybrid":   # the shipped options: the network sits out steps where prompt lookup matched
         drafter = ps.HybridDrafter([ps.NgramDrafter(num_tokens=4), drafter], defer_on_match=3)
@@ -58,7 +60,7 @@ def step_syncs(model, kind, tree, batch=(6, 9), **sampling):
 
 
 @pytest.mark.parametrize("tree", list(TREES))
-@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid"])
+@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "peagle", "eagle", "hybrid"])
 def test_at_most_one_host_sync_a_step(model, kind, tree):
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
