@@ -197,32 +197,45 @@ def _small_tree(tree):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the loop on the GPU backends)")
 @pytest.mark.parametrize("tree", ["chain", "dynamic", "auto"])
-@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid", "accepted_eagle", "accepted_hybrid"])
+@pytest.mark.parametrize("kind", [None, "ngram", "parallel", "eagle", "hybrid", "eagle3"])
 def test_greedy_batch_on_cuda_matches_hf(case, kind, tree):
     """The whole loop on a GPU (tree_attention, draft_attention, tree_accept and kv_rollback on
     their CUDA / Triton backends, the drafters' caches on the device) against transformers'
-    generate on the same GPU; accepted_*: networks that copy the Llama target, so that several
-    drafted tokens are committed and rolled back a step on the device too."""
+    generate on the same GPU. The network drafters are accepted, so that several drafted tokens
+    are committed and rolled back a step on the device too: parallel, eagle and hybrid (prompt
+    lookup + parallel) copy the Llama target (engine_helpers.oracle_network); eagle3 is the
+    vLLM layout distilled on the target (engine_helpers.distilled_eagle3_network, on the CPU).
+    Measured on the CPU: mean accepted tokens per step 1.59-2.06 (copies), 1.40-1.97 (eagle3 on
+    Llama, Qwen2, Mistral); random networks stay at or below 1.45, committing 2 tokens at most."""
     import copy
 
     if kind is None and tree != "chain":
         pytest.skip("no drafter: the tree is the root alone whatever its kind")
     model, ids, mask, _ = case
-    if kind and kind.startswith("accepted") and model.config.model_type != "llama":
-        pytest.skip("the networks that copy the target copy a Llama")
+    arch = model.config.model_type
+    if kind in ("parallel", "eagle", "hybrid") and arch != "llama":
+        pytest.skip("the networks that copy the target copy a Llama (eagle3 covers this architecture)")
+    if kind == "eagle3" and arch == "qwen3":
+        pytest.skip("the distilled network is accepted too rarely on the tiny Qwen3 (measured 1.13-1.30 "
+                    "tokens per step) for a floor that a random network fails")
+    network = kind not in (None, "ngram")
     model = copy.deepcopy(model).to("cuda")
     ids, mask = ids.to("cuda"), mask.to("cuda")
     reference = hf_greedy(model, ids, mask, NEW)
-    drafter = (None if kind is None else ps.NgramDrafter(num_tokens=4) if kind == "ngram"
-               else _accepting_drafter(kind.split("_")[1], model) if kind.startswith("accepted")
-               else _network_drafter(kind, model))
+    if kind == "eagle3":
+        from engine_helpers import distilled_eagle3_network
+        drafter = ps.ParallelDrafter(distilled_eagle3_network(model), top_m=4)
+    else:
+        drafter = None if kind is None else ps.NgramDrafter(num_tokens=4) if kind == "ngram" \
+            else _accepting_drafter(kind, model)
     out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW,
-                             tree=_small_tree(tree) if tree != "auto" or not kind.startswith("accepted")
-                             else _flat_auto_tree(), tree_nodes=8, return_stats=True)
+                             tree=_flat_auto_tree() if tree == "auto" and network else _small_tree(tree),
+                             tree_nodes=8, return_stats=True)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
-    if kind and kind.startswith("accepted"):
+    if network:
         assert stats.mean_accepted > 1.3, stats.accept_histogram
+        assert sum(stats.accept_histogram[3:]) > 0, stats.accept_histogram   # two drafts or more in a step
 
 
 def _wide_model(dtype):
@@ -264,8 +277,14 @@ def test_greedy_on_cuda_backends_that_ran(kind, forced, dtype, monkeypatch):
     ids, mask = left_padded([5, 9, 1, 7], VOCAB)
     ids, mask = ids.to("cuda"), mask.to("cuda")
     reference = hf_greedy(model, ids, mask, NEW)
-    drafter = ps.NgramDrafter(num_tokens=4) if kind == "ngram" else _network_drafter(kind, model)
-    out = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree="dynamic", tree_nodes=16)
+    # the network drafters copy the target (engine_helpers.oracle_network): accepted, so commits
+    # and rollbacks of several drafted tokens run on these backends (measured on the CPU: 1.55 tokens
+    # per step in fp32, 1.51 in bf16)
+    drafter = ps.NgramDrafter(num_tokens=4) if kind == "ngram" else _accepting_drafter(kind, model)
+    out, stats = ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=NEW, tree="dynamic",
+                             tree_nodes=16, return_stats=True)
+    if kind != "ngram":
+        assert stats.mean_accepted > 1.3, stats.accept_histogram
     expected = {"tree_attention", "tree_accept", "kv_rollback"} | ({"draft_attention"} if kind != "ngram" else set())
     assert expected <= set(ran), ran
     if forced:
