@@ -393,3 +393,39 @@ def test_vllm_round_trip_generates_the_same_with_accepted_drafts(tmp_path, tree,
         _assert_accepted(stats, steps, tree)
         runs.append((steps, stats.accept_histogram))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "auto"])
+def test_eagle3_drafter_eos_inside_an_accepted_run(tree, one_thread):
+    """Batch 4: an EOS that the distilled drafter's first run committed as an accepted draft
+    followed by another accepted draft and the bonus token of the same step (and not earlier in its
+    sequence, so decoding up to it is the same with and without the EOS; on the chain, measured,
+    every such draft repeats a token). With that EOS the sequence ends there, the tokens after it
+    dropped, and every sequence is transformers' output with that EOS."""
+    import parallelspec as ps
+    from engine_helpers import distilled_eagle3_network, hf_greedy, record_step_lens
+
+    model, ids, mask, free = _tiny_llama_case()
+    drafter = ps.ParallelDrafter(distilled_eagle3_network(model), top_m=4)
+    steps = record_step_lens(drafter)
+    assert torch.equal(ps.generate(model, ids, drafter, attention_mask=mask, max_new_tokens=16,
+                                   **_tree_kwargs(tree)), free)
+    T = ids.shape[1]
+    found = None
+    for b in range(ids.shape[0]):
+        new = free[b, T:].tolist()
+        start = 1                                      # new token 0 comes from the prefill
+        for lens in steps[1:]:
+            n = lens[b]
+            for p in range(start, start + n - 2):      # a draft with another draft after it
+                if found is None and new[p] not in new[:p]:
+                    found = (b, p, new[p])
+            start += n
+    assert found is not None, f"no accepted draft with a fresh token: {steps}"
+    b, at, eos = found
+    want = hf_greedy(model, ids, mask, 16, eos_token_id=eos, pad_token_id=0)
+    out = ps.generate(model, ids, ps.ParallelDrafter(distilled_eagle3_network(model), top_m=4), attention_mask=mask,
+                      max_new_tokens=16, eos_token_id=eos, pad_token_id=0, **_tree_kwargs(tree))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    row = out[b, T:].tolist()
+    assert row[at] == eos and (len(row) == at + 1 or set(row[at + 1:]) == {0}), (at, row)
