@@ -18,6 +18,11 @@ Roles, two virtualenvs (llama-cpp-python and its converter live apart from the p
            plain_loop / hybrid_auto), and --compiled methods again with generate(compile=True)
            (warmed up over every prompt first: the compile, or its load from the cache, is not
            timed; its seconds are recorded), in fp32 and bf16 -> WORK/rounds/ours-<n>.json
+  big      (project venv) the 1B-shaped model only, the engines interleaved in one process: per
+           repeat (the order rotated) llama.cpp's llama-bench (the same build tree and flags; decode
+           of --new-tokens after the prompt's length as depth), our plain loop and transformers'
+           generate, each on the same prompt; ratios per repeat (the same minutes of a shared
+           machine), then medians -> OUT/<--name>.json
   report   (either) every round merged: medians per engine / dtype, ratios, the machine, the build
            -> OUT/llamacpp_<cpu level>.json
 
@@ -82,6 +87,15 @@ def prepare(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models, bench = _pkg("models"), _pkg("bench")
+    existing = work / "prompts.json"
+    if existing.exists():   # the prompts and transformers' reference are kept; --big only adds the model
+        data = json.loads(existing.read_text())
+        if args.big and "big_dir" not in data["meta"]:
+            target_dir = models.cache_dir() / models.DEFAULT_TARGET
+            data["meta"]["big_dir"] = str(make_big(work / "llama1b-random", target_dir))
+            existing.write_text(json.dumps(data))
+        print(f"kept {existing} ({len(data['prompts'])} prompts; delete it to redo them)")
+        return
     model, tok = models.load_default_target(torch.float32)
     target_dir = models.cache_dir() / models.DEFAULT_TARGET
     prompts = []
@@ -183,7 +197,7 @@ def llama(args) -> None:
         # writes logits past it once n_past > n_batch (a logits shape error).
         variants.append(("prompt_lookup", {"draft_model": LlamaPromptLookupDecoding(num_pred_tokens=10),
                                            "logits_all": True}))
-    for gtype in GGUF_TYPES:
+    for gtype in ([] if args.big_only else GGUF_TYPES):
         path = work / "gguf" / f"smollm2-135m-{gtype}.gguf"
         for spec, extra in variants:
             llm = Llama(str(path), **common, **extra)
@@ -206,7 +220,7 @@ def llama(args) -> None:
                 print(f"llama.cpp {gtype:4s} {spec:13s} {p['category']:5s} {p['index']} {len(out) / wall:6.1f} tok/s "
                       f"(agrees with HF fp32 for {agree} tokens)", flush=True)
             del llm
-    if "big_dir" in data["meta"] and args.big:
+    if "big_dir" in data["meta"] and (args.big or args.big_only):
         path = work / "gguf" / "llama1b-random-bf16.gguf"
         llm = Llama(str(path), **common)
         _llama_generate(llm, prompts[0]["ids"][:16], 4)
@@ -245,7 +259,7 @@ def ours(args) -> None:
     names = args.methods.split(",")
     rows = []
     compile_seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in ([] if args.big_only else (torch.float32, torch.bfloat16)):
         model, tok = models.load_default_target(dtype)
         methods = bench.build_methods(model, names, args.max_nodes)
         for name in [n for n in args.compiled.split(",") if n]:   # the same method, its verify step compiled
@@ -279,13 +293,15 @@ def ours(args) -> None:
                 print(f"ours {rows[-1]['dtype']:8s} {name:11s} {p['category']:5s} {p['index']} "
                       f"{len(gen) / wall:6.1f} tok/s (agrees with HF fp32 for {agree} tokens)", flush=True)
         del model, methods
-    if "big_dir" in data["meta"] and args.big:
+    if "big_dir" in data["meta"] and (args.big or args.big_only):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(data["meta"]["big_dir"], dtype=torch.bfloat16)
         model.generation_config.eos_token_id = None
         plain = bench.build_methods(model, ["plain_loop"], args.max_nodes)["plain_loop"]
         ids = torch.tensor([prompts[0]["ids"]])
         plain(ids[:, :16], max_new_tokens=4, do_sample=False)
+        mask = torch.ones_like(ids)
+        hf_new = args.big_hf_new_tokens or new
         for rep in range(args.big_repeats):
             t0 = time.perf_counter()
             out, stats = plain(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
@@ -296,11 +312,158 @@ def ours(args) -> None:
                          "repeat": rep, "new_tokens": n, "seconds": wall, "tokens_per_s": n / wall,
                          "decode_tokens_per_s": (n - 1) / decode})
             print(f"ours 1B-shaped bf16 plain loop: decode {rows[-1]['decode_tokens_per_s']:.2f} tok/s", flush=True)
+            if args.big_hf:
+                # transformers' greedy generate; its decode rate = (n - 1) / (wall - a 1-token generate's wall)
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=hf_new, min_new_tokens=hf_new,
+                                     do_sample=False)
+                wall = time.perf_counter() - t0
+                n = out.shape[1] - ids.shape[1]
+                rows.append({"engine": "transformers", "method": "generate", "dtype": "bfloat16",
+                             "model": "llama1b-random", "repeat": rep, "new_tokens": n, "seconds": wall,
+                             "tokens_per_s": n / wall, "first_token_seconds": first,
+                             "decode_tokens_per_s": (n - 1) / (wall - first) if wall > first else None})
+                print(f"transformers 1B-shaped bf16 generate: decode {rows[-1]['decode_tokens_per_s']:.2f} tok/s",
+                      flush=True)
         del model
     cap = ps_kernels.cpu_capability()
     _write_round(work, "ours", args.round, {"rows": rows, "cpu_level": cap.active, "torch": torch.__version__,
                                             "native_build": ps_kernels.native_build_id(), "threads": args.threads,
                                             "compiled_warm_up_seconds": compile_seconds})
+
+
+# --- big (project venv): the 1B-shaped model, engines interleaved --------------------------------
+
+CMAKE_KEYS = ("CMAKE_BUILD_TYPE", "CMAKE_C_FLAGS", "GGML_NATIVE", "GGML_OPENMP", "GGML_OPENMP_ENABLED", "GGML_LLAMAFILE",
+              "GGML_CPU_REPACK", "GGML_CPU_ALL_VARIANTS", "GGML_BACKEND_DL", "GGML_AVAILABLE_BACKENDS")
+
+
+def _cmake_flags(build: Path) -> dict:
+    """The CPU-relevant entries of llama.cpp's CMakeCache (the build's flags: native, OpenMP, the
+    instruction sets, llamafile's sgemm, weight repacking, the build type)."""
+    flags = {}
+    try:
+        for line in (build / "CMakeCache.txt").read_text().splitlines():
+            name, _, value = line.partition("=")
+            key = name.split(":")[0]
+            if key in CMAKE_KEYS or key.startswith(("GGML_AVX", "GGML_AMX", "GGML_FMA", "GGML_F16C", "GGML_BMI")):
+                flags[key] = value
+    except OSError:
+        pass
+    return flags
+
+
+def _llama_system_info(python: str) -> str | None:
+    """llama.cpp's compiled-in CPU features, through llama-cpp-python of the same build tree."""
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode(errors='replace').strip())"
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def big(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import ps_kernels
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    data = json.loads((work / "prompts.json").read_text())
+    if "big_dir" not in data["meta"]:
+        raise SystemExit(f"big: no 1B-shaped model in {work / 'prompts.json'} (run prepare --big first)")
+    gguf = work / "gguf" / "llama1b-random-bf16.gguf"
+    llama_bench = Path(args.llama_bench)
+    for path, what in ((gguf, "the GGUF (run convert)"), (llama_bench, "llama-bench (llamacpp_check.sh venv)")):
+        if not path.exists():
+            raise SystemExit(f"big: expected {what} at {path}, found nothing")
+    bench = _pkg("bench")
+    new = args.new_tokens
+    ids = torch.tensor([data["prompts"][0]["ids"]])
+    mask = torch.ones_like(ids)
+    model = AutoModelForCausalLM.from_pretrained(data["meta"]["big_dir"], dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    plain = bench.build_methods(model, ["plain_loop"], 32)["plain_loop"]
+    plain(ids[:, :16], max_new_tokens=4, do_sample=False)   # warm-up (the bf16 packing, the first calls)
+    model.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=2, do_sample=False)
+
+    def run_llama():
+        cmd = [str(llama_bench), "-m", str(gguf), "-p", "0", "-n", str(new), "-d", str(ids.shape[1]),
+               "-t", str(args.threads), "-r", "1", "-o", "json"]
+        res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)[0]
+        run_llama.info = {k: res.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "model_type",
+                                                  "model_size", "type_k", "type_v", "flash_attn", "n_threads",
+                                                  "poll", "use_mmap")}
+        return {"decode_tokens_per_s": res["avg_ts"], "new_tokens": res["n_gen"], "depth": res.get("n_depth")}
+
+    def run_ours():
+        out, stats = plain(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
+        n = out.shape[1] - ids.shape[1]
+        return {"decode_tokens_per_s": (n - 1) / (stats.total_time - stats.prefill_time), "new_tokens": n}
+
+    def run_hf():
+        # decode rate = (n - 1) / (the call's wall - a 1-token call's wall: the prompt's forward)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        wall = time.perf_counter() - t0
+        n = out.shape[1] - ids.shape[1]
+        return {"decode_tokens_per_s": (n - 1) / (wall - first), "new_tokens": n}
+
+    engines = [("llama.cpp", run_llama), ("ours plain_loop", run_ours), ("transformers generate", run_hf)]
+    if not args.hf:
+        engines.pop()
+    rows = []
+    for r in range(args.repeats):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        for name, fn in order:
+            load = os.getloadavg()[0]
+            row = {"engine": name, "repeat": r, **fn(), "load_avg_1min_before": round(load, 2)}
+            rows.append(row)
+            print(f"{r} {name:22s} decode {row['decode_tokens_per_s']:6.2f} tok/s (load average {load:.1f})", flush=True)
+    by = {name: [x for x in rows if x["engine"] == name] for name, _ in engines}
+    summary = {name: {"decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in rs),
+                      "per_repeat": [round(x["decode_tokens_per_s"], 2) for x in rs]} for name, rs in by.items()}
+    ratios = {}
+    for name in by:
+        if name == "llama.cpp":
+            continue
+        rr = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in zip(by[name], by["llama.cpp"])]
+        ratios[f"{name} / llama.cpp"] = {"median": statistics.median(rr), "per_repeat": [round(x, 3) for x in rr]}
+    cap = ps_kernels.cpu_capability()
+    meta = {"cpu": cpu_info(), "threads": args.threads, "torch": torch.__version__, "our_cpu_level": cap.active,
+            "native_build": ps_kernels.native_build_id(),
+            "model": "random Llama-3.2-1B-shaped (std 0.02, seed 0), bf16 safetensors; GGUF bf16 by llama.cpp's "
+                     "convert_hf_to_gguf.py from llama-cpp-python's sdist (vendor/llama.cpp)",
+            "shape": LLAMA_1B, "gguf_type": "bf16 (norms f32)", "gguf_bytes": gguf.stat().st_size,
+            "prompt_tokens": ids.shape[1], "new_tokens": new, "repeats": args.repeats,
+            "llama_cpp": {"tool": "llama-bench", **getattr(run_llama, "info", {}),
+                          "system_info": _llama_system_info(args.llama_python),
+                          "cmake": _cmake_flags(llama_bench.parent.parent),
+                          "cmake_note": "GGML_NATIVE=ON compiles with -march=native: the per-instruction-set "
+                                        "GGML_* options are then unused (system_info lists what was built in)",
+                          "cmake_args": os.environ.get("CMAKE_ARGS", "")},
+            "load_avg_1min": [x["load_avg_1min_before"] for x in rows],
+            "method": "one process: per repeat llama-bench (a subprocess, the GGUF mmapped from the page cache; "
+                      "decode of new_tokens after prompt_tokens of depth), our plain loop (decode: the generate "
+                      "call less its prefill) and transformers' generate (the call less a 1-token call), the "
+                      "order rotated each repeat; ratios per repeat, then the median; greedy, no EOS stop",
+            "command": os.environ.get("LLAMACPP_CHECK_COMMAND", "bash benchmarks/llamacpp_check.sh big"),
+            "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{args.name}.json"
+    path.write_text(json.dumps({"meta": meta, "summary": summary, "ratios": ratios, "rows": rows}, indent=1))
+    for name, s in summary.items():
+        print(f"{name:22s} decode {s['decode_tokens_per_s']:6.2f} tok/s (median; {s['per_repeat']})")
+    for name, r in ratios.items():
+        print(f"{name:34s} {r['median']:.3f} {r['per_repeat']}")
+    print(f"wrote {path}")
 
 
 # --- report (either venv) ------------------------------------------------------------------------
@@ -321,7 +484,7 @@ def report(args) -> None:
     def key(r):
         if r["engine"] == "llama.cpp":
             return (r.get("model", "smollm2-135m"), "llama.cpp", r["dtype"], r["speculation"])
-        return (r.get("model", "smollm2-135m"), "ours", r["dtype"], r["method"])
+        return (r.get("model", "smollm2-135m"), r["engine"], r["dtype"], r["method"])
 
     per_round: dict[tuple, list] = {}
     failures = {}
@@ -361,11 +524,12 @@ def report(args) -> None:
                 ratios.append({"model": model, "dtype": dtype, "a": f"{engine} {method}", "b": "llama.cpp none",
                                "field": field, "ratio": statistics.median(rr), "per_round": [round(x, 3) for x in rr]})
     hf = [p["hf_tokens_per_s"] for p in data["prompts"]]
+    big_only = all(r.get("model") for p in rounds.values() for part in p.values() for r in part["rows"])
     any_llama = next((p["llama"] for p in rounds.values() if "llama" in p), {})
     any_ours = next((p["ours"] for p in rounds.values() if "ours" in p), {})
     meta = {"cpu": any_ours.get("cpu") or any_llama.get("cpu"), "our_cpu_level": any_ours.get("cpu_level"),
             "torch": any_ours.get("torch"), "native_build": any_ours.get("native_build"),
-            "llama_cpp": any_llama.get("build"), "gguf_types": list(GGUF_TYPES),
+            "llama_cpp": any_llama.get("build"), "gguf_types": ["bf16"] if big_only else list(GGUF_TYPES),
             "gguf_converter": "convert_hf_to_gguf.py from llama-cpp-python's sdist (vendor/llama.cpp)",
             "prompts": {c: sum(p["category"] == c for p in data["prompts"]) for c in dict.fromkeys(p["category"] for p in data["prompts"])},
             "max_new_tokens": data["meta"]["max_new_tokens"],
@@ -373,7 +537,7 @@ def report(args) -> None:
                         "ours": any_ours.get("threads")},
             "compiled_warm_up_seconds": {n: p["ours"].get("compiled_warm_up_seconds") for n, p in rounds.items()
                                          if "ours" in p},
-            "transformers_generate_fp32_tokens_per_s": statistics.median(hf),
+            "transformers_generate_fp32_tokens_per_s": None if big_only else statistics.median(hf),
             "method": "rounds alternate a llama.cpp process and ours (shared cores); per round the median "
                       "over prompts, then the median over rounds; tokens_per_s includes the prompt's "
                       "forward, decode_tokens_per_s does not; no EOS stop (every method makes "
@@ -383,9 +547,10 @@ def report(args) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     level = meta["our_cpu_level"] or "unknown"
-    path = out_dir / f"llamacpp_{level}{'_' + args.tag if args.tag else ''}.json"
+    path = out_dir / (f"{args.name}.json" if args.name else f"llamacpp_{level}{'_' + args.tag if args.tag else ''}.json")
     path.write_text(json.dumps(out, indent=1))
-    print(f"transformers generate fp32: {meta['transformers_generate_fp32_tokens_per_s']:.1f} tok/s (median over prompts)")
+    if meta["transformers_generate_fp32_tokens_per_s"] is not None:
+        print(f"transformers generate fp32: {meta['transformers_generate_fp32_tokens_per_s']:.1f} tok/s (median over prompts)")
     for s in summary:
         print(f"{s['model']:14s} {s['engine']:9s} {s['dtype']:8s} {s['method']:13s} {s['tokens_per_s']:7.1f} tok/s "
               f"(decode {s['decode_tokens_per_s'] or 0:6.1f}; rounds {s['tokens_per_s_rounds']}; "
@@ -401,7 +566,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="role", required=True)
     roles = {}
-    for name, fn in (("prepare", prepare), ("convert", convert), ("llama", llama), ("ours", ours), ("report", report)):
+    for name, fn in (("prepare", prepare), ("convert", convert), ("llama", llama), ("ours", ours), ("big", big),
+                     ("report", report)):
         roles[name] = sub.add_parser(name)
         roles[name].set_defaults(fn=fn)
         roles[name].add_argument("--work", default=os.environ.get("WORK", "/tmp/llamacpp_check"))
@@ -415,6 +581,7 @@ def main() -> int:
         roles[name].add_argument("--round", type=int, default=0)
         roles[name].add_argument("--big", action="store_true", help="also the 1B-shaped model's decode speed")
         roles[name].add_argument("--big-repeats", type=int, default=2)
+        roles[name].add_argument("--big-only", action="store_true", help="only the 1B-shaped model (no SmolLM2)")
     roles["llama"].add_argument("--n-ctx", type=int, default=2048)
     roles["llama"].add_argument("--no-lookup", dest="lookup", action="store_false",
                                 help="skip llama.cpp's prompt-lookup speculation")
@@ -422,8 +589,23 @@ def main() -> int:
     roles["ours"].add_argument("--compiled", default="plain_loop",
                                help="methods also run with generate(compile=True) ('' for none)")
     roles["ours"].add_argument("--max-nodes", type=int, default=32, help="as parallelspec bench's default")
+    roles["ours"].add_argument("--no-big-hf", dest="big_hf", action="store_false",
+                               help="skip transformers' generate on the 1B-shaped model")
+    roles["ours"].add_argument("--big-hf-new-tokens", type=int, default=0,
+                               help="new tokens for transformers on the 1B-shaped model (default: as the others)")
+    roles["big"].add_argument("--threads", type=int, default=2)
+    roles["big"].add_argument("--repeats", type=int, default=6, help="rounds of the engines (order rotated)")
+    roles["big"].add_argument("--new-tokens", type=int, default=64)
+    roles["big"].add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
+    roles["big"].add_argument("--llama-bench", default=os.path.join(os.environ.get("WORK", "/tmp/llamacpp_check"),
+                                                                    "build", "bin", "llama-bench"))
+    roles["big"].add_argument("--llama-python", default=os.path.join(os.environ.get("WORK", "/tmp/llamacpp_check"),
+                                                                     "venv", "bin", "python"))
+    roles["big"].add_argument("--name", default="llama1b_shape_bf16", help="the results file's name (no .json)")
+    roles["big"].add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "llamacpp"))
     roles["report"].add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "llamacpp"))
     roles["report"].add_argument("--tag", default="")
+    roles["report"].add_argument("--name", default="", help="the results file's name (without .json)")
     args = ap.parse_args()
     args.fn(args)
     return 0

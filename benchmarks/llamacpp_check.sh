@@ -11,7 +11,10 @@
 # LLAMACPP_PYTHON_VERSION (default 0.3.36), CMAKE_ARGS (default below), and more options
 # of the roles: PREPARE_ARGS (e.g. "--prompts 2 --big"), LLAMA_ARGS (e.g. "--no-lookup --big"),
 # OURS_ARGS (e.g. "--compiled plain_loop --big"), ROUNDS (default 2), OUT (the results directory,
-# default benchmarks/results/llamacpp).
+# default benchmarks/results/llamacpp), REPORT_ARGS (e.g. "--name llama1b_shape_bf16").
+# Only the 1B-shaped model, the engines interleaved in one process (llama-bench, our plain loop,
+# transformers' generate; BIG_ARGS e.g. "--threads 1 --repeats 6 --name llama1b_shape_bf16_1thread"):
+#   bash benchmarks/llamacpp_check.sh big
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${WORK:-/tmp/llamacpp_check}"
@@ -46,6 +49,14 @@ if [ ! -x "$WORK/build/bin/llama-bench" ]; then
         || echo "llama-bench not built (see $WORK/bench_build.log); the runs go on without it"
 fi
 [ "${1:-}" = "venv" ] && exit 0
+if [ "${1:-}" = "big" ]; then
+    CHECK="$ROOT/benchmarks/llamacpp_check.py"
+    export LLAMACPP_CHECK_COMMAND="BIG_ARGS='${BIG_ARGS:-}' bash benchmarks/llamacpp_check.sh big"
+    nice -n 5 "$PY" "$CHECK" prepare --big
+    nice -n 5 "$LLAMA_VENV/bin/python" "$CHECK" convert --converter "$WORK/src/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py"
+    nice -n 5 "$PY" "$CHECK" big --llama-bench "$WORK/build/bin/llama-bench" --out "${OUT:-$ROOT/benchmarks/results/llamacpp}" ${BIG_ARGS:-}
+    exit 0
+fi
 
 # the runs: prompts + transformers' reference (project venv), GGUF conversion (llama venv), then
 # ROUNDS rounds alternating a llama.cpp process and ours (the first of the pair swapped every
@@ -53,8 +64,9 @@ fi
 CONVERTER="$WORK/src/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py"
 ROUNDS="${ROUNDS:-2}"
 CHECK="$ROOT/benchmarks/llamacpp_check.py"
-export LLAMACPP_CHECK_COMMAND="ROUNDS=$ROUNDS PREPARE_ARGS='${PREPARE_ARGS:-}' LLAMA_ARGS='${LLAMA_ARGS:-}' OURS_ARGS='${OURS_ARGS:-}' bash benchmarks/llamacpp_check.sh"
-[ -f "$WORK/prompts.json" ] || nice -n 5 "$PY" "$CHECK" prepare ${PREPARE_ARGS:-}
+export LLAMACPP_CHECK_COMMAND="ROUNDS=$ROUNDS PREPARE_ARGS='${PREPARE_ARGS:-}' LLAMA_ARGS='${LLAMA_ARGS:-}' OURS_ARGS='${OURS_ARGS:-}' REPORT_ARGS='${REPORT_ARGS:-}' bash benchmarks/llamacpp_check.sh"
+# an existing prompts.json is kept (prepare only adds the 1B-shaped model to it when --big asks)
+nice -n 5 "$PY" "$CHECK" prepare ${PREPARE_ARGS:-}
 nice -n 5 "$LLAMA_VENV/bin/python" "$CHECK" convert --converter "$CONVERTER"
 rm -rf "$WORK/rounds"
 for r in $(seq 0 $((ROUNDS - 1))); do
@@ -62,4 +74,4 @@ for r in $(seq 0 $((ROUNDS - 1))); do
     ours_round() { nice -n 5 "$PY" "$CHECK" ours --round "$r" ${OURS_ARGS:-}; }
     if [ $((r % 2)) -eq 0 ]; then llama_round; ours_round; else ours_round; llama_round; fi
 done
-"$PY" "$CHECK" report --out "${OUT:-$ROOT/benchmarks/results/llamacpp}"
+"$PY" "$CHECK" report --out "${OUT:-$ROOT/benchmarks/results/llamacpp}" ${REPORT_ARGS:-}
