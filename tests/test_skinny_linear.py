@@ -133,6 +133,27 @@ def test_routing_inside_the_block_only(level):
 
 
 @needs_native
+def test_every_block_installs_the_same_forward_object():
+    """A compiled verify step guards on the identity of the modules' forward (parallelspec.compiled):
+    each block installs the object the first one made, while the weights stay; a new weight gets a
+    new one (so it is never served a stale tensor)."""
+    from parallelspec.hf.linear import skinny_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3))
+    seen = []
+    for _ in range(3):
+        with skinny_linears(model):
+            seen.append([m.__dict__["forward"] for m in model])
+    assert all(a is b for later in seen[1:] for a, b in zip(seen[0], later))
+    model[0].weight = torch.nn.Parameter(torch.randn(4, 8))
+    with skinny_linears(model), torch.no_grad():
+        assert model[0].__dict__["forward"] is not seen[0][0] and model[1].__dict__["forward"] is seen[0][1]
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(model(x), torch.nn.functional.linear(
+            torch.nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias))
+
+
+@needs_native
 def test_routing_follows_the_active_levels_table(monkeypatch):
     """A level without a measured-faster range for a dtype is not routed to (e.g. fp16 at the
     portable level); the level's range decides the rows."""

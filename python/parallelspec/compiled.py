@@ -35,13 +35,11 @@ the CPU") gives the measurements behind it.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
 import time
 import warnings
-import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -155,31 +153,6 @@ def _compiled() -> Callable:
     return _state.compiled
 
 
-#: module -> the forward object last pinned on it (see _pin_forwards)
-_PINNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _pin_forwards(model: torch.nn.Module) -> None:
-    """The compiled graph is guarded on the identity of the modules' ``forward`` objects; the
-    few-row linears' routing (hf/linear.py) installs a new functools.partial per block, which
-    would recompile every generate call. Each such partial is swapped for an equal one kept per
-    module (same function, arguments and keywords), so later calls find the same object."""
-    for m in model.modules():
-        current = m.__dict__.get("forward")
-        if not isinstance(current, functools.partial):
-            continue
-        kept = _PINNED.get(m)
-        same = (kept is not None and kept.func is current.func and len(kept.args) == len(current.args)
-                and all(a is b for a, b in zip(kept.args, current.args))
-                and kept.keywords.keys() == current.keywords.keys()
-                and all(kept.keywords[k] is v for k, v in current.keywords.items()))
-        if kept is current:
-            continue
-        if not same:
-            kept = _PINNED[m] = functools.partial(current.func, *current.args, **current.keywords)
-        m.forward = kept
-
-
 def _fallback(exc: BaseException) -> None:
     root = exc
     while True:    # torch wraps a backend's error (BackendCompilerFailed.inner_exception)
@@ -202,7 +175,6 @@ def compiled_pass(verify: Callable, target, cache, tree: Tree):
         first = key not in _state.first_call_seconds
         started = time.perf_counter()
         try:
-            _pin_forwards(target.model)
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 result = _compiled()(verify, target, cache, tree)
         except Exception as exc:  # noqa: BLE001  (any failure: the eager pass below is the answer)

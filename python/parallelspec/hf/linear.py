@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,17 @@ def _routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ro
 _lock = threading.Lock()
 _installed: dict[int, list] = {}      # id(module) -> [module, number of active blocks over it]
 _local = threading.local()            # .rows: this thread's routing answer inside a block, else absent
+# module -> its patched forward, made once and reinstalled by every later block while the module
+# keeps its weight and bias objects: a compiled graph guards on the forward's identity
+# (parallelspec.compiled), so a new object per block would recompile every generate call
+_forwards: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
+
+
+def _forward_of(m: nn.Linear) -> functools.partial:
+    kept = _forwards.get(m)
+    if kept is None or kept.keywords["weight"] is not m.weight or kept.keywords["bias"] is not m.bias:
+        kept = _forwards[m] = functools.partial(_dispatch, weight=m.weight, bias=m.bias)
+    return kept
 
 
 def _dispatch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -84,7 +96,7 @@ def skinny_linears(module: nn.Module):
                 mine.append(m)
             elif type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu":
                 # the module's own forward, dispatched (an instance attribute, removed afterwards)
-                m.forward = functools.partial(_dispatch, weight=m.weight, bias=m.bias)
+                m.forward = _forward_of(m)
                 _installed[id(m)] = [m, 1]
                 mine.append(m)
     outer = getattr(_local, "rows", None)
