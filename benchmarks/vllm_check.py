@@ -118,7 +118,7 @@ def train_pard(lm, seqs, k: int, pard_token: int, seconds: float, lr: float = 3e
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += float(loss) * len(labels)
+            tot += float(loss.detach()) * len(labels)
             hit += int((logits.argmax(-1) == labels).sum())
             cnt += len(labels)
             if time.time() - t0 >= seconds:
