@@ -17,3 +17,16 @@ def target_features(model, ids):
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
     return out.hidden_states[-1], torch.softmax(out.logits.float(), dim=-1)
+
+
+def peaked_random_weights(net, seed: int) -> None:
+    """Overwrite a drafter network's weights with random ones large enough for peaked drafts
+    (norm weights near 1, the rest N(0, 0.25^2)), so that comparisons of drafts see distinct
+    candidates rather than near-uniform ties."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.25 * torch.randn(p.shape, generator=g))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from drafter_helpers import tiny_target
+from drafter_helpers import peaked_random_weights, tiny_target
 
 import parallelspec as ps
 from parallelspec.drafters import ParallelDrafter, build_network
@@ -23,13 +23,7 @@ def _peagle_drafter(target, vocab=40, head="trained", seed=1):
     d2t = None if vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:vocab]
     net = build_network(target, parallel=True, depth=K, draft_to_target=d2t, head=head, layout="peagle",
                         aux_layers=AUX, mask_token_id=7, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+    peaked_random_weights(net, seed)
     return ParallelDrafter(net, top_m=net.draft_vocab_size)
 
 

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from drafter_helpers import tiny_target
+from drafter_helpers import peaked_random_weights, tiny_target
 
 V, D = 96, 48
 K = 4
@@ -31,13 +31,7 @@ def _eagle3_drafter(target, vocab=40, layers=1, head="trained", seed=1):
     d2t = None if vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:vocab]
     net = build_network(target, parallel=True, depth=K, draft_to_target=d2t, head=head, num_layers=layers,
                         layout="eagle3", mask_token_id=7, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+    peaked_random_weights(net, seed)
     return ParallelDrafter(net, top_m=net.draft_vocab_size)
 
 
