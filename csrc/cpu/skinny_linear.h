@@ -37,6 +37,17 @@ constexpr int kCols = 4;
 #endif
 constexpr int kDotAccs = 4;  // row_dot's independent accumulators (hide the FMA latency)
 constexpr int kPrefetchRows = 2;  // software prefetch from this many x rows on (tile_rows)
+// One x row (M = 1): AVX-512 runs the prefetching row tiles as for more rows; AVX2 keeps
+// row_dot's single stream. Llama-3.2-1B's shapes in bf16 at one thread, AVX-512, row_dot ->
+// 4-row tile with the L2 prefetch (ms a call, standalone A/B in one process on a loaded machine):
+// 2048 x 2048 0.86 -> 0.67, 2048 x 8192 3.11 -> 1.75 (= a plain read of the bytes), 8192 x 2048
+// 3.20 -> 1.68, SmolLM2's 49152 x 576 LM head 3.41 -> 3.16; fp32 1.03 / 4.69 / 3.26 / 6.68 ->
+// 0.90 / 3.69 / 3.07 / 5.80 (benchmarks/results/linear_bound/README.md).
+#if defined(PS_CPU_AVX512)
+constexpr bool kOneRowTiles = true;
+#else
+constexpr bool kOneRowTiles = false;
+#endif
 
 #if defined(PS_CPU_AVX512)
 // The 4 x 4 tile's 16 horizontal sums at once: lane m of the result is out[m, n0 .. n0 + 3]. One
@@ -133,18 +144,19 @@ inline void tile_groups(const float* x, int64_t M, int64_t K, const W* w, const 
 // buffers and stall the FMAs, so memory and compute took turns instead of overlapping. SmolLM2's
 // 30 layers + LM head (540 MB fp32, 2 threads, medians; standalone A/B in one process): into L1
 // M = 4 / 8 / 16: 24.5 / 26.8 / 35.8 ms, into L2 19.7 / 19.1 / 28.2 (M = 1: 18-19 either way:
-// 8 rows now cost what 1 does). At M = 1 the loop is memory-bound and prefetches only add work.
+// 8 rows now cost what 1 does). One row on AVX-512 prefetches too (kOneRowTiles): without it the
+// hardware stream alone left the long bf16 rows of a 1B model at half the read rate.
 template <int RR, typename W>
 inline void tile_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                       int64_t n0) {
-  if (M >= kPrefetchRows) {
+  if (M >= kPrefetchRows || kOneRowTiles) {
     tile_groups<RR, true>(x, M, K, w, bias, out, N, n0);
   } else {
     tile_groups<RR, false>(x, M, K, w, bias, out, N, n0);
   }
 }
 
-// One row (M = 1): weight rows one after another, a single sequential stream per thread for
+// One row (M = 1) on AVX2: weight rows one after another, a single sequential stream per thread for
 // the hardware prefetcher (the 4-row tiles read four streams 4K bytes apart); kDotAccs
 // accumulators hide the FMA latency. SmolLM2's 540 MB, 2 threads (AVX-512): median 25.6 ->
 // 23.5 ms (a software prefetch on top of it measured slower: 26.7).
@@ -168,11 +180,11 @@ PS_CPU_INLINE float row_dot(const float* x, int64_t K, const W* row) {
 template <typename W>
 inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                        int64_t n_begin, int64_t n_end) {
-  if (M == 1) {
+  if (M == 1 && !kOneRowTiles) {
     for (int64_t n = n_begin; n < n_end; ++n) out[n] = row_dot(x, K, w + n * K) + (bias ? bias[n] : 0.0f);
     return;
   }
-  // Two rows: one weight row at a time too (a 1 x 2 tile, a single stream per thread). SmolLM2's
+  // Two rows: one weight row at a time (a 1 x 2 tile, a single stream per thread). SmolLM2's
   // 540 MB fp32, 2 threads, AMD EPYC (Zen 5), standalone A/B, medians of 15 interleaved: AVX-512
   // 14.0 / 14.2 ms with the 4 x 4 tiles -> 12.0 / 11.5; AVX2 11.3 / 10.9 with 2 x 4 -> 10.6 / 10.6.
   // From 3 rows on the row tiles are as fast or faster (AVX-512 at 4 rows: 14.5 vs 16.1 ms).
