@@ -280,7 +280,7 @@ def test_extract_distills_the_models_own_probabilities():
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
     model = tf.Gemma2ForCausalLM(cfg).eval()
     seqs = [[1, 5, 7, 9, 3]]
-    _, ids, probs, _ = target_pass(model, seqs, 5, autocast_dtype=None)
+    _, ids, probs, _, _ = target_pass(model, seqs, 5, autocast_dtype=None)
     with torch.no_grad():
         want = torch.softmax(model(torch.tensor(seqs)).logits.float(), -1).topk(5, -1)
     torch.testing.assert_close(probs, want.values, rtol=1e-5, atol=1e-6)
