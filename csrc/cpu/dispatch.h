@@ -29,6 +29,9 @@ struct SkinnyArgs {
   const float* bias;  // [N] or null
   float* out;         // [M, N]
   int64_t n;
+  // x's own bf16 values [M, K] (same values as x) when x and the weight are bf16, else null: the
+  // avx512_bf16 level multiplies bf16 pairs directly (skinny_linear.h, PS_SKINNY_BF16_PAIRS)
+  const void* x_bf16 = nullptr;
 };
 
 // tree_attention / draft_attention, see attention/common.h. Pattern: draft when new_lens is set

@@ -23,6 +23,13 @@ void skinny_linear_range(const SkinnyArgs& a, int64_t n_begin, int64_t n_end) {
       skinny::rows_range(a.x, a.rows, a.k, static_cast<const Half*>(a.w), a.bias, a.out, a.n, n_begin, n_end);
       break;
     case DType::kBFloat16:
+#if defined(PS_SKINNY_BF16_PAIRS)
+      if (a.x_bf16 != nullptr) {  // bf16 pairs multiplied directly (skinny_linear.h)
+        skinny::rows_range(static_cast<const BFloat16*>(a.x_bf16), a.rows, a.k, static_cast<const BFloat16*>(a.w),
+                           a.bias, a.out, a.n, n_begin, n_end);
+        break;
+      }
+#endif
       skinny::rows_range(a.x, a.rows, a.k, static_cast<const BFloat16*>(a.w), a.bias, a.out, a.n, n_begin, n_end);
       break;
   }

@@ -38,9 +38,12 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // >= 64 weight rows (and >= ~256 KiB of weight) per task: big contiguous streams per thread
   const int64_t grain = std::max<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, K * weight.element_size()));
   const cpu::LevelKernels& kernels = cpu::active_kernels();
-  const cpu::SkinnyArgs args{xp, M, K, weight.data_ptr(),
-                             wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
-                             bp, op, N};
+  cpu::SkinnyArgs args{xp, M, K, weight.data_ptr(),
+                       wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
+                       bp, op, N};
+  // bf16 x and weight: x's own values too, for the level that multiplies bf16 pairs directly
+  const at::Tensor xb = x.scalar_type() == at::kBFloat16 && wt == at::kBFloat16 ? x.contiguous() : at::Tensor();
+  if (xb.defined()) args.x_bf16 = xb.data_ptr();
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.skinny_linear(args, begin, end); });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }

@@ -13,10 +13,14 @@
 //
 // Contract: x fp32 [M, K] contiguous; W [N, K] contiguous in float / Half / BFloat16 (widened
 // to fp32 as it is loaded); bias fp32 [N] or null; out fp32 [M, N]; products and sums in fp32.
+// On the avx512_bf16 level, x may also be bf16 [M, K] with a bf16 W: bf16 pairs are
+// multiplied by vdpbf16ps, products exact, sums in fp32 (denormal inputs read as zero;
+// PS_SKINNY_BF16_PAIRS).
 // rows_range computes output columns [n_begin, n_end) (the binding splits N over threads).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -86,9 +90,40 @@ PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const float* x, int64_t K, cons
   }
 }
 
-// out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators.
-template <int RR, int MR, bool Prefetch, typename W>
-PS_CPU_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias, float* out, int64_t N, int64_t n0) {
+#if defined(PS_CPU_AVX512) && defined(__AVX512BF16__)
+#define PS_SKINNY_BF16_PAIRS 1  // rows_range takes a bf16 x with a bf16 weight (level_kernels.cpp)
+// bf16 x with a bf16 weight: one vdpbf16ps multiplies 16 pairs of x and weight elements (32 of
+// each) and adds both products to an fp32 lane, so a weight vector is used as loaded, with no
+// widening. Llama-3.2-1B's shapes, one x row, one thread: 2048 x 8192 2.75 -> 1.65 ms a call, the
+// bf16 plain loop 0.76x -> 0.82x llama.cpp's decode speed (benchmarks/results/linear_bound/README.md). A step covers
+// 2 x kWidth columns of K (one 64-byte line of each weight row); Tail: the last K - k0 < 32.
+template <int RR, int MR, bool Prefetch, bool Tail>
+PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const BFloat16* x, int64_t K, const BFloat16* w, int64_t n0,
+                             int64_t k0) {
+  const __mmask32 part = Tail ? __mmask32((uint64_t{1} << (K - k0)) - 1) : ~__mmask32{0};
+  __m512bh xv[MR];
+  PS_CPU_UNROLL
+  for (int m = 0; m < MR; ++m)
+    xv[m] = (__m512bh)(Tail ? _mm512_maskz_loadu_epi16(part, x + m * K + k0) : _mm512_loadu_si512(x + m * K + k0));
+  if constexpr (Prefetch && !Tail) {  // the tile after next, same columns: one line a step
+    PS_CPU_UNROLL
+    for (int r = 0; r < RR; ++r) vprefetch_l2(w + (n0 + 2 * RR + r) * K + k0);
+  }
+  PS_CPU_UNROLL
+  for (int r = 0; r < RR; ++r) {
+    const BFloat16* row = w + (n0 + r) * K + k0;
+    const __m512bh wv = (__m512bh)(Tail ? _mm512_maskz_loadu_epi16(part, row) : _mm512_loadu_si512(row));
+    PS_CPU_UNROLL
+    for (int m = 0; m < MR; ++m) acc[r][m].v = _mm512_dpbf16_ps(acc[r][m].v, wv, xv[m]);
+  }
+}
+#endif
+
+// out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators. X: float, or
+// BFloat16 with a BFloat16 weight where PS_SKINNY_BF16_PAIRS (two elements a lane per step).
+template <int RR, int MR, bool Prefetch, typename X, typename W>
+PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, float* out, int64_t N, int64_t n0) {
+  constexpr int64_t kStep = std::is_same_v<X, float> ? kWidth : 2 * kWidth;
   Vec acc[RR][MR];
   PS_CPU_UNROLL
   for (int r = 0; r < RR; ++r) {
@@ -96,7 +131,7 @@ PS_CPU_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias
     for (int m = 0; m < MR; ++m) acc[r][m] = vzero();
   }
   int64_t k0 = 0;
-  for (; k0 + kWidth <= K; k0 += kWidth) tile_step<RR, MR, Prefetch, false>(acc, x, K, w, n0, k0);
+  for (; k0 + kStep <= K; k0 += kStep) tile_step<RR, MR, Prefetch, false>(acc, x, K, w, n0, k0);
   if (k0 < K) tile_step<RR, MR, Prefetch, true>(acc, x, K, w, n0, k0);
   if constexpr (RR == 4) {  // 4 output columns per x row: vector sums, one 4-float store a row
 #if defined(PS_CPU_AVX512)
@@ -124,8 +159,8 @@ PS_CPU_INLINE void tile(const float* x, int64_t K, const W* w, const float* bias
   }
 }
 
-template <int RR, bool Prefetch, typename W>
-inline void tile_groups(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+template <int RR, bool Prefetch, typename X, typename W>
+inline void tile_groups(const X* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                         int64_t n0) {
   int64_t m0 = 0;
   for (; m0 + kCols <= M; m0 += kCols) tile<RR, kCols, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0);
@@ -146,8 +181,8 @@ inline void tile_groups(const float* x, int64_t M, int64_t K, const W* w, const 
 // M = 4 / 8 / 16: 24.5 / 26.8 / 35.8 ms, into L2 19.7 / 19.1 / 28.2 (M = 1: 18-19 either way:
 // 8 rows now cost what 1 does). One row on AVX-512 prefetches too (kOneRowTiles): without it the
 // hardware stream alone left the long bf16 rows of a 1B model at half the read rate.
-template <int RR, typename W>
-inline void tile_rows(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+template <int RR, typename X, typename W>
+inline void tile_rows(const X* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                       int64_t n0) {
   if (M >= kPrefetchRows || kOneRowTiles) {
     tile_groups<RR, true>(x, M, K, w, bias, out, N, n0);
@@ -177,12 +212,14 @@ PS_CPU_INLINE float row_dot(const float* x, int64_t K, const W* row) {
   return vreduce_add(vadd(vadd(a[0], a[1]), vadd(a[2], a[3])));
 }
 
-template <typename W>
-inline void rows_range(const float* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+template <typename X, typename W>
+inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
                        int64_t n_begin, int64_t n_end) {
-  if (M == 1 && !kOneRowTiles) {
-    for (int64_t n = n_begin; n < n_end; ++n) out[n] = row_dot(x, K, w + n * K) + (bias ? bias[n] : 0.0f);
-    return;
+  if constexpr (std::is_same_v<X, float> && !kOneRowTiles) {
+    if (M == 1) {
+      for (int64_t n = n_begin; n < n_end; ++n) out[n] = row_dot(x, K, w + n * K) + (bias ? bias[n] : 0.0f);
+      return;
+    }
   }
   // Two rows: one weight row at a time (a 1 x 2 tile, a single stream per thread). SmolLM2's
   // 540 MB fp32, 2 threads, AMD EPYC (Zen 5), standalone A/B, medians of 15 interleaved: AVX-512
