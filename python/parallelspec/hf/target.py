@@ -160,19 +160,12 @@ class TargetModel:
         if not layers:
             yield
             return
-        store = {}
-
-        def keep(index, module, args, kwargs):
-            store[index] = args[0] if args else kwargs["hidden_states"]
-        handles = [self.base.layers[i].register_forward_pre_hook(functools.partial(keep, i), with_kwargs=True)
-                   for i in sorted(set(layers))]
-        self._aux = (layers, store)
-        try:
-            yield
-        finally:
-            self._aux = None
-            for h in handles:
-                h.remove()
+        with layer_inputs(self.base.layers, layers) as store:
+            self._aux = (layers, store)
+            try:
+                yield
+            finally:
+                self._aux = None
 
     def _with_aux(self, hidden: torch.Tensor) -> torch.Tensor:
         aux = getattr(self, "_aux", None)
@@ -219,6 +212,24 @@ class TargetModel:
         if self.logits_multiply is not None:
             logits = logits * self.logits_multiply
         return logits
+
+
+@contextlib.contextmanager
+def layer_inputs(layers, indices):
+    """While open, the hidden states entering ``layers[i]`` for each i in `indices`, caught by
+    forward pre-hooks in the dict yielded (i -> the latest forward's input), in the model's own
+    pass: no second pass, and only these layers' states are kept."""
+    store = {}
+
+    def keep(index, module, args, kwargs):
+        store[index] = args[0] if args else kwargs["hidden_states"]
+    handles = [layers[i].register_forward_pre_hook(functools.partial(keep, i), with_kwargs=True)
+               for i in sorted(set(indices))]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # The attention implementation, per thread. transformers reads `config._attn_implementation` (a

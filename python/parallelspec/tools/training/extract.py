@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ...hf.linear import linear, skinny_linears
-from ...hf.target import TargetModel
+from ...hf.target import TargetModel, layer_inputs
 from ...models import load_target
 from .data import (DATA_FORMATS, TARGET_FILE, autocast_for, load_prompts, load_user_prompts, prompt_token_counts, save_atomic,
                    shard_path, sharegpt_token_counts)
@@ -34,11 +34,13 @@ from .data import (DATA_FORMATS, TARGET_FILE, autocast_for, load_prompts, load_u
 
 def base_pass(model, aux_layers=(), **inputs):
     """The model's decoder over `inputs`: (last hidden state, the hidden states entering the decoder
-    layers `aux_layers` concatenated on the last axis, or None without them)."""
+    layers `aux_layers` concatenated on the last axis, or None without them; caught as the decoding
+    loop catches them, hf.target.layer_inputs)."""
     if not aux_layers:
         return model.model(**inputs).last_hidden_state, None
-    out = model.model(output_hidden_states=True, **inputs)
-    return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in aux_layers], dim=-1)
+    with layer_inputs(model.model.layers, aux_layers) as store:
+        h = model.model(**inputs).last_hidden_state
+    return h, torch.cat([store[i] for i in aux_layers], dim=-1)
 
 
 def check_aux_layers(aux_layers, model) -> list[int]:
