@@ -175,14 +175,12 @@ def specforge_files(net, head_weight: torch.Tensor | None = None) -> tuple[dict,
         raise ValueError(f"drafter: SpecForge's P-EAGLE format holds layout 'peagle' (parallelspec train --layout "
                          f"peagle), got layout {cfg.layout!r}")
     tensors = vllm_tensors(net, head_weight)
-    ids = net.draft_to_target.long().cpu()
+    ids, order = net.draft_to_target.long().cpu().sort()     # the draft vocabulary in target-id order
     # vLLM's file holds a full vocabulary's head in target order, a partial one in our draft order
-    rows = ids.sort().values if "d2t" not in tensors else ids.sort().indices
-    tensors["lm_head.weight"] = tensors["lm_head.weight"][rows]
-    d2t = ids.sort().values
-    tensors["d2t"] = d2t - torch.arange(d2t.numel())
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][ids if "d2t" not in tensors else order]
+    tensors["d2t"] = ids - torch.arange(ids.numel())
     t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-    t2d[d2t] = True
+    t2d[ids] = True
     tensors["t2d"] = t2d
     tensors["mask_hidden"] = tensors["mask_hidden"].reshape(1, 1, -1)
     config = vllm_config(net)
