@@ -22,15 +22,15 @@ enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 // skinny_linear: out[M, N] = x[M, K] w[N, K]^T (+ bias), see skinny_linear.h.
 struct SkinnyArgs {
-  const float* x;
+  const float* x;  // [M, K], or null when x_bf16 is given
   int64_t rows, k;
   const void* w;  // [N, K] contiguous, of dtype w_dtype
   DType w_dtype;
   const float* bias;  // [N] or null
   float* out;         // [M, N]
   int64_t n;
-  // x's own bf16 values [M, K] (same values as x) when x and the weight are bf16, else null: the
-  // avx512_bf16 level multiplies bf16 pairs directly (skinny_linear.h, PS_SKINNY_BF16_PAIRS)
+  // x as bf16 [M, K] instead of x (bf16 weights, on a level with skinny_bf16_pairs), else null:
+  // bf16 pairs multiplied directly (skinny_linear.h, PS_SKINNY_BF16_PAIRS)
   const void* x_bf16 = nullptr;
 };
 
@@ -65,6 +65,7 @@ struct LevelKernels {
   Level level;
   // output columns [n_begin, n_end)
   void (*skinny_linear)(const SkinnyArgs& a, int64_t n_begin, int64_t n_end);
+  bool skinny_bf16_pairs;  // skinny_linear takes SkinnyArgs::x_bf16 with a bf16 weight
   // work items [begin, end) of batch * kv_heads * chunks (item = sequence, KV head, chunk of
   // the group's query rows)
   void (*attention)(const AttentionArgs& a, int64_t chunks, int64_t begin, int64_t end);

@@ -95,7 +95,12 @@ constexpr Level compiled_level() {
 
 // The table dispatch.cpp reads; the only symbol of this level that other code names.
 const LevelKernels& kernels() {
-  static const LevelKernels table{compiled_level(), &skinny_linear_range, &attention_range};
+#if defined(PS_SKINNY_BF16_PAIRS)
+  constexpr bool bf16_pairs = true;
+#else
+  constexpr bool bf16_pairs = false;
+#endif
+  static const LevelKernels table{compiled_level(), &skinny_linear_range, bf16_pairs, &attention_range};
   return table;
 }
 

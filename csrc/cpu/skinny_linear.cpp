@@ -12,7 +12,8 @@ namespace {
 
 namespace cpu = ps_kernels::cpu;
 
-// x [M, K] (any float dtype; staged as fp32), weight [N, K] contiguous, bias [N] or None;
+// x [M, K] (any float dtype; staged as fp32, except bf16 with a bf16 weight where the level multiplies
+// bf16 pairs), weight [N, K] contiguous, bias [N] or None;
 // returns [M, N] in x's dtype.
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "skinny_linear: expected CPU tensors");
@@ -23,7 +24,10 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16,
               "skinny_linear: weight: expected float32/float16/bfloat16, got ", wt);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const cpu::LevelKernels& kernels = cpu::active_kernels();
+  // bf16 x and weight on a level that multiplies bf16 pairs directly: x as it is, else staged as fp32
+  const bool pairs = kernels.skinny_bf16_pairs && x.scalar_type() == at::kBFloat16 && wt == at::kBFloat16;
+  const at::Tensor xs = pairs ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor bf;
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
@@ -32,18 +36,13 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   }
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
-  const float* xp = xf.data_ptr<float>();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   // >= 64 weight rows (and >= ~256 KiB of weight) per task: big contiguous streams per thread
   const int64_t grain = std::max<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, K * weight.element_size()));
-  const cpu::LevelKernels& kernels = cpu::active_kernels();
-  cpu::SkinnyArgs args{xp, M, K, weight.data_ptr(),
-                       wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
-                       bp, op, N};
-  // bf16 x and weight: x's own values too, for the level that multiplies bf16 pairs directly
-  const at::Tensor xb = x.scalar_type() == at::kBFloat16 && wt == at::kBFloat16 ? x.contiguous() : at::Tensor();
-  if (xb.defined()) args.x_bf16 = xb.data_ptr();
+  const cpu::SkinnyArgs args{pairs ? nullptr : xs.data_ptr<float>(), M, K, weight.data_ptr(),
+                             wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
+                             bp, op, N, pairs ? xs.data_ptr() : nullptr};
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.skinny_linear(args, begin, end); });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
