@@ -52,6 +52,12 @@ constexpr bool kOneRowTiles = true;
 #else
 constexpr bool kOneRowTiles = false;
 #endif
+// One x row's tiles are 8 weight rows tall (8 accumulators; the prefetch runs 16 rows ahead): more
+// lines in flight per step than the 4-row tile's. Standalone bf16 GEMV at one thread, AVX-512,
+// medians of 9 interleaved rounds, 4 -> 8 rows (GB/s): 2048 x 8192 22.6 -> 26.3, 8192 x 2048
+// 19.9 -> 21.5, 2048 x 2048 21.5 -> 24.9, 576 x 1536 19.1 -> 21.8, 49152 x 576 18.1 -> 18.7
+// (benchmarks/results/linear_bound/README.md).
+constexpr int kOneRowTileRows = 8;
 
 #if defined(PS_CPU_AVX512)
 // The 4 x 4 tile's 16 horizontal sums at once: lane m of the result is out[m, n0 .. n0 + 3]. One
@@ -133,9 +139,9 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, fl
   int64_t k0 = 0;
   for (; k0 + kStep <= K; k0 += kStep) tile_step<RR, MR, Prefetch, false>(acc, x, K, w, n0, k0);
   if (k0 < K) tile_step<RR, MR, Prefetch, true>(acc, x, K, w, n0, k0);
-  if constexpr (RR == 4) {  // 4 output columns per x row: vector sums, one 4-float store a row
+  if constexpr (RR % 4 == 0) {  // 4 output columns at a time per x row: vector sums, 4-float stores
 #if defined(PS_CPU_AVX512)
-    if constexpr (MR == 4) {  // the full tile: 16 sums in one shuffle tree, 4 stores
+    if constexpr (RR == 4 && MR == 4) {  // the full tile: 16 sums in one shuffle tree, 4 stores
       const __m512 sums = tile_sums(acc);
       const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
       _mm_storeu_ps(out + 0 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 0), b));
@@ -145,10 +151,14 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, fl
       return;
     }
 #endif
-    const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
     PS_CPU_UNROLL
-    for (int m = 0; m < MR; ++m)
-      _mm_storeu_ps(out + m * N + n0, _mm_add_ps(vsums4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]), b));
+    for (int g = 0; g < RR; g += 4) {
+      const __m128 b = bias ? _mm_loadu_ps(bias + n0 + g) : _mm_setzero_ps();
+      PS_CPU_UNROLL
+      for (int m = 0; m < MR; ++m)
+        _mm_storeu_ps(out + m * N + n0 + g,
+                      _mm_add_ps(vsums4(acc[g][m], acc[g + 1][m], acc[g + 2][m], acc[g + 3][m]), b));
+    }
     return;
   }
   PS_CPU_UNROLL
@@ -230,6 +240,9 @@ inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float
     return;
   }
   int64_t n0 = n_begin;
+  if (kOneRowTiles && M == 1) {
+    for (; n0 + kOneRowTileRows <= n_end; n0 += kOneRowTileRows) tile<kOneRowTileRows, 1, true>(x, K, w, bias, out, N, n0);
+  }
   for (; n0 + kRows <= n_end; n0 += kRows) tile_rows<kRows>(x, M, K, w, bias, out, N, n0);
   static_assert(kRows <= 4, "rows_range handles remainders of up to 3 weight rows");
   switch (n_end - n0) {
