@@ -173,10 +173,33 @@ def native_library() -> tuple[bool, str]:
         try:
             torch.ops.load_library(str(path))
             _loaded.append(path)
+            _register_fakes()
             return True, f"loaded {path.name}"
         except OSError as exc:  # wrong torch ABI, missing symbols, ...
             errors.append(f"{path.name}: {exc}")
     return _native_missing(here, "native library failed to load: " + "; ".join(errors))
+
+
+def _fake_skinny_linear(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fake_in_place(*args):
+    return None
+
+
+#: the native ops torch.compile traces directly (the op layer calls them without its Python
+#: custom-op wrappers while compiling, see ops/tree_attention.py), with their outputs' shapes for
+#: tracing; the attention ops write into the out / lse / cache tensors they are given (their
+#: schemas mark them mutated)
+_FAKES = {"skinny_linear": _fake_skinny_linear, "tree_attention": _fake_in_place, "draft_attention": _fake_in_place,
+          "tree_attention_planned": _fake_in_place, "draft_attention_planned": _fake_in_place}
+
+
+def _register_fakes() -> None:
+    for op, fake in _FAKES.items():
+        if torch._C._dispatch_has_kernel(f"{NATIVE_NAMESPACE}::{op}"):
+            torch.library.register_fake(f"{NATIVE_NAMESPACE}::{op}", fake)
 
 
 def native_has(op: str, dispatch_key: str) -> bool:

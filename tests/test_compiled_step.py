@@ -101,6 +101,22 @@ def test_other_lengths_reuse_the_graphs(llama, monkeypatch):
     assert compiled.cache_rows(1) == 1024 and compiled.cache_rows(1025) == 2048 and compiled.cache_rows(2048) == 2048
 
 
+def test_a_changed_model_gets_graphs_of_its_own(monkeypatch):
+    """Dynamo does not check the model's modules at each call (compiled.GUARD_FILTER); the model's
+    key (its parameters' objects, dtypes and shapes, its config) is checked instead, once per
+    generate call: the same model converted to bf16 after a compiled fp32 call gets graphs of its
+    own and the eager loop's output."""
+    model = tiny_model("llama", VOCAB, layers=1)
+    ids, mask = _prompts()
+    got = ps.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+    assert torch.equal(got, hf_greedy(model, ids, mask, NEW))
+    model.to(torch.bfloat16)
+    eager = ps.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, compile=False)
+    got = ps.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+    assert compiled._state.failure is None and len(compiled._state.compiled) == 2
+    assert torch.equal(got, eager)
+
+
 def test_a_compile_failure_falls_back_with_one_warning(llama, monkeypatch):
     def broken(gm, example_inputs):
         raise RuntimeError("injected compiler failure")
@@ -161,9 +177,12 @@ def test_the_compiled_graph_reads_nothing_back(llama, monkeypatch):
     assert torch.equal(got, hf_greedy(llama, ids, mask, NEW))
     nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     ops = {n.target for n in nodes}
-    # the graph is the model's pass: the attention op (functionalized: it writes the cache) is in it
+    # the graph is the model's pass: the native attention op itself (functionalized: it writes the
+    # cache; no Python wrapper around it) and the few-row linears are in it
     wrapped = {str(n.args[0]) for n in nodes if "auto_functionalized" in str(n.target)}
-    assert any("ps_kernels.tree_attention" in name for name in wrapped | {str(t) for t in ops}), ops
+    names = wrapped | {str(t) for t in ops}
+    assert any("ps_kernels_C.tree_attention" in name for name in names), names
+    assert any("ps_kernels_C.skinny_linear" in name for name in names), names
     assert not ops & _DATA_DEPENDENT, ops & _DATA_DEPENDENT
 
 
@@ -174,7 +193,7 @@ def test_at_most_one_host_sync_a_step_compiled(llama, kind, monkeypatch):
     dynamo skip compiled frames, so the pass runs uncompiled here (the test above checks the
     graph itself)."""
     monkeypatch.setattr(compiled, "DEFAULT_COMPILE", True)
-    monkeypatch.setattr(compiled._state, "compiled", compiled._target_pass)
+    monkeypatch.setattr(compiled, "_compile", lambda fn: fn)
     steps, ids = step_syncs(llama, kind, "auto")
     assert compiled._state.failure is None and compiled._state.first_call_seconds, "the compiled path did not run"
     assert {key[2][1] for key in compiled._state.first_call_seconds} - {1}, "no tree went through the buckets"

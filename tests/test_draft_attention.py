@@ -170,6 +170,17 @@ def test_opcheck(backend):
                           (q, k, v, kc, vc, lens, new_lens, M, 0.125, 0, 0.0, None, backend))
 
 
+def test_native_op_fake_matches_the_kernel():
+    """The native op's own fake, which torch.compile traces in place of the Python wrapper (as in
+    test_tree_attention)."""
+    if ps_kernels._backend.why_unavailable(OP, "cpu", torch.device("cpu")) is not None:
+        pytest.skip("native CPU backend unavailable")
+    q, k, v, kc, vc, lens, new_lens, M = _good()
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    torch.library.opcheck(torch.ops.ps_kernels_C.draft_attention.default,
+                          (q, k, v, kc, vc, lens, new_lens, M, 0.125, 0, 0.0, None, out, lse))
+
+
 def test_torch_compile_traces_the_op():
     q, k, v, kc, vc, lens, new_lens, M = _good()
     kc2, vc2 = kc.clone(), vc.clone()

@@ -90,12 +90,24 @@ def test_opcheck(backend):
                           (torch.randn(3, 20), torch.randn(7, 20), torch.randn(7), backend))
 
 
-def test_torch_compile_traces_the_op():
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_op_fake_matches_the_kernel(dtype):
+    """The native op's own fake (ps_kernels._backend._FAKES), traced by torch.compile in place of
+    the Python wrapper: opcheck compares it with the kernel (bf16: the pairs path's dtype)."""
+    torch.library.opcheck(torch.ops.ps_kernels_C.skinny_linear.default,
+                          (torch.randn(3, 40).to(dtype), torch.randn(9, 40).to(dtype), torch.randn(9)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_torch_compile_traces_the_op(backend):
+    if ps_kernels._backend.why_unavailable(OP, backend, CPU) is not None:
+        pytest.skip(f"backend {backend} unavailable")
     x, w = torch.randn(3, 20), torch.randn(7, 20)
 
-    @torch.compile(backend="eager", fullgraph=True)
+    @torch.compile(backend="aot_eager", fullgraph=True)
     def f(x, w):
-        return ps_kernels.skinny_linear(x, w, validate=False, backend="reference") + 1
+        return ps_kernels.skinny_linear(x, w, validate=False, backend=backend) + 1
 
     torch.testing.assert_close(f(x, w), ref.skinny_linear(x, w) + 1)
 

@@ -277,6 +277,39 @@ def test_opcheck(backend, with_mask):
     torch.library.opcheck(torch.ops.ps_kernels.tree_attention.default, (q, k, v, kc, vc, lens, mask, 0.125, 0, 0.0, None, backend))
 
 
+def test_native_op_fake_matches_the_kernel():
+    """The native op's own fake (ps_kernels._backend._FAKES), which torch.compile traces in place
+    of the Python wrapper: opcheck compares it, and the schema's in-place writes, with the kernel."""
+    if ps_kernels._backend.why_unavailable(OP, "cpu", torch.device("cpu")) is not None:
+        pytest.skip("native CPU backend unavailable")
+    q, k, v, kc, vc, lens, mask = _good()
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    torch.library.opcheck(torch.ops.ps_kernels_C.tree_attention.default,
+                          (q, k, v, kc, vc, lens, mask.expand(2, -1, -1).contiguous(), 0.125, 0, 0.0, None, out, lse))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiled_public_op_gives_the_reference(backend):
+    """ps_kernels.tree_attention inside a compiled graph (the native op traced directly on the cpu
+    backend, the registered custom op on the others): the reference's outputs and cache writes."""
+    if ps_kernels._backend.why_unavailable(OP, backend, torch.device("cpu")) is not None:
+        pytest.skip(f"backend {backend} unavailable")
+    q, k, v, kc, vc, lens, mask = _good()
+    kc2, vc2 = kc.clone(), vc.clone()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(q, k, v, kc, vc, lens, mask):
+        out, lse = ps_kernels.tree_attention(q, k, v, kc, vc, lens, mask, validate=False, backend=backend,
+                                             return_lse=True)
+        return out * 2, lse
+
+    out, lse = step(q, k, v, kc, vc, lens, mask)
+    want, want_lse = ref.tree_attention(q, k, v, kc2, vc2, lens, mask, 0.125, return_lse=True)
+    torch.testing.assert_close(out, want * 2)
+    torch.testing.assert_close(lse, want_lse)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
 def test_torch_compile_traces_the_op():
     q, k, v, kc, vc, lens, mask = _good()
     mask = mask.expand(2, -1, -1).contiguous()

@@ -132,7 +132,8 @@ def draft_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
                                                                     sinks, plan, backend, validate)
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     new_lens = new_lens.to(torch.int64).contiguous()
-    run = _draft_attention_op if torch.compiler.is_compiling() else _run  # as in tree_attention
+    run = _draft_attention_op if torch.compiler.is_compiling() and name not in _attention.NATIVE else _run
+    # (as in tree_attention)
     out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, new_lens, num_masks, scale, window, softcap, sinks,
                    name, *launch)
     return (out, lse) if return_lse else out

@@ -186,8 +186,9 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_
     mask = None if tree_mask is None else tree_mask.contiguous()
     q, k_new, v_new = _attention.contiguous(q, k_new, v_new)
     # eager calls skip the custom-op dispatcher (~50 us of Python, more than a decode step's
-    # kernel); torch.compile traces the registered op
-    run = _tree_attention_op if torch.compiler.is_compiling() else _run
+    # kernel). torch.compile traces the native ops themselves (_backend._FAKES; the wrapper cost
+    # ~100 us a call in a compiled step) and the registered op for the other backends.
+    run = _tree_attention_op if torch.compiler.is_compiling() and name not in _attention.NATIVE else _run
     out, lse = run(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale, window, softcap, sinks, name, *launch)
     return (out, lse) if return_lse else out
 
