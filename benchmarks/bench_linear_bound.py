@@ -140,16 +140,16 @@ def main(argv=None) -> int:
             shape, _ = SHAPES[shape_name]
             weights = pool(shape, dtype, args.pool_mb << 20, g)
             nbytes = weights[0].numel() * weights[0].element_size()
-            xs = {m: torch.randn(m, shape[1], generator=g) for m in rows}   # activations in fp32 (the kernel's input)
+            xs = {m: torch.randn(m, shape[1], generator=g).to(dtype) for m in rows}   # activations in the weight dtype, as in a model
             cases = [(m, name) for m in rows for name in fns]
             for m, name in cases:   # warm-up (thread pool, pages of the pool)
-                time_pool(fns[name], xs[m].to(dtype) if name == "torch_linear" else xs[m], weights[:1])
+                time_pool(fns[name], xs[m], weights[:1])
             times = {c: [] for c in cases}
             rates = []
             for r in range(args.rounds):
                 rates.append(read_rate(probe))
                 for m, name in (cases if r % 2 == 0 else cases[::-1]):
-                    x = xs[m].to(dtype) if name == "torch_linear" else xs[m]
+                    x = xs[m]
                     times[(m, name)].append(time_pool(fns[name], x, weights))
                 rates.append(read_rate(probe))
             bound = statistics.median(rates)

@@ -403,10 +403,17 @@ def big(args) -> None:
                                                   "poll", "use_mmap")}
         return {"decode_tokens_per_s": res["avg_ts"], "new_tokens": res["n_gen"], "depth": res.get("n_depth")}
 
-    def run_ours():
-        out, stats = plain(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    def run_ours(**kw):
+        out, stats = plain(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, **kw)
         n = out.shape[1] - ids.shape[1]
         return {"decode_tokens_per_s": (n - 1) / (stats.total_time - stats.prefill_time), "new_tokens": n}
+
+    compile_seconds = None
+    if args.compiled:   # the verify step compiled (or loaded from the cache) before the timed rounds
+        t0 = time.perf_counter()
+        run_ours(compile=True)
+        compile_seconds = time.perf_counter() - t0
+        print(f"ours plain_loop+compiled: first call (compiling or loading) {compile_seconds:.0f} s", flush=True)
 
     def run_hf():
         # decode rate = (n - 1) / (the call's wall - a 1-token call's wall: the prompt's forward)
@@ -419,9 +426,11 @@ def big(args) -> None:
         n = out.shape[1] - ids.shape[1]
         return {"decode_tokens_per_s": (n - 1) / (wall - first), "new_tokens": n}
 
-    engines = [("llama.cpp", run_llama), ("ours plain_loop", run_ours), ("transformers generate", run_hf)]
-    if not args.hf:
-        engines.pop()
+    engines = [("llama.cpp", run_llama), ("ours plain_loop", run_ours)]
+    if args.compiled:
+        engines.append(("ours plain_loop+compiled", functools.partial(run_ours, compile=True)))
+    if args.hf:
+        engines.append(("transformers generate", run_hf))
     rows = []
     for r in range(args.repeats):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
@@ -453,9 +462,10 @@ def big(args) -> None:
                                         "GGML_* options are then unused (system_info lists what was built in)",
                           "cmake_args": os.environ.get("CMAKE_ARGS", "")},
             "load_avg_1min": [x["load_avg_1min_before"] for x in rows],
+            "compiled_first_call_seconds": compile_seconds,
             "method": "one process: per repeat llama-bench (a subprocess, the GGUF mmapped from the page cache; "
-                      "decode of new_tokens after prompt_tokens of depth), our plain loop (decode: the generate "
-                      "call less its prefill) and transformers' generate (the call less a 1-token call), the "
+                      "decode of new_tokens after prompt_tokens of depth), our plain loop, eager and with --compiled "
+                      "also compiled (decode: the generate call less its prefill) and transformers' generate (the call less a 1-token call), the "
                       "order rotated each repeat; ratios per repeat, then the median; greedy, no EOS stop",
             "command": os.environ.get("LLAMACPP_CHECK_COMMAND", "bash benchmarks/llamacpp_check.sh big"),
             "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -608,6 +618,7 @@ def main() -> int:
     roles["big"].add_argument("--repeats", type=int, default=6, help="rounds of the engines (order rotated)")
     roles["big"].add_argument("--new-tokens", type=int, default=64)
     roles["big"].add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
+    roles["big"].add_argument("--compiled", action="store_true", help="also the plain loop with generate(compile=True)")
     roles["big"].add_argument("--llama-bench", default=os.path.join(os.environ.get("WORK", "/tmp/llamacpp_check"),
                                                                     "build", "bin", "llama-bench"))
     roles["big"].add_argument("--llama-python", default=os.path.join(os.environ.get("WORK", "/tmp/llamacpp_check"),

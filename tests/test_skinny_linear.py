@@ -47,6 +47,26 @@ def test_matches_reference_over_odd_shapes(level, M, K, N, dtype, bias, seed):
 
 @needs_native
 @LEVELS
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(1, 9), K=st.integers(1, 150), N=st.integers(1, 40), bias=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_exact_sums_round_once_to_nearest_even(level, M, K, N, bias, seed):
+    """Small integers: every product and sum is exact in fp32, so the result in x's dtype must be
+    torch's own rounding of the exact sum, bit for bit (round to nearest, ties to even; bf16 x and
+    weight take the bf16-pairs path where the level has it, which writes bf16 itself)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-16, 17, (M, K), generator=g).float()
+    w = torch.randint(-16, 17, (N, K), generator=g).float()
+    b = torch.randint(-300, 301, (N,), generator=g).float() + 0.5 if bias else None
+    exact = x.double() @ w.double().t() + (b.double() if bias else 0)   # |.| < 2^17: exact in fp32
+    for dtype in DTYPES:
+        got = ps_kernels.skinny_linear(x.to(dtype), w.to(dtype), b, backend="cpu")
+        assert got.dtype == dtype
+        assert torch.equal(got, exact.float().to(dtype)), dtype
+
+
+@needs_native
+@LEVELS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K, N", [(576, 1536), (1536, 576), (96, 4099)])
 def test_model_shapes_within_twice_torchs_error(level, dtype, K, N):

@@ -30,8 +30,10 @@ struct SkinnyArgs {
   float* out;         // [M, N]
   int64_t n;
   // x as bf16 [M, K] instead of x (bf16 weights, on a level with skinny_bf16_pairs), else null:
-  // bf16 pairs multiplied directly (skinny_linear.h, PS_SKINNY_BF16_PAIRS)
+  // bf16 pairs multiplied directly (skinny_linear.h, PS_SKINNY_BF16_PAIRS), the result written
+  // to out_bf16 [M, N] (rounded once) instead of out
   const void* x_bf16 = nullptr;
+  void* out_bf16 = nullptr;
 };
 
 // tree_attention / draft_attention, see attention/common.h. Pattern: draft when new_lens is set

@@ -26,7 +26,7 @@ void skinny_linear_range(const SkinnyArgs& a, int64_t n_begin, int64_t n_end) {
 #if defined(PS_SKINNY_BF16_PAIRS)
       if (a.x_bf16 != nullptr) {  // bf16 pairs multiplied directly (skinny_linear.h)
         skinny::rows_range(static_cast<const BFloat16*>(a.x_bf16), a.rows, a.k, static_cast<const BFloat16*>(a.w),
-                           a.bias, a.out, a.n, n_begin, n_end);
+                           a.bias, static_cast<BFloat16*>(a.out_bf16), a.n, n_begin, n_end);
         break;
       }
 #endif

@@ -14,7 +14,7 @@ namespace cpu = ps_kernels::cpu;
 
 // x [M, K] (any float dtype; staged as fp32, except bf16 with a bf16 weight where the level multiplies
 // bf16 pairs), weight [N, K] contiguous, bias [N] or None;
-// returns [M, N] in x's dtype.
+// returns [M, N] in x's dtype (fp32 sums rounded once).
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "skinny_linear: expected CPU tensors");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.is_contiguous() && x.size(1) == weight.size(1),
@@ -34,17 +34,18 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                 "skinny_linear: bias: expected [", N, "], got ", bias->sizes());
     bf = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // fp32, converted to x's dtype at the end; bf16 pairs write bf16 themselves (rounded once)
+  at::Tensor out = at::empty({M, N}, x.options().dtype(pairs ? at::kBFloat16 : at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
   // >= 64 weight rows (and >= ~256 KiB of weight) per task: big contiguous streams per thread
   const int64_t grain = std::max<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, K * weight.element_size()));
   const cpu::SkinnyArgs args{pairs ? nullptr : xs.data_ptr<float>(), M, K, weight.data_ptr(),
                              wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
-                             bp, op, N, pairs ? xs.data_ptr() : nullptr};
+                             bp, pairs ? nullptr : out.data_ptr<float>(), N, pairs ? xs.data_ptr() : nullptr,
+                             pairs ? out.data_ptr() : nullptr};
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.skinny_linear(args, begin, end); });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 }  // namespace

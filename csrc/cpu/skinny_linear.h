@@ -15,7 +15,8 @@
 // to fp32 as it is loaded); bias fp32 [N] or null; out fp32 [M, N]; products and sums in fp32.
 // On the avx512_bf16 level, x may also be bf16 [M, K] with a bf16 W: bf16 pairs are
 // multiplied by vdpbf16ps, products exact, sums in fp32 (denormal inputs read as zero;
-// PS_SKINNY_BF16_PAIRS).
+// PS_SKINNY_BF16_PAIRS), and out is then bf16 [M, N]: sum + bias rounded once, as torch's .to()
+// rounds (no fp32 output for the binding to allocate and convert on every call).
 // rows_range computes output columns [n_begin, n_end) (the binding splits N over threads).
 #pragma once
 #include <algorithm>
@@ -75,6 +76,15 @@ PS_CPU_INLINE __m512 tile_sums(const Vec (&acc)[4][4]) {
 }
 #endif
 
+// 4 outputs from one vector: fp32 as they are, bf16 rounded to nearest even (store in simd.h)
+PS_CPU_INLINE void store4(float* p, __m128 v) { _mm_storeu_ps(p, v); }
+PS_CPU_INLINE void store4(BFloat16* p, __m128 v) {
+  alignas(16) float t[4];
+  _mm_store_ps(t, v);
+  PS_CPU_UNROLL
+  for (int i = 0; i < 4; ++i) store(p + i, t[i]);
+}
+
 // One step over K of the RR x MR tile; Tail: the last K - k0 < kWidth columns (zero-padded).
 template <int RR, int MR, bool Prefetch, bool Tail, typename W>
 PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const float* x, int64_t K, const W* w, int64_t n0, int64_t k0) {
@@ -127,8 +137,8 @@ PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const BFloat16* x, int64_t K, c
 
 // out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators. X: float, or
 // BFloat16 with a BFloat16 weight where PS_SKINNY_BF16_PAIRS (two elements a lane per step).
-template <int RR, int MR, bool Prefetch, typename X, typename W>
-PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, float* out, int64_t N, int64_t n0) {
+template <int RR, int MR, bool Prefetch, typename X, typename W, typename O>
+PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, O* out, int64_t N, int64_t n0) {
   constexpr int64_t kStep = std::is_same_v<X, float> ? kWidth : 2 * kWidth;
   Vec acc[RR][MR];
   PS_CPU_UNROLL
@@ -144,10 +154,10 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, fl
     if constexpr (RR == 4 && MR == 4) {  // the full tile: 16 sums in one shuffle tree, 4 stores
       const __m512 sums = tile_sums(acc);
       const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
-      _mm_storeu_ps(out + 0 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 0), b));
-      _mm_storeu_ps(out + 1 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 1), b));
-      _mm_storeu_ps(out + 2 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 2), b));
-      _mm_storeu_ps(out + 3 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 3), b));
+      store4(out + 0 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 0), b));
+      store4(out + 1 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 1), b));
+      store4(out + 2 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 2), b));
+      store4(out + 3 * N + n0, _mm_add_ps(_mm512_extractf32x4_ps(sums, 3), b));
       return;
     }
 #endif
@@ -156,8 +166,7 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, fl
       const __m128 b = bias ? _mm_loadu_ps(bias + n0 + g) : _mm_setzero_ps();
       PS_CPU_UNROLL
       for (int m = 0; m < MR; ++m)
-        _mm_storeu_ps(out + m * N + n0 + g,
-                      _mm_add_ps(vsums4(acc[g][m], acc[g + 1][m], acc[g + 2][m], acc[g + 3][m]), b));
+        store4(out + m * N + n0 + g, _mm_add_ps(vsums4(acc[g][m], acc[g + 1][m], acc[g + 2][m], acc[g + 3][m]), b));
     }
     return;
   }
@@ -165,12 +174,12 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, fl
   for (int r = 0; r < RR; ++r) {
     const float b = bias ? bias[n0 + r] : 0.0f;
     PS_CPU_UNROLL
-    for (int m = 0; m < MR; ++m) out[m * N + n0 + r] = vreduce_add(acc[r][m]) + b;
+    for (int m = 0; m < MR; ++m) store(out + m * N + n0 + r, vreduce_add(acc[r][m]) + b);
   }
 }
 
-template <int RR, bool Prefetch, typename X, typename W>
-inline void tile_groups(const X* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+template <int RR, bool Prefetch, typename X, typename W, typename O>
+inline void tile_groups(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
                         int64_t n0) {
   int64_t m0 = 0;
   for (; m0 + kCols <= M; m0 += kCols) tile<RR, kCols, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0);
@@ -191,8 +200,8 @@ inline void tile_groups(const X* x, int64_t M, int64_t K, const W* w, const floa
 // M = 4 / 8 / 16: 24.5 / 26.8 / 35.8 ms, into L2 19.7 / 19.1 / 28.2 (M = 1: 18-19 either way:
 // 8 rows now cost what 1 does). One row on AVX-512 prefetches too (kOneRowTiles): without it the
 // hardware stream alone left the long bf16 rows of a 1B model at half the read rate.
-template <int RR, typename X, typename W>
-inline void tile_rows(const X* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+template <int RR, typename X, typename W, typename O>
+inline void tile_rows(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
                       int64_t n0) {
   if (M >= kPrefetchRows || kOneRowTiles) {
     tile_groups<RR, true>(x, M, K, w, bias, out, N, n0);
@@ -222,8 +231,9 @@ PS_CPU_INLINE float row_dot(const float* x, int64_t K, const W* row) {
   return vreduce_add(vadd(vadd(a[0], a[1]), vadd(a[2], a[3])));
 }
 
-template <typename X, typename W>
-inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float* bias, float* out, int64_t N,
+// out: float, or BFloat16 with a BFloat16 x (the pairs path)
+template <typename X, typename W, typename O>
+inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
                        int64_t n_begin, int64_t n_end) {
   if constexpr (std::is_same_v<X, float> && !kOneRowTiles) {
     if (M == 1) {

@@ -63,28 +63,8 @@ using PS_CPU_LEVEL::BFloat16;
 using PS_CPU_LEVEL::bits_to_float;
 using PS_CPU_LEVEL::float_to_bits;
 using PS_CPU_LEVEL::Half;
+using PS_CPU_LEVEL::store;
 using PS_CPU_LEVEL::to_float;
-
-// fp32 -> storage, round to nearest even (what torch's .to() does).
-inline void store(float* dst, float x) { *dst = x; }
-inline void store(BFloat16* dst, float x) {
-  const uint32_t u = float_to_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) { dst->bits = uint16_t((u >> 16) | 0x40); return; }  // quiet nan
-  dst->bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline void store(Half* dst, float x) {
-  uint32_t u = float_to_bits(x);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
-  u &= 0x7fffffffu;
-  if (u >= 0x7f800000u) { dst->bits = sign | 0x7c00 | (u > 0x7f800000u ? 0x200 : 0); return; }
-  if (u >= 0x477ff000u) { dst->bits = sign | 0x7c00; return; }  // >= 65520 rounds to inf
-  if (u < 0x38800000u) {  // below 2^-14: a subnormal half, round(x * 2^24) (exact scaling)
-    dst->bits = sign | uint16_t(std::nearbyint(bits_to_float(u) * 16777216.0f));
-    return;
-  }
-  const uint32_t v = u - 0x38000000u;  // rebias 127 -> 15
-  dst->bits = sign | uint16_t((v + 0xfffu + ((v >> 13) & 1u)) >> 13);
-}
 
 constexpr int kKeyBlock = 32;  // keys per block: two 16-float vectors of scores per query row
 constexpr int kRowTile = 8;    // query rows per score tile (16 accumulators + 2 K vectors)
