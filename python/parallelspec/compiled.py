@@ -4,8 +4,9 @@ On a CPU about half of a small model's step is spent outside the kernels: some 3
 calls a step issued from Python through the HF modules (views, dtype casts, the RMSNorm and RoPE
 arithmetic, the residual adds). ``torch.compile`` (inductor) traces the target's pass over the
 tree (``engine.verify``: the model's forward with our attention and few-row linears, then the LM
-head) into one graph and fuses those small ops into a few C++ loops around the ps_kernels calls,
-which stay opaque custom ops in the graph.
+head) into one graph and fuses those small ops into a few C++ loops around the ps_kernels calls.
+The native ops are traced as themselves (``ps_kernels._backend._FAKES``), opaque calls in the
+graph with no Python wrapper around them.
 
 What is compiled, and how often:
 
@@ -24,6 +25,11 @@ What is compiled, and how often:
   ``<parallelspec cache>/inductor/<torch version>-<CPU levels>-<ps_kernels build>``, unless
   ``TORCHINDUCTOR_CACHE_DIR`` names another place: a later process on the same machine re-traces
   (seconds) and loads the compiled code instead of compiling it.
+
+Guards: dynamo checks a graph's assumptions before each call; its checks on the model's modules
+(every attribute and parameter of ~200 modules) are dropped (``GUARD_FILTER``) and replaced by
+``model_key``, taken once per generate call, with one compiled callable per key: a model converted
+to another dtype, given another weight or config, gets graphs of its own.
 
 A compile failure falls back to the eager pass with one ``CompileFallbackWarning`` for the
 process (the failed attempt writes only scratch cache rows, so the eager rerun is exact); no
