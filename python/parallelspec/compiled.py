@@ -162,12 +162,15 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 def model_key(model: torch.nn.Module) -> tuple:
     """What a model's compiled graphs take as fixed and dynamo is told not to check at each call
     (``GUARD_FILTER``): the model object, every parameter's and buffer's object, dtype, shape and
-    strides, and its config. Taken once per generate call; a model whose key changed (converted
-    to another dtype, a weight replaced, a config edited) gets graphs of its own."""
+    strides, the modules' training flags, and its config. Taken once per generate call; a model
+    whose key changed (converted to another dtype, a weight replaced, put in training mode, a
+    config edited) gets graphs of its own."""
     tensors = tuple((name, id(t), t.dtype, tuple(t.shape), t.stride())
                     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
+    training = tuple(m.training for m in model.modules())
     config = getattr(model, "config", None)
-    return id(model), tensors, config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+    return (id(model), tensors, training,
+            config.to_json_string() if hasattr(config, "to_json_string") else repr(config))
 
 
 #: dynamo's guards to keep: all but those on the model's modules (their attributes and
