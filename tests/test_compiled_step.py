@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import parallelspec as ps
+import ps_kernels
 from parallelspec import compiled
 from parallelspec.trees import AutoTree
 from engine_helpers import hf_greedy, left_padded, tiny_model
@@ -182,7 +183,9 @@ def test_the_compiled_graph_reads_nothing_back(llama, monkeypatch):
     wrapped = {str(n.args[0]) for n in nodes if "auto_functionalized" in str(n.target)}
     names = wrapped | {str(t) for t in ops}
     assert any("ps_kernels_C.tree_attention" in name for name in names), names
-    assert any("ps_kernels_C.skinny_linear" in name for name in names), names
+    lo, hi = ps_kernels.skinny_linear_rows("cpu").get(torch.float32, (1, 0))
+    if lo <= ids.shape[0] <= hi:   # the level routes the smallest graph's rows (1 node x the batch)
+        assert any("ps_kernels_C.skinny_linear" in name for name in names), names
     assert not ops & _DATA_DEPENDENT, ops & _DATA_DEPENDENT
 
 
