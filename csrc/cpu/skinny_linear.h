@@ -40,19 +40,16 @@ constexpr int kCols = 4;
 constexpr int kRows = 2;
 constexpr int kCols = 4;
 #endif
-constexpr int kDotAccs = 4;  // row_dot's independent accumulators (hide the FMA latency)
-constexpr int kPrefetchRows = 2;  // software prefetch from this many x rows on (tile_rows)
-// One x row (M = 1): AVX-512 runs the prefetching row tiles as for more rows; AVX2 keeps
-// row_dot's single stream. Llama-3.2-1B's shapes in bf16 at one thread, AVX-512, row_dot ->
-// 4-row tile with the L2 prefetch (ms a call, standalone A/B in one process on a loaded machine):
-// 2048 x 2048 0.86 -> 0.67, 2048 x 8192 3.11 -> 1.75 (= a plain read of the bytes), 8192 x 2048
-// 3.20 -> 1.68, SmolLM2's 49152 x 576 LM head 3.41 -> 3.16; fp32 1.03 / 4.69 / 3.26 / 6.68 ->
-// 0.90 / 3.69 / 3.07 / 5.80 (benchmarks/results/linear_bound/README.md).
-#if defined(PS_CPU_AVX512)
-constexpr bool kOneRowTiles = true;
-#else
-constexpr bool kOneRowTiles = false;
-#endif
+// One x row (M = 1) runs prefetching row tiles, as more rows do, at both vector levels, where it
+// ran weight rows one after another (a single stream, one dot product at a time) before.
+// Llama-3.2-1B's shapes in bf16 at one thread, AVX-512, one row at a time -> 4-row tiles with
+// the L2 prefetch (ms a call, standalone A/B in one process on a loaded machine): 2048 x 2048
+// 0.86 -> 0.67, 2048 x 8192 3.11 -> 1.75 (= a plain read of the bytes), 8192 x 2048 3.20 -> 1.68,
+// SmolLM2's 49152 x 576 LM head 3.41 -> 3.16; fp32 1.03 / 4.69 / 3.26 / 6.68 -> 0.90 / 3.69 / 3.07
+// / 5.80. AVX2, against the AVX-512-BF16 level in the same runs (Llama-3.2-1B's one-row step, 1
+// thread): one row at a time 1.40x (bf16) / 1.16x (fp32) the AVX-512-BF16 time -> 8-row tiles
+// 1.20x / 1.05x (benchmarks/results/linear_bound/README.md).
+//
 // One x row's tiles are 8 weight rows tall (8 accumulators; the prefetch runs 16 rows ahead): more
 // lines in flight per step than the 4-row tile's. Standalone bf16 GEMV at one thread, AVX-512,
 // medians of 9 interleaved rounds, 4 -> 8 rows (GB/s): 2048 x 8192 22.6 -> 26.3, 8192 x 2048
@@ -197,55 +194,24 @@ inline void tile_groups(const X* x, int64_t M, int64_t K, const W* w, const floa
   }
 }
 
-// From M = kPrefetchRows on, a tile's FMAs take long enough that prefetching the weight tile
-// after next (software, alongside the hardware stream) overlaps DRAM with compute. The prefetch
+// A tile's steps prefetch the weight rows prefetch_ahead(RR) on (software, alongside the hardware
+// stream), so that DRAM overlaps the FMAs. The prefetch
 // goes to L2 (prefetcht1), not L1: a whole tile's lines requested into L1 at once fill its miss
 // buffers and stall the FMAs, so memory and compute took turns instead of overlapping. SmolLM2's
 // 30 layers + LM head (540 MB fp32, 2 threads, medians; standalone A/B in one process): into L1
 // M = 4 / 8 / 16: 24.5 / 26.8 / 35.8 ms, into L2 19.7 / 19.1 / 28.2 (M = 1: 18-19 either way:
-// 8 rows now cost what 1 does). One row on AVX-512 prefetches too (kOneRowTiles): without it the
-// hardware stream alone left the long bf16 rows of a 1B model at half the read rate.
+// 8 rows now cost what 1 does). One row prefetches too: without it the hardware stream alone
+// left the long bf16 rows of a 1B model at half the read rate.
 template <int RR, typename X, typename W, typename O>
 inline void tile_rows(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
                       int64_t n0) {
-  if (M >= kPrefetchRows || kOneRowTiles) {
-    tile_groups<RR, true>(x, M, K, w, bias, out, N, n0);
-  } else {
-    tile_groups<RR, false>(x, M, K, w, bias, out, N, n0);
-  }
-}
-
-// One row (M = 1) on AVX2: weight rows one after another, a single sequential stream per thread for
-// the hardware prefetcher (the 4-row tiles read four streams 4K bytes apart); kDotAccs
-// accumulators hide the FMA latency. SmolLM2's 540 MB, 2 threads (AVX-512): median 25.6 ->
-// 23.5 ms (a software prefetch on top of it measured slower: 26.7).
-template <typename W>
-PS_CPU_INLINE float row_dot(const float* x, int64_t K, const W* row) {
-  Vec a[kDotAccs];
-  PS_CPU_UNROLL
-  for (int j = 0; j < kDotAccs; ++j) a[j] = vzero();
-  int64_t k0 = 0;
-  for (; k0 + kDotAccs * kWidth <= K; k0 += kDotAccs * kWidth) {
-    PS_CPU_UNROLL
-    for (int j = 0; j < kDotAccs; ++j) a[j] = vfmadd(vload(row + k0 + j * kWidth), vload(x + k0 + j * kWidth), a[j]);
-  }
-  // the rest in one loop of partial loads and a tree of adds: a separate full-vector loop and a
-  // chain of adds measured 12% slower at K = 576 / 1536 (9 / 24 iterations a row; AVX-512)
-  for (; k0 < K; k0 += kWidth) a[0] = vfmadd(vload_part(row + k0, K - k0), vload_part(x + k0, K - k0), a[0]);
-  static_assert(kDotAccs == 4, "the tree below adds 4 accumulators");
-  return vreduce_add(vadd(vadd(a[0], a[1]), vadd(a[2], a[3])));
+  tile_groups<RR, true>(x, M, K, w, bias, out, N, n0);
 }
 
 // out: float, or BFloat16 with a BFloat16 x (the pairs path)
 template <typename X, typename W, typename O>
 inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
                        int64_t n_begin, int64_t n_end) {
-  if constexpr (std::is_same_v<X, float> && !kOneRowTiles) {
-    if (M == 1) {
-      for (int64_t n = n_begin; n < n_end; ++n) out[n] = row_dot(x, K, w + n * K) + (bias ? bias[n] : 0.0f);
-      return;
-    }
-  }
   // Two rows: one weight row at a time (a 1 x 2 tile, a single stream per thread). SmolLM2's
   // 540 MB fp32, 2 threads, AMD EPYC (Zen 5), standalone A/B, medians of 15 interleaved: AVX-512
   // 14.0 / 14.2 ms with the 4 x 4 tiles -> 12.0 / 11.5; AVX2 11.3 / 10.9 with 2 x 4 -> 10.6 / 10.6.
@@ -255,7 +221,7 @@ inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float
     return;
   }
   int64_t n0 = n_begin;
-  if (kOneRowTiles && M == 1) {
+  if (M == 1) {
     for (; n0 + kOneRowTileRows <= n_end; n0 += kOneRowTileRows) tile<kOneRowTileRows, 1, true>(x, K, w, bias, out, N, n0);
   }
   for (; n0 + kRows <= n_end; n0 += kRows) tile_rows<kRows>(x, M, K, w, bias, out, N, n0);
