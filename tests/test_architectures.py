@@ -131,6 +131,26 @@ def test_greedy_matches_transformers(case, drafter, tree):
         assert stats.mean_accepted > 1.5
 
 
+def test_compiled_step_matches_transformers(case, monkeypatch, tmp_path):
+    """generate(compile=True) on every architecture the adapter accepts: the compiled target pass
+    (dynamo's trace with the aot_eager backend, as in test_compiled_step) gives transformers'
+    greedy tokens, with no fallback to the eager pass."""
+    from parallelspec import compiled
+
+    monkeypatch.setattr(compiled, "_state", compiled._State())
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    try:
+        model, ids, mask, reference = case
+        out = ps.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+        assert compiled._state.failure is None, compiled._state.failure
+        assert compiled._state.first_call_seconds, "the compiled pass did not run"
+        torch.testing.assert_close(out, reference[:, :ids.shape[1] + NEW], rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_table_matches_what_transformers_passes(case):
     """Per layer, the window the table derives is the `sliding_window` the module passes (where it
     passes one), the soft-cap its `softcap`, and sinks are declared iff it passes `s_aux`."""
