@@ -87,13 +87,21 @@ PS_CPU_INLINE void store4(BFloat16* p, __m128 v) {
   for (int i = 0; i < 4; ++i) store(p + i, t[i]);
 }
 
+// Every step prefetches the weight rows prefetch_ahead(RR) on (software, alongside the hardware
+// stream), so that DRAM overlaps the FMAs. The prefetch goes to L2 (prefetcht1), not L1: a whole
+// tile's lines requested into L1 at once fill its miss buffers and stall the FMAs, so memory and
+// compute took turns instead of overlapping. SmolLM2's 30 layers + LM head (540 MB fp32, 2
+// threads, medians; standalone A/B in one process): into L1 M = 4 / 8 / 16: 24.5 / 26.8 / 35.8
+// ms, into L2 19.7 / 19.1 / 28.2 (8 rows cost what 1 does). One row prefetches too: without it
+// the hardware stream alone left the long bf16 rows of a 1B model at half the read rate.
+//
 // One step over K of the RR x MR tile; Tail: the last K - k0 < kWidth columns (zero-padded).
-template <int RR, int MR, bool Prefetch, bool Tail, typename W>
+template <int RR, int MR, bool Tail, typename W>
 PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const float* x, int64_t K, const W* w, int64_t n0, int64_t k0) {
   Vec xv[MR];
   PS_CPU_UNROLL
   for (int m = 0; m < MR; ++m) xv[m] = Tail ? vload_part(x + m * K + k0, K - k0) : vload(x + m * K + k0);
-  if constexpr (Prefetch && !Tail) {  // prefetch_ahead(RR) rows on, same columns, once per 64-byte line
+  if constexpr (!Tail) {  // prefetch_ahead(RR) rows on, same columns, once per 64-byte line
     constexpr int64_t kLine = 64 / int64_t(sizeof(W));
     if (kLine <= kWidth || (k0 & (kLine - 1)) == 0) {
       PS_CPU_UNROLL
@@ -115,7 +123,7 @@ PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const float* x, int64_t K, cons
 // widening. Llama-3.2-1B's shapes, one x row, one thread: 2048 x 8192 2.75 -> 1.65 ms a call, the
 // bf16 plain loop 0.76x -> 0.82x llama.cpp's decode speed (benchmarks/results/linear_bound/README.md). A step covers
 // 2 x kWidth columns of K (one 64-byte line of each weight row); Tail: the last K - k0 < 32.
-template <int RR, int MR, bool Prefetch, bool Tail>
+template <int RR, int MR, bool Tail>
 PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const BFloat16* x, int64_t K, const BFloat16* w, int64_t n0,
                              int64_t k0) {
   const __mmask32 part = Tail ? __mmask32((uint64_t{1} << (K - k0)) - 1) : ~__mmask32{0};
@@ -123,7 +131,7 @@ PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const BFloat16* x, int64_t K, c
   PS_CPU_UNROLL
   for (int m = 0; m < MR; ++m)
     xv[m] = (__m512bh)(Tail ? _mm512_maskz_loadu_epi16(part, x + m * K + k0) : _mm512_loadu_si512(x + m * K + k0));
-  if constexpr (Prefetch && !Tail) {  // prefetch_ahead(RR) rows on, same columns: one line a step
+  if constexpr (!Tail) {  // prefetch_ahead(RR) rows on, same columns: one line a step
     PS_CPU_UNROLL
     for (int r = 0; r < RR; ++r) vprefetch_l2(w + (n0 + prefetch_ahead(RR) + r) * K + k0);
   }
@@ -139,7 +147,7 @@ PS_CPU_INLINE void tile_step(Vec (&acc)[RR][MR], const BFloat16* x, int64_t K, c
 
 // out[m, n0 + r] for r < RR, m < MR: one pass over K with RR x MR accumulators. X: float, or
 // BFloat16 with a BFloat16 weight where PS_SKINNY_BF16_PAIRS (two elements a lane per step).
-template <int RR, int MR, bool Prefetch, typename X, typename W, typename O>
+template <int RR, int MR, typename X, typename W, typename O>
 PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, O* out, int64_t N, int64_t n0) {
   constexpr int64_t kStep = std::is_same_v<X, float> ? kWidth : 2 * kWidth;
   Vec acc[RR][MR];
@@ -149,8 +157,8 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, O*
     for (int m = 0; m < MR; ++m) acc[r][m] = vzero();
   }
   int64_t k0 = 0;
-  for (; k0 + kStep <= K; k0 += kStep) tile_step<RR, MR, Prefetch, false>(acc, x, K, w, n0, k0);
-  if (k0 < K) tile_step<RR, MR, Prefetch, true>(acc, x, K, w, n0, k0);
+  for (; k0 + kStep <= K; k0 += kStep) tile_step<RR, MR, false>(acc, x, K, w, n0, k0);
+  if (k0 < K) tile_step<RR, MR, true>(acc, x, K, w, n0, k0);
   if constexpr (RR % 4 == 0) {  // 4 output columns at a time per x row: vector sums, 4-float stores
 #if defined(PS_CPU_AVX512)
     if constexpr (RR == 4 && MR == 4) {  // the full tile: 16 sums in one shuffle tree, 4 stores
@@ -180,32 +188,18 @@ PS_CPU_INLINE void tile(const X* x, int64_t K, const W* w, const float* bias, O*
   }
 }
 
-template <int RR, bool Prefetch, typename X, typename W, typename O>
+template <int RR, typename X, typename W, typename O>
 inline void tile_groups(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
                         int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + kCols <= M; m0 += kCols) tile<RR, kCols, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0);
+  for (; m0 + kCols <= M; m0 += kCols) tile<RR, kCols>(x + m0 * K, K, w, bias, out + m0 * N, N, n0);
   static_assert(kCols <= 4, "tile_groups handles remainders of up to 3 rows");
   switch (M - m0) {
-    case 1: tile<RR, 1, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
-    case 2: tile<RR, 2, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
-    case 3: tile<RR, 3, Prefetch>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
+    case 1: tile<RR, 1>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
+    case 2: tile<RR, 2>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
+    case 3: tile<RR, 3>(x + m0 * K, K, w, bias, out + m0 * N, N, n0); break;
     default: break;
   }
-}
-
-// A tile's steps prefetch the weight rows prefetch_ahead(RR) on (software, alongside the hardware
-// stream), so that DRAM overlaps the FMAs. The prefetch
-// goes to L2 (prefetcht1), not L1: a whole tile's lines requested into L1 at once fill its miss
-// buffers and stall the FMAs, so memory and compute took turns instead of overlapping. SmolLM2's
-// 30 layers + LM head (540 MB fp32, 2 threads, medians; standalone A/B in one process): into L1
-// M = 4 / 8 / 16: 24.5 / 26.8 / 35.8 ms, into L2 19.7 / 19.1 / 28.2 (M = 1: 18-19 either way:
-// 8 rows now cost what 1 does). One row prefetches too: without it the hardware stream alone
-// left the long bf16 rows of a 1B model at half the read rate.
-template <int RR, typename X, typename W, typename O>
-inline void tile_rows(const X* x, int64_t M, int64_t K, const W* w, const float* bias, O* out, int64_t N,
-                      int64_t n0) {
-  tile_groups<RR, true>(x, M, K, w, bias, out, N, n0);
 }
 
 // out: float, or BFloat16 with a BFloat16 x (the pairs path)
@@ -217,19 +211,19 @@ inline void rows_range(const X* x, int64_t M, int64_t K, const W* w, const float
   // 14.0 / 14.2 ms with the 4 x 4 tiles -> 12.0 / 11.5; AVX2 11.3 / 10.9 with 2 x 4 -> 10.6 / 10.6.
   // From 3 rows on the row tiles are as fast or faster (AVX-512 at 4 rows: 14.5 vs 16.1 ms).
   if (M == 2) {
-    for (int64_t n = n_begin; n < n_end; ++n) tile<1, 2, true>(x, K, w, bias, out, N, n);
+    for (int64_t n = n_begin; n < n_end; ++n) tile<1, 2>(x, K, w, bias, out, N, n);
     return;
   }
   int64_t n0 = n_begin;
   if (M == 1) {
-    for (; n0 + kOneRowTileRows <= n_end; n0 += kOneRowTileRows) tile<kOneRowTileRows, 1, true>(x, K, w, bias, out, N, n0);
+    for (; n0 + kOneRowTileRows <= n_end; n0 += kOneRowTileRows) tile<kOneRowTileRows, 1>(x, K, w, bias, out, N, n0);
   }
-  for (; n0 + kRows <= n_end; n0 += kRows) tile_rows<kRows>(x, M, K, w, bias, out, N, n0);
+  for (; n0 + kRows <= n_end; n0 += kRows) tile_groups<kRows>(x, M, K, w, bias, out, N, n0);
   static_assert(kRows <= 4, "rows_range handles remainders of up to 3 weight rows");
   switch (n_end - n0) {
-    case 1: tile_rows<1>(x, M, K, w, bias, out, N, n0); break;
-    case 2: tile_rows<2>(x, M, K, w, bias, out, N, n0); break;
-    case 3: tile_rows<3>(x, M, K, w, bias, out, N, n0); break;
+    case 1: tile_groups<1>(x, M, K, w, bias, out, N, n0); break;
+    case 2: tile_groups<2>(x, M, K, w, bias, out, N, n0); break;
+    case 3: tile_groups<3>(x, M, K, w, bias, out, N, n0); break;
     default: break;
   }
 }
