@@ -216,12 +216,11 @@ def _fallback(exc: BaseException) -> None:
                   CompileFallbackWarning, stacklevel=4)
 
 
-def compiled_pass(verify: Callable, target, cache, tree: Tree, model: tuple | None = None):
+def compiled_pass(verify: Callable, target, cache, tree: Tree, model: tuple):
     """``verify(target, cache, tree)`` through the compiled graph of its shapes (compiled on first
     use, then from inductor's cache), or eagerly after a compile failure in this process.
-    model: ``model_key(target.model)``, taken once per generate call (taken here when None)."""
+    model: ``model_key(target.model)``, taken once per generate call (CompiledVerify)."""
     if _state.failure is None:
-        model = model_key(target.model) if model is None else model
         key = (id(target.model), target.dtype, tuple(tree.tokens.shape), layout(tree), cache.kv.shape[4])
         first = key not in _state.first_call_seconds
         started = time.perf_counter()
