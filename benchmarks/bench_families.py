@@ -136,8 +136,8 @@ def run_one(family: str, dtype_name: str, args) -> dict:
     n = args.new_tokens
     methods = {
         "hf_generate": lambda: (model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0), None),
-        "ps_plain": lambda: ps.generate(model, ids, None, max_new_tokens=n, return_stats=True),
-        "ps_ngram": lambda: ps.generate(model, ids, ps.NgramDrafter(), max_new_tokens=n, tree="chain",
+        "ps_plain": lambda: ps.generate(model, ids, None, max_new_tokens=n, return_stats=True, compile=False),
+        "ps_ngram": lambda: ps.generate(model, ids, ps.NgramDrafter(), max_new_tokens=n, tree="chain", compile=False,
                                         return_stats=True),
     }
     probe = torch.randn(args.probe_mb << 18)

@@ -50,15 +50,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, tokenizer = load_default_target(dtype, verbose=False)
+    # eager: the default (compile=None) could compile a shape mid-run (parallelspec/compiled.py)
     methods = {
         "hf_generate": lambda ids: model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False),
         "parallelspec_plain": lambda ids: ps.generate(model, ids, max_new_tokens=args.max_new_tokens,
-                                                      return_stats=True),
+                                                      return_stats=True, compile=False),
         "parallelspec_ngram_chain": lambda ids: ps.generate(model, ids, ps.NgramDrafter(num_tokens=4),
-                                                            max_new_tokens=args.max_new_tokens, return_stats=True),
+                                                            max_new_tokens=args.max_new_tokens, return_stats=True,
+                                                            compile=False),
         "parallelspec_ngram_dynamic": lambda ids: ps.generate(model, ids, ps.NgramDrafter(num_tokens=4),
                                                               max_new_tokens=args.max_new_tokens, tree="dynamic",
-                                                              tree_nodes=8, return_stats=True),
+                                                              tree_nodes=8, return_stats=True, compile=False),
     }
     warm = tokenizer("Hello", return_tensors="pt").input_ids
     for fn in methods.values():  # first calls pay one-time costs (registration, allocator)

@@ -135,17 +135,69 @@ def test_a_compile_failure_falls_back_with_one_warning(llama, monkeypatch):
     assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
-def test_compile_false_and_the_default_do_not_compile(llama, monkeypatch):
+def test_compile_false_and_a_short_default_call_do_not_compile(llama, monkeypatch):
+    """compile=False never compiles; the default (compile=None) does not compile a call whose eager
+    steps have not paid for compiling (a few ms of eager steps against an estimated 25 s)."""
     def never(*args, **kwargs):
         raise AssertionError("compiled pass used")
     monkeypatch.setattr(compiled, "compiled_pass", never)
     ids, mask = _prompts()
     expected = hf_greedy(llama, ids, mask, NEW)
-    assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=False), expected)
-    monkeypatch.setattr(compiled, "DEFAULT_COMPILE", False)
     assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW), expected)
-    monkeypatch.setattr(compiled, "DEFAULT_COMPILE", True)   # compile=False wins over a default that is on
     assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=False), expected)
+    monkeypatch.setattr(compiled, "DEFAULT_COMPILE_SECONDS", 0.0)   # compile=False wins over a cost of nothing
+    assert torch.equal(ps.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, compile=False), expected)
+
+
+def test_the_default_compiles_a_shape_once_it_has_paid(llama, monkeypatch):
+    """compile=None: each shape runs eagerly (unpadded) until its eager seconds x the saving reach
+    the compile cost, then compiled; here the cost is set to nothing, so every shape's first step
+    is eager and its later steps compiled, and the output stays transformers'."""
+    graphs = []
+    monkeypatch.setattr(compiled, "BACKEND", _counting_backend(graphs))
+    monkeypatch.setattr(compiled, "DEFAULT_COMPILE_SECONDS", 0.0)
+    ids, mask = _prompts()
+    got = ps.generate(llama, ids, ps.NgramDrafter(num_tokens=4), attention_mask=mask, max_new_tokens=NEW,
+                      tree=AutoTree({1: 1.0, 64: 1.05}, max_nodes=4))
+    assert torch.equal(got, hf_greedy(llama, ids, mask, NEW))
+    (ledger,) = compiled._state.ledgers.values()
+    assert graphs and ledger.earned_shapes
+    for shape, account in ledger.shapes.items():
+        assert account.eager_steps == 1, (shape, account.eager_steps)
+        assert account.compiled_steps == (shape in ledger.earned_shapes) * account.compiled_steps
+    assert any(a.compiled_steps for a in ledger.shapes.values())
+
+
+def test_the_ledger_compiles_when_the_rent_reaches_the_price(llama, tmp_path):
+    """The rule itself, on booked times: earned once eager seconds x saving >= compile seconds
+    (defaults first, then this machine's measurement, read back by a later process's ledger); a
+    shape measured no faster compiled is never earned; a shape compiled once is earned for good."""
+    shape, other = (4, (1, 1, None), 2, 1024), (8, (1, 1, None), 2, 1024)
+    ledger = compiled.Ledger(llama)
+    assert not ledger.earned(shape)
+    steps = int(compiled.DEFAULT_COMPILE_SECONDS / compiled.DEFAULT_SAVING)   # 1 s each
+    for _ in range(steps - 1):
+        ledger.eager(shape, 1.0)
+    assert not ledger.earned(shape)
+    ledger.eager(shape, 1.0)
+    assert ledger.earned(shape)
+    ledger.compiled(shape, 5.0)                    # the compile: 5 s
+    for _ in range(compiled.MEASURE_STEPS):
+        ledger.compiled(shape, 0.5)                # then half the eager step
+    record = compiled._read_costs(tmp_path / "inductor" / compiled.COSTS_FILE)
+    assert list(record.values()) == [{"compile_seconds": 5.0, "compiled_ms": 500.0, "eager_ms": 1000.0}]
+    later = compiled.Ledger(llama)                 # another process: this machine's figures
+    assert later.estimate(shape) == (5.0, 0.5, True)
+    for _ in range(9):
+        later.eager(shape, 1.0)
+    assert not later.earned(shape)                 # 9 x 1 s x 0.5 < 5 s
+    later.eager(shape, 1.0)
+    assert later.earned(shape)
+    slower = compiled.Ledger(llama)
+    slower.costs[slower._name(other)] = {"compile_seconds": 1.0, "compiled_ms": 2.0, "eager_ms": 1.0}
+    for _ in range(100):
+        slower.eager(other, 1.0)
+    assert not slower.earned(other)
 
 
 def test_bad_compile_options_are_refused(llama):
@@ -156,7 +208,10 @@ def test_bad_compile_options_are_refused(llama):
         compiled.check_options(True, torch.device("cpu"), cuda_graph=True)
     with pytest.raises(ValueError, match="compile: expected a model on the CPU"):
         compiled.check_options(True, torch.device("cuda"))
-    assert compiled.check_options(None, torch.device("cuda")) is False
+    assert compiled.check_options(None, torch.device("cuda")) is compiled.EAGER
+    assert compiled.check_options(None, torch.device("cpu"), cuda_graph=True) is compiled.EAGER
+    assert compiled.check_options(None, torch.device("cpu")) == compiled.EARNED
+    assert compiled.check_options(True, torch.device("cpu")) == compiled.NOW
 
 
 def test_the_compiled_graph_reads_nothing_back(llama, monkeypatch):
@@ -195,7 +250,7 @@ def test_at_most_one_host_sync_a_step_compiled(llama, kind, monkeypatch):
     the outputs) keeps the loop's one host sync a step. The sync counter's dispatch mode makes
     dynamo skip compiled frames, so the pass runs uncompiled here (the test above checks the
     graph itself)."""
-    monkeypatch.setattr(compiled, "DEFAULT_COMPILE", True)
+    monkeypatch.setattr(compiled, "DEFAULT_COMPILE_SECONDS", 0.0)   # the default compiles from each shape's 2nd step
     monkeypatch.setattr(compiled, "_compile", lambda fn: fn)
     steps, ids = step_syncs(llama, kind, "auto")
     assert compiled._state.failure is None and compiled._state.first_call_seconds, "the compiled path did not run"

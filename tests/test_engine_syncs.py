@@ -110,6 +110,7 @@ def test_at_most_one_host_sync_a_step_when_sampling(model, tree):
 def test_cache_sized_once(model, kind, tree, monkeypatch):
     """The target's KV cache is allocated once per generation, for prompt + max_new_tokens + the
     largest tree the builder may emit: no reallocation (no copy) while decoding."""
+    from parallelspec import compiled
     from parallelspec.hf.target import TargetModel
 
     if kind is None and tree != "chain":
@@ -126,7 +127,9 @@ def test_cache_sized_once(model, kind, tree, monkeypatch):
     (cache, ptr), = caches
     assert cache.reallocations == 0 and cache.kv.data_ptr() == ptr
     largest = {"chain": 5, "static": 7, "dynamic": 8, "auto": 10}[tree] if kind else 1
-    assert cache.capacity == 9 + 20 - 1 + largest   # longest prompt + max_new_tokens - 1 + largest tree
+    needed = 9 + 20 - 1 + largest   # longest prompt + max_new_tokens - 1 + largest tree
+    # the default (compile=None on the CPU) rounds the rows up, so that graphs it compiles serve other lengths
+    assert cache.capacity == compiled.cache_rows(needed) and needed < cache.capacity
 
 
 @pytest.mark.parametrize("shared_tree", [True, False])

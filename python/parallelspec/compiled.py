@@ -36,12 +36,22 @@ process (the failed attempt writes only scratch cache rows, so the eager rerun i
 result depends on whether the pass ran compiled. The step keeps its one host sync: the compiled
 graph is traced whole (``fullgraph=True``), so no host read can hide in it.
 
-``compile=None`` (the default) chooses by ``DEFAULT_COMPILE``; docs/BACKENDS.md ("Compiled step on
-the CPU") gives the measurements behind it.
+``compile=True`` compiles each shape at its first step. ``compile=None`` (the default, on the CPU)
+compiles a shape once it has earned it (``Ledger``): each shape of each model runs eagerly, timed,
+until the time this process has spent on it eagerly, times the share of a step compiling saves,
+reaches what compiling it costs; then it is compiled, with one line saying so. That is the rule
+of renting skis until the rent paid equals the price: whatever the process does next, it never
+spends more than twice what the better choice in hindsight would have (a short run stays eager;
+a process that serves many calls compiles its hot shapes). The cost and the saving are this
+machine's own, measured at each compile and kept next to inductor's cache (``COSTS_FILE``); until
+a shape was measured, ``DEFAULT_COMPILE_SECONDS`` and ``DEFAULT_SAVING``. A shape measured slower
+compiled stays eager. docs/BACKENDS.md ("Compiled step on the CPU") gives the measurements.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -56,8 +66,16 @@ import torch
 from .capture import TreeBuffers, bucket, layout
 from .trees import Tree
 
-#: what ``compile=None`` does: False (eager unless compile=True is passed); see the module docstring
-DEFAULT_COMPILE = False
+#: compile=None's estimates for a shape not yet measured on this machine (the module docstring):
+#: seconds to compile it (15-31 s measured for SmolLM2's shapes on a 2-core EPYC, 22 s for a 1B
+#: model's; 6-9 s from the warm cache) and the share of an eager step it saves (SmolLM2 steps
+#: measured 1.25x-1.56x faster: 20-36%; a 1B model's 9% at one thread)
+DEFAULT_COMPILE_SECONDS = 25.0
+DEFAULT_SAVING = 0.2
+#: compiled steps timed after a compile, for the saving recorded in COSTS_FILE
+MEASURE_STEPS = 8
+#: this machine's measured costs, per shape, in inductor's cache folder
+COSTS_FILE = "parallelspec_verify_costs.json"
 #: inductor by default; the tests set "aot_eager" (same tracing, no C++ compile) for speed
 BACKEND = "inductor"
 #: graphs one process may keep for the pass (buckets x batch sizes x layouts x models); dynamo's own
@@ -75,35 +93,37 @@ MODELS_KEPT = 4
 
 class _State:
     """Per process: the compiled pass of each model (model_key -> callable, oldest first), a failure
-    that turned compiling off, and the seconds the first call of each shape took (compiling it, or
-    loading it from inductor's cache)."""
+    that turned compiling off, the seconds the first call of each shape took (compiling it, or
+    loading it from inductor's cache), and compile=None's ledger of each model (model_key)."""
 
     def __init__(self):
         self.compiled: dict[tuple, Callable] = {}
         self.failure: str | None = None
         self.first_call_seconds: dict[tuple, float] = {}
+        self.ledgers: dict[tuple, "Ledger"] = {}
 
 
 _state = _State()
 
 
-def check_options(compile, device: torch.device, cuda_graph=False) -> bool:
-    """generate()'s ``compile`` (True, False or None = ``DEFAULT_COMPILE``) against the device and
-    the other options; returns whether the verify step runs compiled."""
+#: check_options' answers: the step runs eagerly, compiled from its first step, or compiled once earned
+EAGER, NOW, EARNED = None, "now", "earned"
+
+
+def check_options(compile, device: torch.device, cuda_graph=False) -> str | None:
+    """generate()'s ``compile`` (True, False or None, the default) against the device and the other
+    options; returns EAGER, NOW (compile=True) or EARNED (None on the CPU without a CUDA graph)."""
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile: expected True, False or None (the default), got {compile!r}")
-    wanted = DEFAULT_COMPILE if compile is None else compile
-    if not wanted:
-        return False
+    if compile is False or (compile is None and (device.type != "cpu" or cuda_graph)):
+        return EAGER
     if device.type != "cpu":
-        if compile is None:
-            return False
         raise ValueError(f"compile: expected a model on the CPU, got {device.type} (the compiled step is the CPU's "
                          "counterpart of cuda_graph=True; pass compile=False, and cuda_graph=True on a GPU)")
     if cuda_graph:
         raise ValueError("compile: expected cuda_graph=False with compile=True (a CUDA graph captures the GPU "
                          "step; the compiled step is for the CPU)")
-    return True
+    return NOW if compile else EARNED
 
 
 def cache_dir() -> Path:
@@ -117,18 +137,24 @@ def cache_dir() -> Path:
     return package_cache() / "inductor" / re.sub(r"[^A-Za-z0-9._+-]", "_", key)
 
 
-def _use_cache_dir() -> str:
-    """Point inductor's caches at cache_dir() unless the user chose a place (inductor reads
-    ``TORCHINDUCTOR_CACHE_DIR`` at each use; importing torch's compiler fills it with its default,
-    a folder under /tmp, which is replaced)."""
+def _chosen_dir() -> Path:
+    """Inductor's cache folder: ``TORCHINDUCTOR_CACHE_DIR`` where the user chose one, else
+    cache_dir() (importing torch's compiler fills the variable with its default, a folder under
+    /tmp, which does not count as a choice)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
-        path = cache_dir()
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        return cache_dir()
+    return Path(chosen)
+
+
+def _use_cache_dir() -> str:
+    """Point inductor's caches (it reads ``TORCHINDUCTOR_CACHE_DIR`` at each use) at _chosen_dir()."""
+    path = _chosen_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return str(path)
 
 
 def cache_rows(rows: int) -> int:
@@ -241,32 +267,153 @@ def compiled_pass(verify: Callable, target, cache, tree: Tree, model: tuple):
     return verify(target, cache, tree)
 
 
+def _read_costs(path: Path) -> dict:
+    try:
+        costs = json.loads(path.read_text())
+    except (OSError, ValueError):   # none yet, or a file cut short: the defaults stand in
+        return {}
+    return costs if isinstance(costs, dict) else {}
+
+
+class _Shape:
+    """One shape's account in this process: eager steps and their seconds, compiled steps and the
+    seconds of those timed after the compile (the first one: the compile itself)."""
+
+    def __init__(self):
+        self.eager_steps, self.eager_seconds = 0, 0.0
+        self.compiled_steps, self.compiled_seconds, self.compile_seconds = 0, 0.0, 0.0
+
+
+class Ledger:
+    """One model's shapes in this process (``compile=None``, the module docstring): ``earned(shape)``
+    says whether a shape runs compiled, ``eager``/``compiled`` book each step's seconds. A shape
+    (tree bucket, tree layout, batch, cache rows) is earned once its eager seconds x the saving >=
+    the compile cost, each this machine's measurement of the shape (``COSTS_FILE``) or the
+    defaults; a shape measured no faster compiled is never earned. A shape compiled in this
+    process (``compile=True`` compiles at once, and the ledger measures and records that too) is
+    earned for the later calls."""
+
+    def __init__(self, model: torch.nn.Module):
+        config = getattr(model, "config", None)
+        text = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+        params = [(name, tuple(t.shape), str(t.dtype)) for name, t in model.named_parameters()]
+        self.signature = hashlib.sha1(repr((text, params)).encode()).hexdigest()[:16]
+        self.path = _chosen_dir() / COSTS_FILE
+        self.costs = {k: v for k, v in _read_costs(self.path).items() if k.startswith(self.signature)}
+        self.shapes: dict[tuple, _Shape] = {}
+        self.earned_shapes: set[tuple] = set()
+
+    def _name(self, shape: tuple) -> str:
+        return f"{self.signature}-{'-'.join(map(str, shape))}"
+
+    def estimate(self, shape: tuple) -> tuple[float, float, bool]:
+        """(compile seconds, share of an eager step saved, measured here?) for a shape."""
+        cost = self.costs.get(self._name(shape), {})
+        eager, fast = cost.get("eager_ms"), cost.get("compiled_ms")
+        saving = 1.0 - fast / eager if eager and fast else DEFAULT_SAVING
+        return cost.get("compile_seconds", DEFAULT_COMPILE_SECONDS), saving, bool(cost)
+
+    def earned(self, shape: tuple) -> bool:
+        if shape in self.earned_shapes:
+            return True
+        account = self.shapes.get(shape)
+        if account is None:
+            return False
+        seconds, saving, measured = self.estimate(shape)
+        if saving <= 0 or account.eager_seconds * saving < seconds:
+            return False
+        self.earned_shapes.add(shape)
+        print(f"parallelspec: compiling the verify step for {shape[0]}-node trees (batch {shape[2]}): this process "
+              f"has run it eagerly for {account.eager_seconds:.0f} s ({account.eager_steps} steps), which compiling "
+              f"cuts by ~{saving:.0%}, as much as compiling it takes here (~{seconds:.0f} s, "
+              f"{'measured' if measured else 'estimated'}); compile=False keeps it eager, compile=True compiles at "
+              "once", file=sys.stderr, flush=True)
+        return True
+
+    def eager(self, shape: tuple, seconds: float) -> None:
+        account = self.shapes.setdefault(shape, _Shape())
+        account.eager_steps += 1
+        account.eager_seconds += seconds
+
+    def compiled(self, shape: tuple, seconds: float) -> None:
+        account = self.shapes.setdefault(shape, _Shape())
+        self.earned_shapes.add(shape)
+        account.compiled_steps += 1
+        if account.compiled_steps == 1:
+            account.compile_seconds = seconds
+        else:
+            account.compiled_seconds += seconds
+        if account.compiled_steps == MEASURE_STEPS + 1:
+            self._record(shape, account)
+
+    def _record(self, shape: tuple, account: _Shape) -> None:
+        """This machine's measurement of the shape into COSTS_FILE (merged with what other
+        processes wrote; an eager time measured before stays when this process ran none)."""
+        name = self._name(shape)
+        entry = dict(self.costs.get(name, {}))
+        entry["compile_seconds"] = round(account.compile_seconds, 3)
+        entry["compiled_ms"] = round(1e3 * account.compiled_seconds / MEASURE_STEPS, 4)
+        if account.eager_steps:
+            entry["eager_ms"] = round(1e3 * account.eager_seconds / account.eager_steps, 4)
+        self.costs[name] = entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            costs = _read_costs(self.path)
+            costs[name] = entry
+            scratch = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+            scratch.write_text(json.dumps(costs, indent=1, sort_keys=True))
+            os.replace(scratch, self.path)
+        except OSError:   # a read-only cache: the estimates stay this process's own
+            pass
+
+
+def _ledger(model: torch.nn.Module, key: tuple) -> Ledger:
+    ledger = _state.ledgers.get(key)
+    if ledger is None:
+        while len(_state.ledgers) >= MODELS_KEPT:
+            del _state.ledgers[next(iter(_state.ledgers))]
+        ledger = _state.ledgers[key] = Ledger(model)
+    return ledger
+
+
 class CompiledVerify:
     """``step(tree, target_pass)`` (the loop's verify_step over one tree) with its tree padded to
-    its bucket and its target pass compiled (``compiled_pass``). ``out`` is the output
-    bookkeeping (its slack grows to the bucket); ``largest`` the most tree nodes the cache holds."""
+    its bucket and its target pass compiled (``compiled_pass``), for the shapes the model's
+    ``Ledger`` says have earned it (``mode``: NOW or EARNED); the others run the step eagerly and
+    unpadded, timed. ``out`` is the output bookkeeping (its slack grows to the bucket); ``largest``
+    the most tree nodes the cache holds; ``rows`` the cache's rows."""
 
-    def __init__(self, step: Callable, verify: Callable, out, largest: int):
-        self.step, self.verify, self.out, self.largest = step, verify, out, largest
+    def __init__(self, step: Callable, verify: Callable, out, largest: int, model: torch.nn.Module, rows: int,
+                 mode: str = NOW):
+        self.step, self.verify, self.out, self.largest, self.rows = step, verify, out, largest, rows
         self.buffers: dict[tuple, TreeBuffers] = {}
-        self.model: tuple | None = None   # model_key of the target, at the first step
-        _use_cache_dir()
+        self.model = model_key(model)
+        self.ledger, self.now = _ledger(model, self.model), mode == NOW
 
     def _target_pass(self, target, cache, tree: Tree):
-        if self.model is None:
-            self.model = model_key(target.model)
         return compiled_pass(self.verify, target, cache, tree, self.model)
 
     def __call__(self, tree: Tree) -> tuple:
         n = tree.size
         size = bucket(n, self.largest)
+        shape = (size, layout(tree), tree.tokens.shape[0], self.rows)
+        started = time.perf_counter()
+        if _state.failure is not None or not (self.now or self.ledger.earned(shape)):
+            outputs = self.step(tree)
+            self.ledger.eager(shape, time.perf_counter() - started)
+            return outputs
+        _use_cache_dir()
         if size == n:
-            return self.step(tree, self._target_pass)
-        self.out.ensure_slack(size)
-        key = (size, layout(tree))
-        buffers = self.buffers.get(key)
-        if buffers is None:
-            buffers = self.buffers[key] = TreeBuffers(tree, size)
-        buffers.fill(tree)
-        outputs = self.step(buffers.tree, self._target_pass)
-        return tuple(o[:, :n] if o.dim() >= 2 else o for o in outputs)
+            outputs = self.step(tree, self._target_pass)
+        else:
+            self.out.ensure_slack(size)
+            key = (size, layout(tree))
+            buffers = self.buffers.get(key)
+            if buffers is None:
+                buffers = self.buffers[key] = TreeBuffers(tree, size)
+            buffers.fill(tree)
+            outputs = self.step(buffers.tree, self._target_pass)
+            outputs = tuple(o[:, :n] if o.dim() >= 2 else o for o in outputs)
+        if _state.failure is None:
+            self.ledger.compiled(shape, time.perf_counter() - started)
+        return outputs

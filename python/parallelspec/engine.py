@@ -366,9 +366,10 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     """Generate up to settings.max_new_tokens for each left-padded prompt; returns the new
     tokens [B, G] (G = the longest sequence's count; shorter ones padded with pad_token_id).
     cuda_graph: capture the verify step per tree-size bucket and replay it (capture.py).
-    compile: run the target's pass compiled per tree-size bucket on the CPU (compiled.py)."""
+    compile: run the target's pass compiled per tree-size bucket on the CPU: True from the first
+    step, None once a shape has earned it, False never (compiled.py)."""
     capture_kind = capture.check_options(cuda_graph, target.device, settings)
-    compile_step = compiled.check_options(compile, target.device, cuda_graph)
+    compile_mode = compiled.check_options(compile, target.device, cuda_graph)
     builder = builder if drafter is not None else RootOnly()
     recorder = StatsRecorder(stats, target.device)
     rows, lens, longest = pack_prompts(input_ids, attention_mask)
@@ -376,15 +377,16 @@ def decode(target: TargetModel, input_ids: torch.Tensor, attention_mask: torch.T
     committed = longest + settings.max_new_tokens - 1
     largest_tree = builder.max_size(drafter_depth(drafter)) or 1
     capacity = committed + largest_tree   # compiled: rounded up, so that other lengths reuse the graphs
-    cache = target.new_cache(rows.shape[0], compiled.cache_rows(capacity) if compile_step else capacity)
+    cache = target.new_cache(rows.shape[0], compiled.cache_rows(capacity) if compile_mode else capacity)
     out = _Output(input_ids, settings, slack=largest_tree)
 
     def verify_tree(tree: Tree, *target_pass):   # compiled.CompiledVerify passes its compiled pass
         return verify_step(target, cache, tree, settings.sampling, out, *target_pass)
     if capture_kind is not None:
         verify_tree = capture.GraphedVerify(verify_tree, cache, out, largest_tree, capture_kind)
-    elif compile_step:
-        verify_tree = compiled.CompiledVerify(verify_tree, verify, out, largest_tree)
+    elif compile_mode:
+        verify_tree = compiled.CompiledVerify(verify_tree, verify, out, largest_tree, target.model, cache.kv.shape[4],
+                                              compile_mode)
     if settings.streamer is not None:
         settings.streamer.put(input_ids.cpu())
     with torch.inference_mode(), target.attention(), target.aux_hidden_states(aux_layers(drafter)):

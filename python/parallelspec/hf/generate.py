@@ -152,8 +152,10 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
             (a ValueError names what is missing). Off by default until measured faster on a GPU.
         compile: on the CPU, run the target's pass over the tree compiled with torch.compile, once
             per tree-size bucket (parallelspec.compiled; the artifacts are cached per machine, so a
-            later process loads them). None (default): ``compiled.DEFAULT_COMPILE``; False: eager. A
-            compile failure falls back to eager with one warning; the output is the same either way.
+            later process loads them). True: from each shape's first step. None (default): once the
+            time this process spent on a shape eagerly has paid for compiling it (parallelspec.compiled.
+            Ledger; says so in one line). False: eager. A compile failure falls back to eager with one
+            warning; the output is the same either way.
 
     Returns: [B, T + G] prompt + new tokens (or GenerateDecoderOnlyOutput), and the stats when
     return_stats.

@@ -80,8 +80,11 @@ def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = N
             return f"{exc}"
         builder = AutoTree.for_model(model, max_nodes=max_nodes) if tree == "auto" else tree
 
-        def run(ids, mask=None, **kw):
-            return generate(model, ids, drafter, attention_mask=mask, tree=builder, return_stats=True, **tree_kw, **kw)
+        def run(ids, mask=None, compile=False, **kw):
+            # eager unless asked: the default (compile=None) would compile a shape mid-run once it has
+            # paid (parallelspec/compiled.py), mixing the two in one method's figures
+            return generate(model, ids, drafter, attention_mask=mask, tree=builder, return_stats=True,
+                            compile=compile, **tree_kw, **kw)
         return run
 
     table = {
