@@ -8,8 +8,8 @@ Instruct), greedy, batch 1.
 
 Sessions, one process each, run one after another: eager (compile=False); compile=True on a fresh
 inductor cache; the default on a fresh cache (a machine that never compiled: the ledger's
-estimates are the defaults); the default again in a later process on that cache (the first
-process's measured costs, and inductor's cached code). Each session makes --calls calls, the
+estimates are the defaults); the default again in a second and a third process on that cache
+(the earlier processes' measured costs, and inductor's cached code). Each session makes --calls calls, the
 prompts of ``parallelspec bench``'s sets in turn, and records each call's wall seconds (its
 compile, if any, included) and the shapes compiled so far. The summary gives each session's
 total seconds and tok/s, and its total against the better of eager and compile=True in hindsight
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compiled_step import DTYPES, OUT, machine  # noqa: E402
 
 SESSIONS = [("eager", "false", "fresh"), ("compile=True", "true", "fresh"),
-            ("default, first process", "none", "fresh"), ("default, later process", "none", "previous")]
+            ("default, first process", "none", "fresh"), ("default, second process", "none", "previous"),
+            ("default, third process", "none", "previous")]
 COMPILE = {"false": False, "true": True, "none": None}
 
 

@@ -169,8 +169,9 @@ def test_the_default_compiles_a_shape_once_it_has_paid(llama, monkeypatch):
 
 
 def test_the_ledger_compiles_when_the_rent_reaches_the_price(llama, tmp_path):
-    """The rule itself, on booked times: earned once eager seconds x saving >= compile seconds
-    (defaults first, then this machine's measurement, read back by a later process's ledger); a
+    """The rule itself, on booked times: earned once eager seconds x saving >= the seconds to compile
+    (defaults first; then this machine's measurement, read back by a later process's ledger, which
+    loads the compiled code instead: at most DEFAULT_LOAD_SECONDS until its load is measured); a
     shape measured no faster compiled is never earned; a shape compiled once is earned for good."""
     shape, other = (4, (1, 1, None), 2, 1024), (8, (1, 1, None), 2, 1024)
     ledger = compiled.Ledger(llama)
@@ -181,18 +182,26 @@ def test_the_ledger_compiles_when_the_rent_reaches_the_price(llama, tmp_path):
     assert not ledger.earned(shape)
     ledger.eager(shape, 1.0)
     assert ledger.earned(shape)
-    ledger.compiled(shape, 5.0)                    # the compile: 5 s
-    for _ in range(compiled.MEASURE_STEPS):
-        ledger.compiled(shape, 0.5)                # then half the eager step
+
+    def compile_and_measure(ledger, seconds):
+        ledger.compiled(shape, seconds)            # the compile (or the load)
+        for _ in range(compiled.MEASURE_SKIP):
+            ledger.compiled(shape, 3.0)            # its slow first runs: left out
+        for i in range(compiled.MEASURE_STEPS):
+            ledger.compiled(shape, 0.5 if i % 4 else 0.9)   # then half the eager step, a median
+    compile_and_measure(ledger, 30.0)
     record = compiled._read_costs(tmp_path / "inductor" / compiled.COSTS_FILE)
-    assert list(record.values()) == [{"compile_seconds": 5.0, "compiled_ms": 500.0, "eager_ms": 1000.0}]
-    later = compiled.Ledger(llama)                 # another process: this machine's figures
-    assert later.estimate(shape) == (5.0, 0.5, True)
-    for _ in range(9):
+    assert list(record.values()) == [{"compile_seconds": 30.0, "compiled_ms": 500.0, "eager_ms": 1000.0}]
+    later = compiled.Ledger(llama)                 # another process: this machine's figures, a load
+    assert later.estimate(shape) == (compiled.DEFAULT_LOAD_SECONDS, 0.5, True)
+    rent = int(compiled.DEFAULT_LOAD_SECONDS / 0.5)
+    for _ in range(rent - 1):
         later.eager(shape, 1.0)
-    assert not later.earned(shape)                 # 9 x 1 s x 0.5 < 5 s
+    assert not later.earned(shape)
     later.eager(shape, 1.0)
     assert later.earned(shape)
+    compile_and_measure(later, 2.0)
+    assert compiled.Ledger(llama).estimate(shape) == (2.0, 0.5, True)   # the measured load from now on
     slower = compiled.Ledger(llama)
     slower.costs[slower._name(other)] = {"compile_seconds": 1.0, "compiled_ms": 2.0, "eager_ms": 1.0}
     for _ in range(100):

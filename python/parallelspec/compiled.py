@@ -49,11 +49,13 @@ compiled stays eager. docs/BACKENDS.md ("Compiled step on the CPU") gives the me
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
 import os
 import re
+import statistics
 import sys
 import time
 import types
@@ -72,8 +74,15 @@ from .trees import Tree
 #: measured 1.25x-1.56x faster: 20-36%; a 1B model's 9% at one thread)
 DEFAULT_COMPILE_SECONDS = 25.0
 DEFAULT_SAVING = 0.2
-#: compiled steps timed after a compile, for the saving recorded in COSTS_FILE
-MEASURE_STEPS = 8
+#: the estimate for a shape compiled here before (its code in inductor's cache) whose load was
+#: not yet measured: a later process re-traces and loads it (6-9 s measured), the cold compile's
+#: time would overstate it
+DEFAULT_LOAD_SECONDS = 8.0
+#: the saving recorded in COSTS_FILE: the median of MEASURE_STEPS compiled steps, the first
+#: MEASURE_SKIP after the compile left out (their first runs are slower: measured up to ~3x a
+#: SmolLM2 step), against the median of the shape's last MEASURE_STEPS eager steps
+MEASURE_STEPS = 16
+MEASURE_SKIP = 3
 #: this machine's measured costs, per shape, in inductor's cache folder
 COSTS_FILE = "parallelspec_verify_costs.json"
 #: inductor by default; the tests set "aot_eager" (same tracing, no C++ compile) for speed
@@ -276,12 +285,14 @@ def _read_costs(path: Path) -> dict:
 
 
 class _Shape:
-    """One shape's account in this process: eager steps and their seconds, compiled steps and the
-    seconds of those timed after the compile (the first one: the compile itself)."""
+    """One shape's account in this process: eager steps, their seconds and the last MEASURE_STEPS
+    of them; compiled steps, the first one's seconds (the compile itself) and the timed ones."""
 
     def __init__(self):
         self.eager_steps, self.eager_seconds = 0, 0.0
-        self.compiled_steps, self.compiled_seconds, self.compile_seconds = 0, 0.0, 0.0
+        self.eager_recent: collections.deque[float] = collections.deque(maxlen=MEASURE_STEPS)
+        self.compiled_steps, self.compile_seconds = 0, 0.0
+        self.compiled_timed: list[float] = []
 
 
 class Ledger:
@@ -307,11 +318,19 @@ class Ledger:
         return f"{self.signature}-{'-'.join(map(str, shape))}"
 
     def estimate(self, shape: tuple) -> tuple[float, float, bool]:
-        """(compile seconds, share of an eager step saved, measured here?) for a shape."""
+        """(seconds to compile or load, share of an eager step saved, measured here?) for a shape:
+        its load time once compiled here before (its code is in inductor's cache), else its
+        compile time, else the defaults."""
         cost = self.costs.get(self._name(shape), {})
         eager, fast = cost.get("eager_ms"), cost.get("compiled_ms")
         saving = 1.0 - fast / eager if eager and fast else DEFAULT_SAVING
-        return cost.get("compile_seconds", DEFAULT_COMPILE_SECONDS), saving, bool(cost)
+        if "load_seconds" in cost:
+            seconds = cost["load_seconds"]
+        elif "compile_seconds" in cost:
+            seconds = min(cost["compile_seconds"], DEFAULT_LOAD_SECONDS)
+        else:
+            seconds = DEFAULT_COMPILE_SECONDS
+        return seconds, saving, bool(cost)
 
     def earned(self, shape: tuple) -> bool:
         if shape in self.earned_shapes:
@@ -334,6 +353,7 @@ class Ledger:
         account = self.shapes.setdefault(shape, _Shape())
         account.eager_steps += 1
         account.eager_seconds += seconds
+        account.eager_recent.append(seconds)
 
     def compiled(self, shape: tuple, seconds: float) -> None:
         account = self.shapes.setdefault(shape, _Shape())
@@ -341,20 +361,21 @@ class Ledger:
         account.compiled_steps += 1
         if account.compiled_steps == 1:
             account.compile_seconds = seconds
-        else:
-            account.compiled_seconds += seconds
-        if account.compiled_steps == MEASURE_STEPS + 1:
-            self._record(shape, account)
+        elif account.compiled_steps > 1 + MEASURE_SKIP and len(account.compiled_timed) < MEASURE_STEPS:
+            account.compiled_timed.append(seconds)
+            if len(account.compiled_timed) == MEASURE_STEPS:
+                self._record(shape, account)
 
     def _record(self, shape: tuple, account: _Shape) -> None:
         """This machine's measurement of the shape into COSTS_FILE (merged with what other
         processes wrote; an eager time measured before stays when this process ran none)."""
         name = self._name(shape)
         entry = dict(self.costs.get(name, {}))
-        entry["compile_seconds"] = round(account.compile_seconds, 3)
-        entry["compiled_ms"] = round(1e3 * account.compiled_seconds / MEASURE_STEPS, 4)
-        if account.eager_steps:
-            entry["eager_ms"] = round(1e3 * account.eager_seconds / account.eager_steps, 4)
+        # the first compile on this machine is a compile; later ones load its code from the cache
+        entry["load_seconds" if "compile_seconds" in entry else "compile_seconds"] = round(account.compile_seconds, 3)
+        entry["compiled_ms"] = round(1e3 * statistics.median(account.compiled_timed), 4)
+        if len(account.eager_recent) == MEASURE_STEPS:
+            entry["eager_ms"] = round(1e3 * statistics.median(account.eager_recent), 4)
         self.costs[name] = entry
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
