@@ -344,9 +344,9 @@ class Ledger:
         self.earned_shapes.add(shape)
         print(f"parallelspec: compiling the verify step for {shape[0]}-node trees (batch {shape[2]}): this process "
               f"has run it eagerly for {account.eager_seconds:.0f} s ({account.eager_steps} steps), which compiling "
-              f"cuts by ~{saving:.0%}, as much as compiling it takes here (~{seconds:.0f} s, "
-              f"{'measured' if measured else 'estimated'}); compile=False keeps it eager, compile=True compiles at "
-              "once", file=sys.stderr, flush=True)
+              f"cuts by ~{saving:.0%}, as much as compiling it (or loading it from the cache) takes here "
+              f"(~{seconds:.0f} s, {'measured' if measured else 'estimated'}); compile=False keeps it eager, "
+              "compile=True compiles at once", file=sys.stderr, flush=True)
         return True
 
     def eager(self, shape: tuple, seconds: float) -> None:
