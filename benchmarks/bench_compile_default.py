@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compiled_step import DTYPES, OUT, machine  # noqa: E402
+from bench_compiled_step import DTYPES, OUT, machine, setup  # noqa: E402
 
 SESSIONS = [("eager", "false", "fresh"), ("compile=True", "true", "fresh"),
             ("compile=True, later process", "true", "previous"),
@@ -46,16 +46,10 @@ COMPILE = {"false": False, "true": True, "none": None}
 def session(args) -> dict:
     """One process's calls (--run): per call, wall seconds, new tokens, shapes compiled so far."""
     from parallelspec import compiled
-    from parallelspec.models import load_default_target
-    from parallelspec.tools.bench import build_methods, prompt_sets
 
     torch.set_num_threads(args.threads)
-    model, tok = load_default_target(DTYPES[args.dtype], verbose=False)
-    model.generation_config.eos_token_id = None     # every call makes max_new_tokens tokens
-    prompts = [ids for items in prompt_sets(tok, args.prompts).values() for ids in items]
-    method = build_methods(model, [args.method], args.max_nodes)[args.method]
-    if isinstance(method, str):
-        raise SystemExit(f"--method {args.method}: unavailable: {method}")
+    _, prompts, methods = setup(argparse.Namespace(**vars(args), methods=args.method))
+    prompts, method = [ids for _, _, ids in prompts], methods[args.method]
     method(prompts[0][:, :16], max_new_tokens=4, do_sample=False, compile=False)   # allocator warm-up
     calls = []
     for i in range(args.calls):

@@ -203,9 +203,12 @@ def model_key(model: torch.nn.Module) -> tuple:
     tensors = tuple((name, id(t), t.dtype, tuple(t.shape), t.stride())
                     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
     training = tuple(m.training for m in model.modules())
+    return id(model), tensors, training, _config_text(model)
+
+
+def _config_text(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
-    return (id(model), tensors, training,
-            config.to_json_string() if hasattr(config, "to_json_string") else repr(config))
+    return config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
 
 
 #: dynamo's guards to keep: all but those on the model's modules (their attributes and
@@ -305,10 +308,8 @@ class Ledger:
     earned for the later calls."""
 
     def __init__(self, model: torch.nn.Module):
-        config = getattr(model, "config", None)
-        text = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
         params = [(name, tuple(t.shape), str(t.dtype)) for name, t in model.named_parameters()]
-        self.signature = hashlib.sha1(repr((text, params)).encode()).hexdigest()[:16]
+        self.signature = hashlib.sha1(repr((_config_text(model), params)).encode()).hexdigest()[:16]
         self.path = _chosen_dir() / COSTS_FILE
         self.costs = {k: v for k, v in _read_costs(self.path).items() if k.startswith(self.signature)}
         self.shapes: dict[tuple, _Shape] = {}
@@ -410,6 +411,7 @@ class CompiledVerify:
         self.buffers: dict[tuple, TreeBuffers] = {}
         self.model = model_key(model)
         self.ledger, self.now = _ledger(model, self.model), mode == NOW
+        self.cache_dir_set = False   # inductor pointed at its cache folder, before this call's first compile
 
     def _target_pass(self, target, cache, tree: Tree):
         return compiled_pass(self.verify, target, cache, tree, self.model)
@@ -423,15 +425,16 @@ class CompiledVerify:
             outputs = self.step(tree)
             self.ledger.eager(shape, time.perf_counter() - started)
             return outputs
-        _use_cache_dir()
+        if not self.cache_dir_set:
+            _use_cache_dir()
+            self.cache_dir_set = True
         if size == n:
             outputs = self.step(tree, self._target_pass)
         else:
             self.out.ensure_slack(size)
-            key = (size, layout(tree))
-            buffers = self.buffers.get(key)
+            buffers = self.buffers.get(shape[:2])   # (bucket, layout)
             if buffers is None:
-                buffers = self.buffers[key] = TreeBuffers(tree, size)
+                buffers = self.buffers[shape[:2]] = TreeBuffers(tree, size)
             buffers.fill(tree)
             outputs = self.step(buffers.tree, self._target_pass)
             outputs = tuple(o[:, :n] if o.dim() >= 2 else o for o in outputs)
