@@ -208,3 +208,27 @@ def test_routing_follows_the_active_levels_table(monkeypatch):
         assert not linear.native_serves(CPU)
     assert ps_kernels._backend.cpu_level() == before      # restored
     assert linear.native_serves(CPU) == bool(ps_kernels.SKINNY_ROWS[before])
+
+
+@needs_native
+@LEVELS
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_bits_at_every_thread_count(level, dtype):
+    """The threads split the weight rows in units of 8 (the one-row tile), so each row sums in one
+    order whatever the thread count: a split at an odd row (1001 rows over 2 or 3 threads) once put
+    the rows near it through the remainder tiles, whose sums run in another order."""
+    g = torch.Generator().manual_seed(7)
+    K = 1024    # 4 KiB fp32 rows: the smallest task (64 rows) lets 2 and 3 threads split 1001 rows
+    w = torch.randn(1001, K, generator=g).to(dtype)
+    b = torch.randn(1001, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        for M in (1, 2, 3, 5):
+            x = torch.randn(M, K, generator=g).to(dtype)
+            torch.set_num_threads(1)
+            one = ps_kernels.skinny_linear(x, w, b, backend="cpu")
+            for t in (2, 3):
+                torch.set_num_threads(t)
+                assert torch.equal(ps_kernels.skinny_linear(x, w, b, backend="cpu"), one), (M, t)
+    finally:
+        torch.set_num_threads(threads)

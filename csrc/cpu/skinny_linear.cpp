@@ -40,11 +40,17 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   // >= 64 weight rows (and >= ~256 KiB of weight) per task: big contiguous streams per thread
   const int64_t grain = std::max<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, K * weight.element_size()));
+  // Threads split the rows in units of kUnit, so that every row's tile (and with it the order of
+  // its sums) is the same at any thread count: skinny_linear.h's one-row tiles are 8 rows tall and
+  // its row remainders sum in another order, which a split at an odd row moved with the threads.
+  constexpr int64_t kUnit = 8;
   const cpu::SkinnyArgs args{pairs ? nullptr : xs.data_ptr<float>(), M, K, weight.data_ptr(),
                              wt == at::kFloat ? cpu::DType::kFloat : wt == at::kHalf ? cpu::DType::kHalf : cpu::DType::kBFloat16,
                              bp, pairs ? nullptr : out.data_ptr<float>(), N, pairs ? xs.data_ptr() : nullptr,
                              pairs ? out.data_ptr() : nullptr};
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.skinny_linear(args, begin, end); });
+  at::parallel_for(0, (N + kUnit - 1) / kUnit, (grain + kUnit - 1) / kUnit, [&](int64_t begin, int64_t end) {
+    kernels.skinny_linear(args, begin * kUnit, std::min(end * kUnit, N));
+  });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
