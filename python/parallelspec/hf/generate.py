@@ -30,6 +30,7 @@ from ..drafters.hybrid import HybridDrafter
 from ..engine import DecodeSettings, GenerationStats, decode
 from ..capture import check_options as check_cuda_graph
 from ..compiled import check_options as check_compile
+from .. import hugepages
 from .target import TargetModel
 from ..sampling import SamplingParams
 from ..trees import TreeBuilder, make_tree_builder
@@ -179,16 +180,17 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
     check_cuda_graph(cuda_graph, target.device, settings)   # before tree="auto" measures anything
     check_compile(compile, target.device, cuda_graph)
     drafter = as_drafter(drafter, model)
-    # without a drafter the tree is the root alone whatever was asked: nothing to measure
-    builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
-                                model=model) if drafter is not None or tree != "auto" else None
-    stats = GenerationStats() if return_stats else None
-    # masked-out tokens inside a prompt (a pad id that is not padding, with no mask given: transformers
-    # infers a mask with holes) are left out of the run, as transformers' attention leaves them out;
-    # the output keeps them, as transformers' does (streamers and stopping criteria see the prompt
-    # with them moved to its left)
-    run_ids, run_mask = _without_holes(input_ids, attention_mask, pad)
-    new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad, cuda_graph, compile)
+    with hugepages.serving(model):   # on the CPU, the weights in 2 MiB pages before anything runs
+        # without a drafter the tree is the root alone whatever was asked: nothing to measure
+        builder = make_tree_builder(tree, depth=tree_depth, nodes=tree_nodes, choices=tree_choices,
+                                    model=model) if drafter is not None or tree != "auto" else None
+        stats = GenerationStats() if return_stats else None
+        # masked-out tokens inside a prompt (a pad id that is not padding, with no mask given: transformers
+        # infers a mask with holes) are left out of the run, as transformers' attention leaves them out;
+        # the output keeps them, as transformers' does (streamers and stopping criteria see the prompt
+        # with them moved to its left)
+        run_ids, run_mask = _without_holes(input_ids, attention_mask, pad)
+        new_tokens = decode(target, run_ids, run_mask, drafter, builder, settings, stats, pad, cuda_graph, compile)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
     result = sequences
     if config.return_dict_in_generate:
