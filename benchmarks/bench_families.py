@@ -132,6 +132,10 @@ def run_one(family: str, dtype_name: str, args) -> dict:
     t0 = time.perf_counter()
     model = build(family, dtype)
     built = time.perf_counter() - t0
+    # the weights in 2 MiB pages, where generate's rule moves them once a process's calls have paid
+    # for it (parallelspec/hugepages.py): every method below reads them there
+    from parallelspec import hugepages
+    hugepages.move(model)
     ids = prompt(model.config.vocab_size)
     n = args.new_tokens
     methods = {

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
           "huge pages", file=sys.stderr, flush=True)
     prompts = [(cat, i, ids) for cat, items in prompt_sets(tok, args.prompts).items() for i, ids in enumerate(items)]
     names = args.methods.split(",")
-    methods = [build_methods(m, names, args.max_nodes) for m in models]
+    methods = [build_methods(m, names, args.max_nodes, huge_pages=False) for m in models]
     bad = {n: f for table in methods for n, f in table.items() if isinstance(f, str)}
     if bad:
         raise SystemExit(f"methods unavailable: {bad}")

@@ -50,6 +50,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, tokenizer = load_default_target(dtype, verbose=False)
+    # the weights in 2 MiB pages, where generate's rule moves them once a process's calls have paid
+    # for it (parallelspec/hugepages.py): every method below reads them there
+    from parallelspec import hugepages
+    hugepages.move(model)
     # eager: the default (compile=None) could compile a shape mid-run (parallelspec/compiled.py)
     methods = {
         "hf_generate": lambda ids: model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False),

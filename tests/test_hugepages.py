@@ -1,8 +1,9 @@
 """parallelspec.hugepages: a model's weights moved into one 2 MiB-page mapping (what generate does
-on the CPU): the same Parameter objects, values, ties, shapes and strides, laid out in parameter
-order; nothing moved while another call runs on the model, or when turned off; generate's output
-unchanged."""
+on the CPU once its calls have paid for it): the same Parameter objects, values, ties, shapes and
+strides, laid out in parameter order; nothing moved while another call runs on the model, before
+the move has paid, or when turned off; generate's output unchanged."""
 import threading
+import time
 
 import pytest
 import torch
@@ -20,6 +21,13 @@ needs_thp = pytest.mark.skipif(not USABLE, reason=f"huge pages unavailable: {WHY
 def any_size(monkeypatch):
     """Tiny test models are below MIN_BYTES: move them anyway."""
     monkeypatch.setattr(hugepages, "MIN_BYTES", 0)
+
+
+@pytest.fixture
+def pays_at_once(any_size, monkeypatch):
+    """serving's rule with a move taken to cost nothing: a model moves at its first call after one
+    that took any time."""
+    monkeypatch.setattr(hugepages, "_rate", [1e18])
 
 
 def tied_model():
@@ -95,9 +103,29 @@ def test_the_mapping_is_backed_by_huge_pages():
 
 
 @needs_thp
-def test_no_move_while_another_call_runs_on_the_model(any_size):
+def test_serving_moves_once_the_calls_have_paid_for_it(any_size, monkeypatch):
+    model = tiny_model()
+    w = model.lm_head.weight
+    bytes_ = sum(-(-p.numel() * p.element_size() // 64) * 64 for p in model.parameters())
+    monkeypatch.setattr(hugepages, "_rate", [bytes_ / (0.05 * hugepages.SAVING)])   # paid by 0.05 s of calls
+    ptr = w.data_ptr()
+    with hugepages.serving(model):         # no time spent yet: nothing moves
+        pass
+    assert w.data_ptr() == ptr
+    with hugepages.serving(model):
+        time.sleep(0.06)                   # 0.06 s of calls x SAVING covers the move's cost
+    assert w.data_ptr() == ptr
+    with hugepages.serving(model):
+        assert w.data_ptr() != ptr
+    assert hugepages.move(model) == 0
+
+
+@needs_thp
+def test_no_move_while_another_call_runs_on_the_model(pays_at_once):
     model = tiny_model()
     w = model.model.layers[1].mlp.up_proj.weight
+    with hugepages.serving(model):
+        time.sleep(0.01)
     with hugepages.serving(model):
         moved = w.data_ptr()
         w.data = w.data.clone()                       # as if converted by another thread meanwhile
@@ -105,17 +133,20 @@ def test_no_move_while_another_call_runs_on_the_model(any_size):
             assert w.data_ptr() != moved
             kept = w.data_ptr()
         assert w.data_ptr() == kept
+        time.sleep(0.01)
     with hugepages.serving(model):                    # alone again: moved
         assert w.data_ptr() != kept
         assert hugepages.move(model) == 0
 
 
 @needs_thp
-def test_generate_moves_the_weights_and_its_output_is_unchanged(any_size, one_thread):
+def test_generate_moves_the_weights_and_its_output_is_unchanged(pays_at_once, one_thread):
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     ptr = model.lm_head.weight.data_ptr()
+    assert torch.equal(generate(model, ids, max_new_tokens=12, do_sample=False, compile=False), want)
+    assert model.lm_head.weight.data_ptr() == ptr     # the first call: nothing spent before it
     assert torch.equal(generate(model, ids, max_new_tokens=12, do_sample=False, compile=False), want)
     assert model.lm_head.weight.data_ptr() != ptr
     results, errors = [], []

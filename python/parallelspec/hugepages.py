@@ -2,24 +2,32 @@
 
 A decoding step streams every weight from memory once. In the 4 KiB pages torch's allocator
 gets, that is a page walk every 4 KiB and a hardware prefetch stream cut at every page boundary;
-in 2 MiB pages, one walk per 512 times as much. Measured on a 2-core AMD EPYC (Zen 5), a
-Llama-3.2-1B-shaped bf16 model's plain loop, one process, the two placements alternating: one
-thread 1.16x (eager) and 1.19x (compiled step) the tokens per second, two threads 1.08x (eager)
-(benchmarks/results/linear_bound/README.md, "Weights in 2 MiB pages").
+in 2 MiB pages, one walk per 512 times as much. Measured on a 2-core AMD EPYC (Zen 5), the two
+placements paired in one process: a Llama-3.2-1B-shaped bf16 model's plain loop 1.16x (eager) and
+1.22x (compiled step) the tokens per second at one thread; SmolLM2-135M 1.05-1.21x at two threads
+(benchmarks/results/hugepages/README.md).
 
-``serving(model)`` (around each ``generate`` call) moves the model's CPU parameters into one
-anonymous mapping advised ``MADV_HUGEPAGE``, aligned to 2 MiB, in the model's parameter order
-(the order a step reads them), the first time a call starts with no other call of this process
-running on the model: no step of ours reads a storage while it is replaced. The Parameter objects
-stay; each one's ``.data`` becomes a view of the mapping with the same values, dtype, shape and
-strides, and its old storage is freed as the next one is copied (memory stays about one model).
-A model whose parameters changed since (``model.to(dtype)``, a weight replaced) is moved again at
-its next call. Left as they are: parameters that share a storage with another tensor, are not
-contiguous, or are tensor subclasses (quantized weights).
+``move(model)`` moves the model's CPU parameters into one anonymous mapping advised
+``MADV_HUGEPAGE``, aligned to 2 MiB, in the model's parameter order (the order a step reads them).
+The Parameter objects stay; each one's ``.data`` becomes a view of the mapping with the same
+values, dtype, shape and strides, and its old storage is freed as the next one is copied (memory
+stays about one model). A model whose parameters changed since (``model.to(dtype)``, a weight
+replaced) has those moved again. Left as they are: parameters that share a storage with another
+tensor, are not contiguous, or are tensor subclasses (quantized weights).
+
+A move costs seconds (the kernel finds and clears a 2 MiB page per 2 MiB: 0.3-0.4 GB/s measured
+on the EPYC's virtual machine) and saves a share of every later step, so ``generate`` (through
+``serving``, around each call) moves a model once the time this process has spent generating with
+it, times ``SAVING``, covers the move's estimated cost (its bytes at ``DEFAULT_MOVE_RATE``, or at
+the rate of this process's last move): the ski-rental rule of the compiled step's default
+(parallelspec/compiled.py), so a one-off call never pays for a move and a serving process moves
+within its first minutes. A process that knows it will serve many calls calls ``move(model)``
+after loading (the benchmarks do). The move happens only at the start of a call with no other
+call of this process running on the model: no step of ours reads a storage while it is replaced.
 
 Caveat: a thread running the model outside ``generate`` (its own forward, or transformers'
-generate) at the moment of the move may read a storage being freed; start such threads after
-the first ``generate`` call, or turn the move off with ``PARALLELSPEC_HUGE_PAGES=0``. Nothing is
+generate) at the moment of a move may read a storage being freed; call ``move(model)`` before
+starting such threads, or turn the moves off with ``PARALLELSPEC_HUGE_PAGES=0``. Nothing is
 moved off Linux, where the kernel's huge pages are off (``never``), or for a model on a GPU.
 """
 from __future__ import annotations
@@ -45,8 +53,17 @@ ENV = "PARALLELSPEC_HUGE_PAGES"
 MIN_BYTES = 8 << 20
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
+#: the share of a step the move is taken to save, for serving's rule (measured 5-22%: module docstring)
+SAVING = 0.1
+#: bytes a second a move is taken to copy until one in this process was timed (0.29-0.38 GB/s
+#: measured on the EPYC's virtual machine, most of it the kernel providing fresh 2 MiB pages)
+DEFAULT_MOVE_RATE = 0.3e9
+
 _lock = threading.Lock()
 _active: dict[int, int] = {}   # id(model) -> generate calls running on it
+_rate = [DEFAULT_MOVE_RATE]    # the rate serving's rule assumes: the last move's, once there was one
+# model -> seconds of generate calls on it in this process since its last move
+_spent: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
 # model -> {id(param): the data pointer the move gave it}: a parameter still there needs no move
 _moved: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
 
@@ -115,6 +132,7 @@ def move(model: nn.Module) -> int:
             done[id(p)] = p.data_ptr()
             offset += _padded(p)
     took = time.perf_counter() - started
+    _rate[0] = total / max(took, 1e-6)
     if took > 1.0:
         print(f"parallelspec: moved the model's {total / 1e9:.1f} GB of weights into 2 MiB pages in {took:.1f} s "
               f"({ENV}=0 turns it off)", file=sys.stderr, flush=True)
@@ -140,19 +158,31 @@ def huge_bytes(t: torch.Tensor) -> int | None:
     return None
 
 
+def _pays(model: nn.Module) -> bool:
+    """serving's rule: the time spent generating with the model since its last move, times SAVING,
+    covers the bytes left to move at the assumed rate."""
+    if not available()[0]:
+        return False
+    pending = sum(_padded(p) for p in _to_move(model))
+    return pending >= max(MIN_BYTES, 1) and _spent.get(model, 0.0) * SAVING >= pending / _rate[0]
+
+
 @contextlib.contextmanager
 def serving(model: nn.Module):
-    """One generate call on the model: its weights are moved into huge pages first when no other
-    call of this process is running on it (module docstring)."""
+    """One generate call on the model: its weights are moved into huge pages first when that has
+    paid (module docstring) and no other call of this process is running on it."""
     key = id(model)
     with _lock:
-        if _active.get(key, 0) == 0:
+        if _active.get(key, 0) == 0 and _pays(model):
             move(model)
+            _spent[model] = 0.0
         _active[key] = _active.get(key, 0) + 1
+    started = time.perf_counter()
     try:
         yield
     finally:
         with _lock:
+            _spent[model] = _spent.get(model, 0.0) + time.perf_counter() - started
             left = _active.pop(key) - 1
             if left:
                 _active[key] = left

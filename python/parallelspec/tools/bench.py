@@ -60,11 +60,16 @@ def prompt_sets(tok, n: int, long_tokens=(250, 600)) -> dict[str, list[torch.Ten
     return {"chat": chat, "code": code, "long": long}
 
 
-def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = None, variants: dict | None = None):
+def build_methods(model, names, max_nodes: int, extra: dict[str, str] | None = None, variants: dict | None = None,
+                  huge_pages: bool = True):
     """name -> (callable(ids, mask=None, **sampling) -> (output ids, stats | None), or a reason string).
     variants: more methods, name -> (drafter spec, tree, load_drafter keywords) (benchmarks/bench_e2e.py
-    passes its ablations here)."""
-    from .. import generate
+    passes its ablations here). huge_pages: first move the model's weights into 2 MiB pages
+    (parallelspec.hugepages.move), where generate's own rule would move them once a process's calls
+    have paid for it: the figures are a serving process's, for every method on the model alike."""
+    from .. import generate, hugepages
+    if huge_pages:
+        hugepages.move(model)
     from ..trees import AutoTree
     from ..defaults import load_drafter
 
