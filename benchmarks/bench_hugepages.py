@@ -43,6 +43,16 @@ def load(args):
     return [m for m, _ in loaded], loaded[0][1]
 
 
+def start(threads: int):
+    """torch's threads set and huge pages checked: the parallelspec.hugepages module."""
+    torch.set_num_threads(threads)
+    from parallelspec import hugepages
+    usable, why = hugepages.available()
+    if not usable:
+        raise SystemExit(f"huge pages unavailable here: {why}")
+    return hugepages
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a local transformers model folder (default: SmolLM2-135M-Instruct)")
@@ -57,13 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None, help="the results file's name (no .json)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from parallelspec import hugepages
+    hugepages = start(args.threads)
     from parallelspec.tools.bench import build_methods, prompt_sets
 
-    usable, why = hugepages.available()
-    if not usable:
-        raise SystemExit(f"huge pages unavailable here: {why}")
     models, tok = load(args)
     for m in models:
         m.generation_config.eos_token_id = None    # every call makes max_new_tokens tokens

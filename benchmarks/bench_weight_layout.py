@@ -30,8 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compiled_step import machine  # noqa: E402
-
-OUT = Path(__file__).resolve().parent / "results" / "hugepages"
+from bench_hugepages import OUT, start  # noqa: E402
 HIDDEN, KV, INTER, LAYERS = 2048, 512, 8192, 16
 #: one layer's linears in call order: (N, K)
 LAYER = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -57,13 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    hugepages = start(args.threads)
     import ps_kernels
-    from parallelspec import hugepages
 
-    usable, why = hugepages.available()
-    if not usable:
-        raise SystemExit(f"huge pages unavailable here: {why}")
     g = torch.Generator().manual_seed(0)
     shapes = LAYER * LAYERS
     separate = [(torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16) for n, k in shapes]
