@@ -109,8 +109,8 @@ def _padded(p: torch.Tensor) -> int:
 def move(model: nn.Module) -> int:
     """Move the model's movable CPU parameters not yet in huge pages into one new mapping (module
     docstring); returns the bytes moved (0: nothing to move, less than MIN_BYTES, or moves are
-    unavailable). Not safe
-    while anything runs the model: ``serving`` calls it when no generate call does."""
+    unavailable). Not safe while anything runs the model: ``serving`` calls it when no generate
+    call does."""
     if not available()[0]:
         return 0
     params = _to_move(model)
@@ -148,7 +148,7 @@ def huge_bytes(t: torch.Tensor) -> int | None:
     except OSError:
         return None
     inside = False
-    for line in lines:
+    for line in filter(None, lines):
         head = line.split(maxsplit=1)[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))

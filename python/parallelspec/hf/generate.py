@@ -158,6 +158,10 @@ def generate(model, input_ids: torch.Tensor | None = None, drafter: Drafter | li
             Ledger; says so in one line). False: eager. A compile failure falls back to eager with one
             warning; the output is the same either way.
 
+    On the CPU (Linux), once this process's calls on the model have paid for it, a call starts by
+    moving the model's weights into 2 MiB pages (parallelspec.hugepages: same Parameter objects and
+    values; ``PARALLELSPEC_HUGE_PAGES=0`` turns it off).
+
     Returns: [B, T + G] prompt + new tokens (or GenerateDecoderOnlyOutput), and the stats when
     return_stats.
     """
