@@ -91,15 +91,10 @@ def _movable(p: torch.Tensor) -> bool:
 
 
 def _to_move(model: nn.Module) -> list[nn.Parameter]:
+    """The movable parameters not where the last move put them (model.parameters() yields a tied
+    parameter once)."""
     done = _moved.get(model, {})
-    seen, out = set(), []
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if _movable(p) and done.get(id(p)) != p.data_ptr():
-            out.append(p)
-    return out
+    return [p for p in model.parameters() if done.get(id(p)) != p.data_ptr() and _movable(p)]
 
 
 def _padded(p: torch.Tensor) -> int:
@@ -160,11 +155,13 @@ def huge_bytes(t: torch.Tensor) -> int | None:
 
 def _pays(model: nn.Module) -> bool:
     """serving's rule: the time spent generating with the model since its last move, times SAVING,
-    covers the bytes left to move at the assumed rate."""
-    if not available()[0]:
+    covers the bytes left to move at the assumed rate. The parameters are scanned only once the
+    calls have paid for moving MIN_BYTES (a scan of SmolLM2's 272 parameters costs 1-3 ms)."""
+    paid = _spent.get(model, 0.0) * SAVING * _rate[0]     # the bytes the calls so far have paid to move
+    if paid < max(MIN_BYTES, 1) or not available()[0]:
         return False
     pending = sum(_padded(p) for p in _to_move(model))
-    return pending >= max(MIN_BYTES, 1) and _spent.get(model, 0.0) * SAVING >= pending / _rate[0]
+    return max(MIN_BYTES, 1) <= pending <= paid
 
 
 @contextlib.contextmanager
